@@ -1,0 +1,33 @@
+//! invoice-worker: a daemon that makes failed Chinese e-invoice work succeed eventually.
+//!
+//! Other systems insert rows into two SQLite tables; the daemon drains them against the
+//! fw199 `rebillingnew` gateway and 开票精灵's FPTT1001 title interface, retrying with
+//! backoff, and records each outcome in the same row.
+//!
+//! # Layout
+//!
+//! - [`cli`] — argument parsing and dispatch to commands; exit codes.
+//! - [`config`] — loads and validates `worker.toml`; secrets via [`secret::Secret`].
+//! - [`telemetry`] — the tracing subscriber, installed once by the binary.
+//! - [`store`] — the pool, pragmas, migrations and every SQL statement.
+//! - [`queue`] — the machinery both queues share: claim, complete, backoff,
+//!   classification into actions, pauses, rate limits, the worker loop, housekeeping.
+//! - [`clients`] — one struct per remote API: signing, encoding, parsing answers.
+//! - [`validate`] — checks a row must pass before it is sent.
+//! - [`daemon`] — wires config, store, clients and queues; systemd notifications.
+//! - [`ops`] — the metrics and health HTTP endpoint.
+//! - [`sim`] — simulated remote servers used by `sandbox`, the tests and the benchmark.
+//! - [`sandbox`] — the self-contained demo run.
+
+pub mod cli;
+pub mod clients;
+pub mod config;
+pub mod daemon;
+pub mod ops;
+pub mod queue;
+pub mod sandbox;
+pub mod secret;
+pub mod sim;
+pub mod store;
+pub mod telemetry;
+pub mod validate;

@@ -1,0 +1,4 @@
+//! The generic queue machinery both queues share.
+
+pub mod action;
+pub mod rules;

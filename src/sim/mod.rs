@@ -1,0 +1,1 @@
+//! Simulated remote servers.

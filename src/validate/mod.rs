@@ -1,0 +1,1 @@
+//! Checks a row must pass before it is sent; a failure names the field and the rule.
