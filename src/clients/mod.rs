@@ -2,4 +2,9 @@
 //! database.
 
 pub mod http;
+pub mod rebill;
 pub mod sign;
+pub mod title;
+pub mod title_payload;
+pub mod title_reply;
+pub mod token;
