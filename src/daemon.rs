@@ -1,1 +1,258 @@
-//! (in progress)
+//! Wires config, store, clients and queues together and runs them until told to stop;
+//! speaks the systemd notify protocol (READY, WATCHDOG, STATUS, STOPPING).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+use crate::clients::rebill::{RebillClient, RebillSettings};
+use crate::clients::title::{TitleClient, TitleSettings};
+use crate::config::{check_endpoint, Config};
+use crate::jobs::rebill::RebillJob;
+use crate::jobs::title::{TitleDefaults, TitleJob};
+use crate::ops::{self, Health};
+use crate::queue::backoff::Backoff;
+use crate::queue::heartbeat::Heartbeat;
+use crate::queue::housekeeping;
+use crate::queue::rules::PauseDefaults;
+use crate::queue::worker::{spawn_commit_watcher, Handler, Worker, WorkerSettings};
+use crate::store::watch::CommitWatcher;
+use crate::store::{now_ms, QueueName, Store};
+
+/// How often queue depths are pushed to systemd's `STATUS=` and the gauges.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// A unique name for this daemon process, recorded with its claims.
+pub fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let short: String = uuid::Uuid::new_v4().simple().to_string().chars().take(8).collect();
+    format!("{}:{}:{}", host.trim(), std::process::id(), short)
+}
+
+fn pauses_of(limits: &crate::config::LimitsConfig) -> PauseDefaults {
+    PauseDefaults {
+        seller: limits.seller_pause,
+        queue: limits.queue_pause,
+    }
+}
+
+fn settings_of(config: &Config, instance: &str, limits: &crate::config::LimitsConfig) -> WorkerSettings {
+    WorkerSettings {
+        instance: instance.to_string(),
+        lease: config.worker.lease,
+        claim_batch: config.worker.claim_batch,
+        max_in_flight: limits.max_in_flight,
+        rate_per_second: limits.rate_per_second,
+        shutdown_grace: config.worker.shutdown_grace,
+        backoff: Backoff::from(&config.retry),
+    }
+}
+
+/// Builds the rebill handler, or says why the queue is off.
+fn rebill_job(config: &Config) -> anyhow::Result<Option<RebillJob>> {
+    if !config.rebill.enabled {
+        tracing::info!("rebill queue disabled by config (rebill.enabled = false)");
+        return Ok(None);
+    }
+    let Some(creds) = config.rebill_credentials()? else {
+        tracing::warn!(
+            "rebill queue disabled: rebill.appid and rebill.app_secret (or app_secret_file, or ${}) are not both set",
+            crate::config::ENV_REBILL_SECRET
+        );
+        return Ok(None);
+    };
+    let endpoint = check_endpoint("rebill.endpoint", &config.rebill.endpoint, config.rebill.allow_insecure_http)?;
+    let client = RebillClient::new(RebillSettings {
+        endpoint,
+        appid: creds.appid,
+        app_secret: creds.app_secret,
+        timeout: config.rebill.limits.timeout,
+        rules: config.rebill.rules.clone(),
+        pauses: pauses_of(&config.rebill.limits),
+    })
+    .context("building the rebill HTTP client")?;
+    Ok(Some(RebillJob::new(client)))
+}
+
+/// Builds the title handler, or says why the queue is off.
+fn title_job(config: &Config, store: &Store) -> anyhow::Result<Option<TitleJob>> {
+    let t = &config.title;
+    if !t.enabled {
+        tracing::info!("title queue disabled by config (title.enabled = false)");
+        return Ok(None);
+    }
+    let Some(creds) = config.title_credentials()? else {
+        tracing::warn!(
+            "title queue disabled: title.base_url, title.client_id and title.client_secret (or client_secret_file, or ${}) are not all set",
+            crate::config::ENV_TITLE_SECRET
+        );
+        return Ok(None);
+    };
+    let base = t.base_url.as_deref().unwrap_or_default();
+    let base_url = check_endpoint("title.base_url", base, t.allow_insecure_http)?;
+    let client = TitleClient::new(TitleSettings {
+        base_url,
+        client_id: creds.client_id,
+        client_secret: creds.client_secret,
+        openid: t.openid.clone(),
+        busi_type: t.busi_type.clone(),
+        token_ttl: t.token_ttl,
+        timeout: t.limits.timeout,
+        rules: t.rules.clone(),
+        pauses: pauses_of(&t.limits),
+    })
+    .context("building the title HTTP client")?;
+    let defaults = TitleDefaults {
+        sqm: t.sqm.clone(),
+        data_type: t.data_type,
+        ttqqlsh_prefix: t.ttqqlsh_prefix.clone(),
+        lenient_tax_id: t.lenient_tax_id,
+    };
+    Ok(Some(TitleJob::new(store.clone(), client, defaults)))
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then drains and returns. Migrations run
+/// first; systemd hears READY=1 once the loops run.
+pub async fn run_until_stopped(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let store = Store::open_and_migrate(&config.database.path, config.database.busy_timeout)
+        .await
+        .with_context(|| format!("opening database {}", config.database.path.display()))?;
+    let result = run_with_store(config, store.clone(), shutdown).await;
+    store.close().await;
+    result
+}
+
+/// Like [`run_until_stopped`], on an already opened and migrated store.
+pub async fn run_with_store(config: &Config, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let instance = instance_name();
+    let internal_stop = CancellationToken::new();
+    let watcher = CommitWatcher::new(&store).await.context("opening the commit watcher connection")?;
+    let (wake, watcher_task) = spawn_commit_watcher(watcher, config.worker.poll_interval, internal_stop.clone());
+
+    let mut loops: Vec<(QueueName, Heartbeat)> = Vec::new();
+    let mut workers = Vec::new();
+    if let Some(job) = rebill_job(config)? {
+        let settings = settings_of(config, &instance, &config.rebill.limits);
+        workers.push(spawn_worker(Worker::new(store.clone(), Arc::new(job), settings, wake.clone()), &mut loops, &shutdown));
+    }
+    if let Some(job) = title_job(config, &store)? {
+        let settings = settings_of(config, &instance, &config.title.limits);
+        workers.push(spawn_worker(Worker::new(store.clone(), Arc::new(job), settings, wake.clone()), &mut loops, &shutdown));
+    }
+    if workers.is_empty() {
+        tracing::warn!("no queue is enabled: nothing will be sent until credentials are configured");
+    }
+
+    let health = Health {
+        store: store.clone(),
+        loops,
+        max_age: Duration::from_secs(10),
+    };
+    let http_task = match config.http.listen {
+        Some(addr) => {
+            let listener = ops::bind(addr).await.with_context(|| format!("binding http.listen {addr}"))?;
+            tracing::info!(%addr, "serving /metrics and /healthz");
+            let health = health.clone();
+            let stop = internal_stop.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = ops::serve(listener, health, stop).await {
+                    tracing::error!(error = %e, "metrics server failed");
+                }
+            }))
+        }
+        None => None,
+    };
+    let scheduler = start_housekeeping(config, &store).await?;
+
+    let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+    tracing::info!(instance = %instance, database = %config.database.path.display(), "invoice-worker running");
+    let supervisor = tokio::spawn(supervise(store.clone(), health, internal_stop.clone()));
+
+    shutdown.cancelled().await;
+    let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+    tracing::info!("shutdown requested: finishing calls in flight");
+    let mut failure = None;
+    for worker in workers {
+        match worker.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = Some(anyhow::Error::from(e).context("worker failed while stopping")),
+            Err(e) => failure = Some(anyhow::anyhow!("worker task ended abnormally: {e}")),
+        }
+    }
+    internal_stop.cancel();
+    if let Some(mut scheduler) = scheduler {
+        let _ = scheduler.shutdown().await;
+    }
+    let _ = supervisor.await;
+    let _ = watcher_task.await;
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
+    tracing::info!("stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+fn spawn_worker<H: Handler>(
+    worker: Worker<H>,
+    loops: &mut Vec<(QueueName, Heartbeat)>,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), crate::store::StoreError>> {
+    loops.push((<H::Row as crate::store::rows::QueueRow>::QUEUE, worker.heartbeat()));
+    tokio::spawn(worker.run(shutdown.clone()))
+}
+
+/// Watchdog pings while the loops tick, `STATUS=` with queue depths, gauges.
+async fn supervise(store: Store, health: Health, stop: CancellationToken) {
+    let mut usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2));
+    let tick = watchdog.unwrap_or(STATUS_EVERY).min(STATUS_EVERY).max(Duration::from_millis(100));
+    let mut last_status = std::time::Instant::now() - STATUS_EVERY;
+    loop {
+        if watchdog.is_some() {
+            match health.loops_fresh() {
+                Ok(()) => {
+                    let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+                }
+                // No ping: systemd restarts a daemon whose loops are stuck.
+                Err(reason) => tracing::error!(%reason, "worker loop stuck: withholding watchdog ping"),
+            }
+        }
+        if last_status.elapsed() >= STATUS_EVERY {
+            last_status = std::time::Instant::now();
+            let line = ops::status_line(&store).await;
+            let _ = sd_notify::notify(false, &[NotifyState::Status(&line)]);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn start_housekeeping(config: &Config, store: &Store) -> anyhow::Result<Option<tokio_cron_scheduler::JobScheduler>> {
+    use tokio_cron_scheduler::{Job, JobScheduler};
+    let hk = config.housekeeping.clone();
+    if !hk.enabled {
+        return Ok(None);
+    }
+    let scheduler = JobScheduler::new().await.context("starting the housekeeping scheduler")?;
+    let store = store.clone();
+    let schedule = hk.schedule.clone();
+    let job = Job::new_async(schedule.as_str(), move |_id, _scheduler| {
+        let store = store.clone();
+        let hk = hk.clone();
+        Box::pin(async move {
+            match housekeeping::run_once(&store, &hk, now_ms()).await {
+                Ok(report) => tracing::info!(done_deleted = report.done_deleted, failed_deleted = report.failed_deleted, "housekeeping done"),
+                Err(e) => tracing::error!(error = %e, "housekeeping failed"),
+            }
+        })
+    })
+    .with_context(|| format!("housekeeping.schedule {schedule:?}"))?;
+    scheduler.add(job).await.context("scheduling housekeeping")?;
+    scheduler.start().await.context("starting the housekeeping scheduler")?;
+    Ok(Some(scheduler))
+}

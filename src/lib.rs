@@ -13,6 +13,7 @@
 //! - [`queue`] — the machinery both queues share: claim, complete, backoff,
 //!   classification into actions, pauses, rate limits, the worker loop, housekeeping.
 //! - [`clients`] — one struct per remote API: signing, encoding, parsing answers.
+//! - [`jobs`] — the two queues' handlers: validate, prepare and send one row.
 //! - [`validate`] — checks a row must pass before it is sent.
 //! - [`daemon`] — wires config, store, clients and queues; systemd notifications.
 //! - [`ops`] — the metrics and health HTTP endpoint.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod daemon;
+pub mod jobs;
 pub mod ops;
 pub mod queue;
 pub mod sandbox;

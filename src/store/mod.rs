@@ -1,1 +1,256 @@
-//! The SQLite store.
+//! The SQLite store: the pool, pragmas, migrations and every SQL statement the worker runs.
+//! It decides nothing about retries and makes no HTTP calls; another backend would replace
+//! this module alone.
+
+pub mod admin;
+pub mod claim;
+pub mod complete;
+pub mod housekeeping;
+pub mod rows;
+pub mod watch;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+/// The embedded migrations (`migrations/`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Which queue a statement is about. The two tables share their bookkeeping columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueName {
+    /// `rebill_orders`, drained to fw199 `rebillingnew`.
+    Rebill,
+    /// `title_submissions`, drained to 开票精灵 FPTT1001.
+    Title,
+}
+
+impl QueueName {
+    /// Both queues, in display order.
+    pub const ALL: [QueueName; 2] = [QueueName::Rebill, QueueName::Title];
+
+    /// The name used in logs, metrics, the CLI and the `pauses` table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueName::Rebill => "rebill",
+            QueueName::Title => "title",
+        }
+    }
+
+    /// The table holding this queue's rows.
+    pub fn table(self) -> &'static str {
+        match self {
+            QueueName::Rebill => "rebill_orders",
+            QueueName::Title => "title_submissions",
+        }
+    }
+
+    /// The SQL expression naming a row's seller, the key of seller pauses: the tax number
+    /// for rebilling, the 开票精灵 authorisation code (empty = the configured default) for
+    /// titles.
+    pub(crate) fn seller_expr(self) -> &'static str {
+        match self {
+            QueueName::Rebill => "tax_num",
+            QueueName::Title => "COALESCE(sqm, '')",
+        }
+    }
+
+    /// The column that identifies a row to a person (`orderno`, `order_no`).
+    pub(crate) fn order_column(self) -> &'static str {
+        match self {
+            QueueName::Rebill => "orderno",
+            QueueName::Title => "order_no",
+        }
+    }
+}
+
+impl FromStr for QueueName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rebill" => Ok(QueueName::Rebill),
+            "title" => Ok(QueueName::Title),
+            other => Err(format!("unknown queue {other:?}: expected rebill or title")),
+        }
+    }
+}
+
+/// Failures of the store. Callers branch on [`StoreError::Constraint`] (a writer's mistake).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused a value (CHECK, UNIQUE, NOT NULL).
+    #[error("refused by the database: {0}")]
+    Constraint(String),
+    /// Anything else SQLite reported.
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database file could not be created.
+    #[error("cannot create database file {path}: {source}")]
+    Create {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Sorts constraint violations from other failures.
+    pub(crate) fn classify(error: sqlx::Error) -> StoreError {
+        if let sqlx::Error::Database(db) = &error {
+            if db.is_unique_violation() || db.is_check_violation() || db.kind() == sqlx::error::ErrorKind::NotNullViolation {
+                return StoreError::Constraint(db.message().to_string());
+            }
+        }
+        StoreError::Sqlx(error)
+    }
+}
+
+/// The current time in Unix epoch milliseconds, the unit of every time column.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A handle on the queue database, cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    path: PathBuf,
+    busy_timeout: Duration,
+}
+
+impl Store {
+    /// Opens (creating with mode 0600 if missing) the database file, in WAL mode with a
+    /// busy timeout. Does not migrate.
+    pub async fn open(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
+        create_private_file(path)?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(connect_options(path, busy_timeout))
+            .await?;
+        Ok(Store {
+            pool,
+            path: path.to_path_buf(),
+            busy_timeout,
+        })
+    }
+
+    /// Opens and applies the embedded migrations.
+    pub async fn open_and_migrate(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
+        let store = Store::open(path, busy_timeout).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies the embedded migrations (idempotent).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The underlying pool (tests and benchmarks insert through it).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A fresh connection outside the pool, for the commit watcher.
+    pub(crate) async fn dedicated_connection(&self) -> Result<sqlx::SqliteConnection, StoreError> {
+        use sqlx::ConnectOptions;
+        Ok(connect_options(&self.path, self.busy_timeout).connect().await?)
+    }
+
+    /// Whether the database answers a trivial query (health checks).
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn connect_options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
+        // loss can lose the last transactions, which then are simply retried.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(busy_timeout)
+        .foreign_keys(true)
+        .pragma("temp_store", "memory")
+        .statement_cache_capacity(256)
+}
+
+/// Creates the database file with mode 0600 so SQLite (and its -wal/-shm files, which take
+/// the database file's mode) never make it readable by others.
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| StoreError::Create {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::Create {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// A migrated store on a fresh file in a temporary directory.
+    pub async fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_and_migrate(&dir.path().join("q.db"), Duration::from_secs(5))
+            .await
+            .expect("open store");
+        (dir, store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::temp_store;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn file_is_private_and_in_wal_mode() {
+        let (_dir, store) = temp_store().await;
+        let mode = std::fs::metadata(store.path()).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (journal,): (String,) = sqlx::query_as("PRAGMA journal_mode").fetch_one(store.pool()).await.expect("pragma");
+        assert_eq!(journal, "wal");
+        store.migrate().await.expect("migrations are idempotent");
+    }
+}

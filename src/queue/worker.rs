@@ -1,0 +1,358 @@
+//! The worker loop every queue runs: claim as many due rows as there are free slots, send
+//! each under the rate limit, plan its completion and hand it to the completer; renew
+//! leases; rescue rows of dead daemons; on shutdown stop claiming, let calls finish within
+//! the grace period and put unfinished rows back.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::claim::ClaimParams;
+use crate::store::rows::{Claimed, QueueRow};
+use crate::store::{now_ms, QueueName, Store, StoreError};
+
+use super::action::{Action, Attempted};
+use super::backoff::Backoff;
+use super::decide::{plan, Processed};
+use super::heartbeat::Heartbeat;
+
+/// What a queue plugs into the generic loop: how to handle one claimed row.
+pub trait Handler: Send + Sync + 'static {
+    /// The queue's row type.
+    type Row: QueueRow;
+    /// Validates and sends one row. Never panics on bad data; a bad row is `Rejected`.
+    fn process(&self, claimed: &Claimed<Self::Row>) -> impl Future<Output = Processed> + Send;
+}
+
+/// Settings of one queue's worker, with named defaults in `config`.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// This daemon instance, recorded with its claims for lease renewal.
+    pub instance: String,
+    /// Lease length; renewed every third of it.
+    pub lease: Duration,
+    /// Most rows per claim transaction.
+    pub claim_batch: u32,
+    /// Requests in flight at once.
+    pub max_in_flight: u32,
+    /// Requests started per second.
+    pub rate_per_second: u32,
+    /// How long in-flight calls may run on after shutdown is requested.
+    pub shutdown_grace: Duration,
+    /// Retry policy.
+    pub backoff: Backoff,
+}
+
+/// How long an idle loop sleeps at most before looking again (and beating its heartbeat).
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// One queue's worker.
+pub struct Worker<H: Handler> {
+    store: Store,
+    handler: Arc<H>,
+    settings: WorkerSettings,
+    heartbeat: Heartbeat,
+    wake: watch::Receiver<u64>,
+}
+
+/// Rows this worker holds, so that shutdown can put unfinished ones back.
+type Held = Arc<Mutex<HashMap<i64, String>>>;
+
+impl<H: Handler> Worker<H> {
+    /// A worker for `H`'s queue; `wake` ticks when another connection commits.
+    pub fn new(store: Store, handler: Arc<H>, settings: WorkerSettings, wake: watch::Receiver<u64>) -> Self {
+        Worker {
+            store,
+            handler,
+            settings,
+            heartbeat: Heartbeat::new(),
+            wake,
+        }
+    }
+
+    /// The heartbeat of the claim loop (watchdog and health).
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains as described in the module doc.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
+        let queue = H::Row::QUEUE;
+        let s = self.settings.clone();
+        let (tx, rx) = mpsc::channel(4096);
+        let completer = tokio::spawn(super::completer::run(self.store.clone(), queue, rx));
+        let leases_stop = CancellationToken::new();
+        let leases = tokio::spawn(lease_keeper(self.store.clone(), queue, s.clone(), leases_stop.clone()));
+
+        let slots = Arc::new(Semaphore::new(s.max_in_flight as usize));
+        let rate = NonZeroU32::new(s.rate_per_second).unwrap_or(NonZeroU32::MIN);
+        let limiter = Arc::new(RateLimiter::direct(Quota::per_second(rate)));
+        let hold_until = Arc::new(AtomicI64::new(0));
+        let held: Held = Arc::default();
+        let mut tasks = JoinSet::new();
+
+        tracing::info!(queue = queue.as_str(), max_in_flight = s.max_in_flight, rate_per_second = s.rate_per_second, "worker started");
+        loop {
+            self.heartbeat.beat();
+            while tasks.try_join_next().is_some() {}
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // A 429/503 with Retry-After holds the whole queue, not just that row.
+            let hold = hold_until.load(Ordering::Relaxed) - now_ms();
+            if hold > 0 {
+                let nap = Duration::from_millis(hold as u64).min(IDLE_TICK);
+                tokio::select! {
+                    _ = tokio::time::sleep(nap) => continue,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = tokio::time::sleep(IDLE_TICK) => continue,
+                _ = shutdown.cancelled() => break,
+            };
+            let mut permits = vec![first];
+            while permits.len() < s.claim_batch as usize {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            let params = ClaimParams {
+                now: now_ms(),
+                limit: permits.len() as u32,
+                lease: s.lease,
+                claim_token: &token,
+                claimed_by: &s.instance,
+            };
+            let batch = match self.store.claim::<H::Row>(&params).await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!(queue = queue.as_str(), error = %e, "claim failed; retrying in 1s");
+                    drop(permits);
+                    tokio::select! {
+                        _ = tokio::time::sleep(IDLE_TICK) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            };
+            if batch.rows.is_empty() {
+                drop(permits);
+                let nap = self.idle_nap(queue, batch.queue_paused).await;
+                tokio::select! {
+                    _ = self.wake.changed() => {}
+                    _ = tokio::time::sleep(nap) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            for (claimed, permit) in batch.rows.into_iter().zip(permits) {
+                lock(&held).insert(claimed.meta.id, claimed.meta.claim_token.clone());
+                tasks.spawn(attempt(
+                    AttemptContext {
+                        handler: self.handler.clone(),
+                        backoff: s.backoff.clone(),
+                        limiter: limiter.clone(),
+                        hold_until: hold_until.clone(),
+                        held: held.clone(),
+                        tx: tx.clone(),
+                        queue,
+                    },
+                    claimed,
+                    permit,
+                ));
+            }
+        }
+
+        tracing::info!(queue = queue.as_str(), in_flight = tasks.len(), grace = ?s.shutdown_grace, "stopping: no new claims; waiting for calls in flight");
+        let drained = tokio::time::timeout(s.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(queue = queue.as_str(), unfinished = tasks.len(), "grace period over; abandoning calls still in flight");
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        drop(tx);
+        // Results of finished calls are written before unfinished rows are put back, so a
+        // finished row is never released by mistake (release is guarded by the token).
+        let _ = completer.await;
+        let leftover: Vec<(i64, String)> = lock(&held).drain().collect();
+        let released = self.store.release(queue, &leftover, now_ms()).await?;
+        if released > 0 {
+            tracing::info!(queue = queue.as_str(), released, "unfinished rows returned to pending; their attempt was not counted");
+        }
+        leases_stop.cancel();
+        let _ = leases.await;
+        Ok(())
+    }
+
+    /// How long to sleep when nothing was due: until the next row is due, at most a tick.
+    async fn idle_nap(&self, queue: QueueName, paused: bool) -> Duration {
+        if paused {
+            return IDLE_TICK;
+        }
+        let now = now_ms();
+        match self.store.next_due_after(queue, now).await {
+            Ok(Some(at)) => Duration::from_millis((at - now).max(0) as u64).min(IDLE_TICK),
+            _ => IDLE_TICK,
+        }
+    }
+}
+
+fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<i64, String>> {
+    // A poisoned map only means a task panicked mid-insert; the data is still usable.
+    held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct AttemptContext<H: Handler> {
+    handler: Arc<H>,
+    backoff: Backoff,
+    limiter: Arc<DefaultDirectRateLimiter>,
+    hold_until: Arc<AtomicI64>,
+    held: Held,
+    tx: mpsc::Sender<crate::store::complete::Completion>,
+    queue: QueueName,
+}
+
+async fn attempt<H: Handler>(ctx: AttemptContext<H>, claimed: Claimed<H::Row>, permit: OwnedSemaphorePermit) {
+    let _permit = permit;
+    ctx.limiter.until_ready().await;
+    loop {
+        let hold = ctx.hold_until.load(Ordering::Relaxed) - now_ms();
+        if hold <= 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(hold as u64)).await;
+    }
+    let started = Instant::now();
+    let processed = ctx.handler.process(&claimed).await;
+    let elapsed = started.elapsed();
+    let now = now_ms();
+    let seller = claimed.row.seller();
+    let completion = plan(&claimed.meta, &seller, &processed, &ctx.backoff, now, rand::random::<f64>());
+    log_attempt(ctx.queue, &claimed, &processed, &completion, elapsed);
+
+    if let Processed::Attempted(a) = &processed {
+        if let (Action::Retry { after: Some(after) }, Some(429 | 503)) = (&a.action, a.http_status) {
+            ctx.hold_until.fetch_max(now + after.as_millis() as i64, Ordering::Relaxed);
+        }
+        metrics::histogram!("invoice_worker_request_duration_seconds", "queue" => ctx.queue.as_str())
+            .record(elapsed.as_secs_f64());
+    }
+    let id = claimed.meta.id;
+    if ctx.tx.send(completion).await.is_err() {
+        tracing::error!(queue = ctx.queue.as_str(), row_id = id, "completer stopped; result left to the lease");
+    }
+    lock(&ctx.held).remove(&id);
+}
+
+/// Emits one attempt line at a level chosen at run time, with the queue's own names for
+/// the order and seller fields (tracing needs both to be known at compile time).
+macro_rules! attempt_event {
+    ($level:expr, $queue:expr, $order:expr, $seller:expr, $($rest:tt)*) => {
+        match ($level, $queue) {
+            (tracing::Level::ERROR, QueueName::Rebill) => tracing::error!(queue = "rebill", orderno = %$order, tax_num = %$seller, $($rest)*),
+            (tracing::Level::WARN, QueueName::Rebill) => tracing::warn!(queue = "rebill", orderno = %$order, tax_num = %$seller, $($rest)*),
+            (_, QueueName::Rebill) => tracing::info!(queue = "rebill", orderno = %$order, tax_num = %$seller, $($rest)*),
+            (tracing::Level::ERROR, QueueName::Title) => tracing::error!(queue = "title", ttqqlsh = %$order, sqm = %$seller, $($rest)*),
+            (tracing::Level::WARN, QueueName::Title) => tracing::warn!(queue = "title", ttqqlsh = %$order, sqm = %$seller, $($rest)*),
+            (_, QueueName::Title) => tracing::info!(queue = "title", ttqqlsh = %$order, sqm = %$seller, $($rest)*),
+        }
+    };
+}
+
+fn log_attempt<R: QueueRow>(
+    queue: QueueName,
+    claimed: &Claimed<R>,
+    processed: &Processed,
+    completion: &crate::store::complete::Completion,
+    elapsed: Duration,
+) {
+    let order = claimed.row.label();
+    let seller = claimed.row.seller();
+    let row_id = claimed.meta.id;
+    let attempt = claimed.meta.attempts;
+    let duration_ms = elapsed.as_millis() as u64;
+    let status = completion.status.as_str();
+    let reason = completion.last_message.as_deref().unwrap_or("");
+    let (action, level, http_status, code) = match processed {
+        Processed::Rejected(_) => ("rejected", tracing::Level::WARN, -1, ""),
+        Processed::Attempted(a) => {
+            let level = match a.action {
+                Action::Done(_) | Action::Retry { .. } => tracing::Level::INFO,
+                Action::Fail | Action::PauseSeller(_) => tracing::Level::WARN,
+                Action::PauseQueue(_) => tracing::Level::ERROR,
+            };
+            (a.action.name(), level, a.http_status.map(i64::from).unwrap_or(-1), a.code.as_deref().unwrap_or(""))
+        }
+    };
+    metrics::counter!("invoice_worker_attempts_total", "queue" => queue.as_str(), "action" => action).increment(1);
+    attempt_event!(level, queue, order, seller, row_id, attempt, action, status, http_status, code, reason, duration_ms, "attempt");
+    if let Processed::Attempted(Attempted { action: Action::PauseQueue(d), .. }) = processed {
+        tracing::error!(queue = queue.as_str(), pause = %humantime::format_duration(*d), reason,
+            "whole queue paused: fix the credentials or quota, then run `invoice-worker resume --queue {} '*'`", queue.as_str());
+    }
+}
+
+/// Renews this daemon's leases every third of the lease and returns rows of dead daemons.
+async fn lease_keeper(store: Store, queue: QueueName, s: WorkerSettings, stop: CancellationToken) {
+    let every = (s.lease / 3).max(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let now = now_ms();
+        if let Err(e) = store.renew_leases(queue, &s.instance, now + s.lease.as_millis() as i64).await {
+            tracing::error!(queue = queue.as_str(), error = %e, "lease renewal failed");
+        }
+        match store.rescue_expired(queue, now, s.backoff.max_attempts).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(queue = queue.as_str(), rescued = n, "rows whose lease expired (their daemon died) are claimable again"),
+            Err(e) => tracing::error!(queue = queue.as_str(), error = %e, "lease rescue failed"),
+        }
+    }
+}
+
+/// Watches the database for commits by other connections and ticks `wake` when it sees one.
+/// One watcher serves every worker of the process.
+pub fn spawn_commit_watcher(
+    mut watcher: crate::store::watch::CommitWatcher,
+    poll_interval: Duration,
+    stop: CancellationToken,
+) -> (watch::Receiver<u64>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(0u64);
+    let handle = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(poll_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            match watcher.changed().await {
+                Ok(true) => {
+                    tx.send_modify(|v| *v = v.wrapping_add(1));
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "commit watcher query failed"),
+            }
+        }
+    });
+    (rx, handle)
+}

@@ -1,0 +1,44 @@
+//! Pruning finished rows in short batches, WAL checkpoints and `PRAGMA optimize`.
+
+use super::{QueueName, Store, StoreError};
+
+impl Store {
+    /// Deletes up to `batch` rows of `queue` in one of `statuses` that finished before
+    /// `finished_before` (ms). Returns how many were deleted; call again until it is 0, so
+    /// the write lock is never held for long.
+    pub async fn prune_batch(
+        &self,
+        queue: QueueName,
+        statuses: &[&str],
+        finished_before: i64,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        let t = queue.table();
+        let mut deleted = 0;
+        for status in statuses {
+            let sql = format!(
+                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE status = ?1 AND finished_at < ?2 LIMIT ?3)"
+            );
+            deleted += sqlx::query(&sql)
+                .bind(status)
+                .bind(finished_before)
+                .bind(batch as i64)
+                .execute(self.pool())
+                .await?
+                .rows_affected();
+        }
+        Ok(deleted)
+    }
+
+    /// Checkpoints the WAL into the database file (PASSIVE: never waits for readers).
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(self.pool()).await?;
+        Ok(())
+    }
+
+    /// Lets SQLite refresh its query-planner statistics where useful.
+    pub async fn optimize(&self) -> Result<(), StoreError> {
+        sqlx::query("PRAGMA optimize").execute(self.pool()).await?;
+        Ok(())
+    }
+}

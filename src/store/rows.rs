@@ -1,0 +1,120 @@
+//! Row types read back from the queue tables.
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::FromRow;
+
+use super::QueueName;
+
+/// What a queue's row type must provide to go through the generic machinery.
+pub trait QueueRow: for<'r> FromRow<'r, SqliteRow> + Send + Sync + Unpin + Clone + 'static {
+    /// The queue this row type belongs to.
+    const QUEUE: QueueName;
+    /// The seller key (pause scope) of this row.
+    fn seller(&self) -> String;
+    /// What identifies the row to a person in logs (orderno, serial).
+    fn label(&self) -> String;
+}
+
+/// The bookkeeping columns every claimed row carries.
+#[derive(Debug, Clone, FromRow)]
+pub struct ClaimMeta {
+    /// Row id.
+    pub id: i64,
+    /// Attempts so far, including the one just claimed.
+    pub attempts: i64,
+    /// The row's own attempt limit (NULL = config default).
+    pub max_attempts: Option<i64>,
+    /// JSON array of recent attempt times (ms), for the per-day cap.
+    pub recent_attempts: String,
+    /// The claim token this worker must present to complete the row.
+    pub claim_token: String,
+}
+
+/// A row claimed by this worker: bookkeeping plus the queue's own columns.
+#[derive(Debug, Clone)]
+pub struct Claimed<R> {
+    /// Bookkeeping.
+    pub meta: ClaimMeta,
+    /// The queue's own columns.
+    pub row: R,
+}
+
+/// A `rebill_orders` row as the worker needs it.
+#[derive(Debug, Clone, FromRow)]
+pub struct RebillRow {
+    /// Row id.
+    pub id: i64,
+    /// The order number to re-invoice.
+    pub orderno: String,
+    /// Seller tax number.
+    pub tax_num: String,
+}
+
+impl QueueRow for RebillRow {
+    const QUEUE: QueueName = QueueName::Rebill;
+    fn seller(&self) -> String {
+        self.tax_num.clone()
+    }
+    fn label(&self) -> String {
+        self.orderno.clone()
+    }
+}
+
+/// A `title_submissions` row as the worker needs it.
+#[derive(Clone, FromRow)]
+pub struct TitleRow {
+    /// Row id.
+    pub id: i64,
+    /// ORDER_NO
+    pub order_no: String,
+    /// INVOICETYPE, "1" or "2".
+    pub invoice_type: String,
+    /// TTQQLSH; NULL until the worker generates one.
+    pub ttqqlsh: Option<String>,
+    /// ATTACH
+    pub attach: String,
+    /// GMF_MC
+    pub gmf_mc: String,
+    /// GMF_NSRSBH
+    pub gmf_nsrsbh: Option<String>,
+    /// GMF_DZ
+    pub gmf_dz: Option<String>,
+    /// GMF_DH (private: masked in logs)
+    pub gmf_dh: Option<String>,
+    /// GMF_YHZH (private: masked in logs)
+    pub gmf_yhzh: Option<String>,
+    /// GMF_YHMC
+    pub gmf_yhmc: Option<String>,
+    /// REMARK
+    pub remark: Option<String>,
+    /// BY1
+    pub by1: Option<String>,
+    /// BY2
+    pub by2: Option<String>,
+    /// Per-row 开票精灵 authorisation code (NULL = config default).
+    pub sqm: Option<String>,
+    /// Per-row payload format, 0 JSON / 1 XML (NULL = config default).
+    pub data_type: Option<i64>,
+}
+
+impl std::fmt::Debug for TitleRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The buyer's phone and bank account are personal data: never printed.
+        f.debug_struct("TitleRow")
+            .field("id", &self.id)
+            .field("order_no", &self.order_no)
+            .field("ttqqlsh", &self.ttqqlsh)
+            .field("gmf_mc", &self.gmf_mc)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueueRow for TitleRow {
+    const QUEUE: QueueName = QueueName::Title;
+    fn seller(&self) -> String {
+        self.sqm.clone().unwrap_or_default()
+    }
+    fn label(&self) -> String {
+        self.ttqqlsh.clone().unwrap_or_else(|| self.order_no.clone())
+    }
+}
