@@ -20,7 +20,12 @@ use crate::store::{now_ms, QueueName, Store, StoreError};
 #[command(name = "invoice-worker", version, about, long_about = None)]
 pub struct Cli {
     /// Configuration file.
-    #[arg(long, global = true, value_name = "PATH", env = "INVOICE_WORKER_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "INVOICE_WORKER_CONFIG"
+    )]
     pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
@@ -38,7 +43,7 @@ pub enum Command {
     CheckConfig,
     /// Add a job to a queue.
     #[command(subcommand)]
-    Enqueue(EnqueueCommand),
+    Enqueue(Box<EnqueueCommand>),
     /// Row counts per queue and status, oldest pending age, pauses.
     Status {
         /// Print JSON instead of a table.
@@ -120,7 +125,7 @@ pub enum EnqueueCommand {
         max_attempts: Option<u32>,
     },
     /// An invoice-title submission.
-    Title(TitleArgs),
+    Title(Box<TitleArgs>),
 }
 
 /// Fields of `enqueue title`.
@@ -226,7 +231,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         return crate::sandbox::run().await.map_err(CliError::Runtime);
     }
     let explicit = cli.config.is_some();
-    let path = cli.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let config = Config::load(&path, explicit)?;
     crate::telemetry::init(&config.log);
     match cli.command {
@@ -237,21 +245,42 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::CheckConfig => check_config(&config, &path),
-        Command::Enqueue(what) => enqueue(&open(&config).await?, what).await,
-        Command::Status { json } => crate::sandbox::print_status(&open(&config).await?, json).await.map_err(CliError::Runtime),
-        Command::List { queue, status, limit, json } => {
-            let rows = open(&config).await?.list(queue, status.as_deref(), limit).await?;
+        Command::Enqueue(what) => enqueue(&open(&config).await?, *what).await,
+        Command::Status { json } => crate::sandbox::print_status(&open(&config).await?, json)
+            .await
+            .map_err(CliError::Runtime),
+        Command::List {
+            queue,
+            status,
+            limit,
+            json,
+        } => {
+            let rows = open(&config)
+                .await?
+                .list(queue, status.as_deref(), limit)
+                .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows).context("rendering JSON")?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).context("rendering JSON")?
+                );
             } else {
                 print!("{}", crate::sandbox::rows_table(queue, &rows));
             }
             Ok(())
         }
-        Command::Retry { queue, all_failed, ids } => {
+        Command::Retry {
+            queue,
+            all_failed,
+            ids,
+        } => {
             let store = open(&config).await?;
             if all_failed {
-                println!("{} failed {} rows are pending again", store.retry_all_failed(queue).await?, queue.as_str());
+                println!(
+                    "{} failed {} rows are pending again",
+                    store.retry_all_failed(queue).await?,
+                    queue.as_str()
+                );
             } else {
                 report_changed("pending again", &ids, &store.retry(queue, &ids).await?);
             }
@@ -262,12 +291,26 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             report_changed("cancelled", &ids, &store.cancel(queue, &ids).await?);
             Ok(())
         }
-        Command::Pause { tax_num, duration, queue } => {
+        Command::Pause {
+            tax_num,
+            duration,
+            queue,
+        } => {
             let store = open(&config).await?;
             let until = now_ms() + duration.as_millis() as i64;
-            store.pause(queue, &tax_num, until, "paused by operator").await?;
-            let what = if tax_num == WHOLE_QUEUE { "whole queue".to_string() } else { format!("seller {tax_num}") };
-            println!("{} {what} paused for {}", queue.as_str(), humantime::format_duration(duration));
+            store
+                .pause(queue, &tax_num, until, "paused by operator")
+                .await?;
+            let what = if tax_num == WHOLE_QUEUE {
+                "whole queue".to_string()
+            } else {
+                format!("seller {tax_num}")
+            };
+            println!(
+                "{} {what} paused for {}",
+                queue.as_str(),
+                humantime::format_duration(duration)
+            );
             Ok(())
         }
         Command::Resume { tax_num, queue } => {
@@ -307,8 +350,26 @@ fn check_config(config: &Config, path: &std::path::Path) -> Result<(), CliError>
     warn_if_exposed(config, path);
     print!("{}", config.redacted_toml());
     println!();
-    println!("# rebill queue: {}", if !config.rebill.enabled { "disabled by config" } else if rebill.is_some() { "enabled" } else { "disabled (credentials missing)" });
-    println!("# title queue: {}", if !config.title.enabled { "disabled by config" } else if title.is_some() { "enabled" } else { "disabled (base_url or credentials missing)" });
+    println!(
+        "# rebill queue: {}",
+        if !config.rebill.enabled {
+            "disabled by config"
+        } else if rebill.is_some() {
+            "enabled"
+        } else {
+            "disabled (credentials missing)"
+        }
+    );
+    println!(
+        "# title queue: {}",
+        if !config.title.enabled {
+            "disabled by config"
+        } else if title.is_some() {
+            "enabled"
+        } else {
+            "disabled (base_url or credentials missing)"
+        }
+    );
     println!("# config OK: {}", path.display());
     Ok(())
 }
@@ -333,14 +394,19 @@ async fn run_daemon(config: &Config, path: &std::path::Path) -> Result<(), CliEr
     warn_if_exposed(config, path);
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    crate::daemon::run_until_stopped(config, shutdown).await.map_err(CliError::Runtime)
+    crate::daemon::run_until_stopped(config, shutdown)
+        .await
+        .map_err(CliError::Runtime)
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT (the binary's edge; library code never listens
 /// for signals itself).
 async fn stop_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -353,14 +419,27 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 
 async fn enqueue(store: &Store, what: EnqueueCommand) -> Result<(), CliError> {
     match what {
-        EnqueueCommand::Rebill { tax_num, orderno, max_attempts } => {
-            match store.enqueue_rebill(&NewRebill { orderno: orderno.clone(), tax_num, max_attempts }).await? {
+        EnqueueCommand::Rebill {
+            tax_num,
+            orderno,
+            max_attempts,
+        } => {
+            match store
+                .enqueue_rebill(&NewRebill {
+                    orderno: orderno.clone(),
+                    tax_num,
+                    max_attempts,
+                })
+                .await?
+            {
                 Enqueued::Inserted(id) => println!("rebill row {id} enqueued (orderno {orderno})"),
-                Enqueued::AlreadyActive => println!("an active rebill row for orderno {orderno} already exists; nothing inserted"),
+                Enqueued::AlreadyActive => println!(
+                    "an active rebill row for orderno {orderno} already exists; nothing inserted"
+                ),
             }
         }
         EnqueueCommand::Title(args) => {
-            let title = title_from_args(args)?;
+            let title = title_from_args(*args)?;
             let id = store.enqueue_title(&title).await?;
             println!("title row {id} enqueued (ORDER_NO {})", title.order_no);
         }
@@ -372,11 +451,15 @@ fn title_from_args(args: TitleArgs) -> Result<NewTitle, CliError> {
     if let Some(source) = &args.json {
         let mut text = String::new();
         if source == "-" {
-            std::io::stdin().read_to_string(&mut text).map_err(|e| CliError::Usage(format!("--json -: cannot read stdin: {e}")))?;
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| CliError::Usage(format!("--json -: cannot read stdin: {e}")))?;
         } else {
-            text = std::fs::read_to_string(source).map_err(|e| CliError::Usage(format!("--json {source}: {e}")))?;
+            text = std::fs::read_to_string(source)
+                .map_err(|e| CliError::Usage(format!("--json {source}: {e}")))?;
         }
-        let mut title: NewTitle = serde_json::from_str(&text).map_err(|e| CliError::Usage(format!("--json {source}: {e}")))?;
+        let mut title: NewTitle = serde_json::from_str(&text)
+            .map_err(|e| CliError::Usage(format!("--json {source}: {e}")))?;
         if args.sqm.is_some() {
             title.sqm = args.sqm;
         }
@@ -385,7 +468,9 @@ fn title_from_args(args: TitleArgs) -> Result<NewTitle, CliError> {
         }
         return Ok(title);
     }
-    let required = |value: Option<String>, flag: &str| value.ok_or_else(|| CliError::Usage(format!("--{flag} is required")));
+    let required = |value: Option<String>, flag: &str| {
+        value.ok_or_else(|| CliError::Usage(format!("--{flag} is required")))
+    };
     Ok(NewTitle {
         order_no: required(args.order_no, "order-no")?,
         invoice_type: required(args.invoice_type, "invoice-type")?,
@@ -417,15 +502,25 @@ mod tests {
 
     #[test]
     fn config_is_accepted_after_the_subcommand() {
-        let cli = Cli::try_parse_from(["invoice-worker", "status", "--config", "x.toml"]).expect("parses");
+        let cli = Cli::try_parse_from(["invoice-worker", "status", "--config", "x.toml"])
+            .expect("parses");
         assert_eq!(cli.config, Some(PathBuf::from("x.toml")));
     }
 
     #[test]
     fn pause_parses_durations() {
-        let cli = Cli::try_parse_from(["invoice-worker", "pause", "91310117568051222X", "--for", "30m"]).expect("parses");
+        let cli = Cli::try_parse_from([
+            "invoice-worker",
+            "pause",
+            "91310117568051222X",
+            "--for",
+            "30m",
+        ])
+        .expect("parses");
         match cli.command {
-            Command::Pause { duration, queue, .. } => {
+            Command::Pause {
+                duration, queue, ..
+            } => {
                 assert_eq!(duration, Duration::from_secs(1800));
                 assert_eq!(queue, QueueName::Rebill);
             }

@@ -12,7 +12,8 @@ use crate::queue::rules::MessageRule;
 use crate::secret::Secret;
 
 /// The fw199 production endpoint for `rebillingnew`.
-pub const DEFAULT_REBILL_ENDPOINT: &str = "https://kf.fw199.com/gateway/nuonuo/invoice/rebillingnew";
+pub const DEFAULT_REBILL_ENDPOINT: &str =
+    "https://kf.fw199.com/gateway/nuonuo/invoice/rebillingnew";
 
 /// A configuration problem, naming the key at fault. The binary exits with code 2 on it.
 #[derive(Debug, thiserror::Error)]
@@ -458,10 +459,16 @@ impl Config {
             return Err(invalid("retry.base_delay", "must be greater than 0"));
         }
         if r.max_delay < r.base_delay {
-            return Err(invalid("retry.max_delay", "must not be shorter than retry.base_delay"));
+            return Err(invalid(
+                "retry.max_delay",
+                "must not be shorter than retry.base_delay",
+            ));
         }
         if !(0.0..1.0).contains(&r.jitter) {
-            return Err(invalid("retry.jitter", format!("{} is not a fraction in [0, 1)", r.jitter)));
+            return Err(invalid(
+                "retry.jitter",
+                format!("{} is not a fraction in [0, 1)", r.jitter),
+            ));
         }
         if r.max_attempts == 0 {
             return Err(invalid("retry.max_attempts", "must be at least 1"));
@@ -473,7 +480,11 @@ impl Config {
         validate_limits("title", &self.title.limits)?;
         validate_rules("rebill", &self.rebill.rules)?;
         validate_rules("title", &self.title.rules)?;
-        check_endpoint("rebill.endpoint", &self.rebill.endpoint, self.rebill.allow_insecure_http)?;
+        check_endpoint(
+            "rebill.endpoint",
+            &self.rebill.endpoint,
+            self.rebill.allow_insecure_http,
+        )?;
         if let Some(base) = &self.title.base_url {
             check_endpoint("title.base_url", base, self.title.allow_insecure_http)?;
         }
@@ -505,7 +516,10 @@ impl Config {
             return Err(invalid("log.level", "must not be empty"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid("log.level", format!("{:?} is not a valid filter", self.log.level)));
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a valid filter", self.log.level),
+            ));
         }
         let h = &self.housekeeping;
         if h.batch_size == 0 {
@@ -547,7 +561,11 @@ impl Config {
             title.client_secret_file.as_deref(),
             ENV_TITLE_SECRET,
         )?;
-        match (title.client_id.as_deref().filter(|c| !c.is_empty()), secret, &title.base_url) {
+        match (
+            title.client_id.as_deref().filter(|c| !c.is_empty()),
+            secret,
+            &title.base_url,
+        ) {
             (Some(client_id), Some(client_secret), Some(_)) => Ok(Some(TitleCredentials {
                 client_id: client_id.to_string(),
                 client_secret,
@@ -581,13 +599,22 @@ impl<'de> Deserialize<'de> for Secret {
 
 fn validate_limits(queue: &str, limits: &LimitsConfig) -> Result<(), ConfigError> {
     if limits.max_in_flight == 0 || limits.max_in_flight > 1024 {
-        return Err(invalid(&format!("{queue}.max_in_flight"), "must be between 1 and 1024"));
+        return Err(invalid(
+            &format!("{queue}.max_in_flight"),
+            "must be between 1 and 1024",
+        ));
     }
     if limits.rate_per_second == 0 {
-        return Err(invalid(&format!("{queue}.rate_per_second"), "must be at least 1"));
+        return Err(invalid(
+            &format!("{queue}.rate_per_second"),
+            "must be at least 1",
+        ));
     }
     if limits.timeout < Duration::from_millis(100) {
-        return Err(invalid(&format!("{queue}.timeout"), "must be at least 100ms"));
+        return Err(invalid(
+            &format!("{queue}.timeout"),
+            "must be at least 100ms",
+        ));
     }
     Ok(())
 }
@@ -595,7 +622,10 @@ fn validate_limits(queue: &str, limits: &LimitsConfig) -> Result<(), ConfigError
 fn validate_rules(queue: &str, rules: &[MessageRule]) -> Result<(), ConfigError> {
     for (i, rule) in rules.iter().enumerate() {
         if rule.contains.is_empty() {
-            return Err(invalid(&format!("{queue}.rules[{i}].contains"), "must not be empty"));
+            return Err(invalid(
+                &format!("{queue}.rules[{i}].contains"),
+                "must not be empty",
+            ));
         }
         rule.validate()
             .map_err(|e| invalid(&format!("{queue}.rules[{i}].action"), e.to_string()))?;
@@ -604,8 +634,13 @@ fn validate_rules(queue: &str, rules: &[MessageRule]) -> Result<(), ConfigError>
 }
 
 /// Refuses URLs that are not http(s), and `http://` to anything but loopback unless allowed.
-pub fn check_endpoint(key: &str, value: &str, allow_insecure_http: bool) -> Result<Url, ConfigError> {
-    let url = Url::parse(value).map_err(|e| invalid(key, format!("{value:?} is not a URL: {e}")))?;
+pub fn check_endpoint(
+    key: &str,
+    value: &str,
+    allow_insecure_http: bool,
+) -> Result<Url, ConfigError> {
+    let url =
+        Url::parse(value).map_err(|e| invalid(key, format!("{value:?} is not a URL: {e}")))?;
     match url.scheme() {
         "https" => Ok(url),
         "http" => {
@@ -625,7 +660,10 @@ pub fn check_endpoint(key: &str, value: &str, allow_insecure_http: bool) -> Resu
                 ))
             }
         }
-        other => Err(invalid(key, format!("{value:?}: scheme {other:?} is not http or https"))),
+        other => Err(invalid(
+            key,
+            format!("{value:?}: scheme {other:?} is not http or https"),
+        )),
     }
 }
 
@@ -638,7 +676,10 @@ fn resolve_secret(
     env_var: &str,
 ) -> Result<Option<Secret>, ConfigError> {
     if inline.is_some() && file.is_some() {
-        return Err(invalid(key, format!("set either {key} or {key}_file, not both")));
+        return Err(invalid(
+            key,
+            format!("set either {key} or {key}_file, not both"),
+        ));
     }
     if let Some(secret) = inline {
         return Ok(Some(secret.clone()).filter(|s| !s.is_empty()));
@@ -646,15 +687,24 @@ fn resolve_secret(
     if let Some(file) = file {
         let path = expand_credentials_dir(&format!("{key}_file"), file)?;
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            invalid(&format!("{key}_file"), format!("cannot read {}: {e}", path.display()))
+            invalid(
+                &format!("{key}_file"),
+                format!("cannot read {}: {e}", path.display()),
+            )
         })?;
         let value = text.trim_end_matches(['\r', '\n']).to_string();
         if value.is_empty() {
-            return Err(invalid(&format!("{key}_file"), format!("{} is empty", path.display())));
+            return Err(invalid(
+                &format!("{key}_file"),
+                format!("{} is empty", path.display()),
+            ));
         }
         return Ok(Some(Secret::new(value)));
     }
-    Ok(std::env::var(env_var).ok().filter(|v| !v.is_empty()).map(Secret::new))
+    Ok(std::env::var(env_var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(Secret::new))
 }
 
 /// Expands a leading `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
@@ -715,7 +765,8 @@ mod tests {
 
     #[test]
     fn durations_parse() {
-        let c = Config::from_toml("[retry]\nbase_delay = \"2s\"\nmax_delay = \"1h\"\n").expect("valid");
+        let c =
+            Config::from_toml("[retry]\nbase_delay = \"2s\"\nmax_delay = \"1h\"\n").expect("valid");
         assert_eq!(c.retry.base_delay, Duration::from_secs(2));
         assert_eq!(c.retry.max_delay, Duration::from_secs(3600));
     }
@@ -726,10 +777,19 @@ mod tests {
             ("[retry]\njitter = 1.5\n", "retry.jitter"),
             ("[retry]\nmax_attempts = 0\n", "retry.max_attempts"),
             ("[rebill]\nmax_in_flight = 0\n", "rebill.max_in_flight"),
-            ("[title]\nttqqlsh_prefix = \"WAY-TOO-LONG\"\n", "title.ttqqlsh_prefix"),
+            (
+                "[title]\nttqqlsh_prefix = \"WAY-TOO-LONG\"\n",
+                "title.ttqqlsh_prefix",
+            ),
             ("[http]\nlisten = \"0.0.0.0:9000\"\n", "http.listen"),
-            ("[housekeeping]\nschedule = \"every day\"\n", "housekeeping.schedule"),
-            ("[[rebill.rules]]\ncontains = \"x\"\naction = \"explode\"\n", "rebill.rules[0].action"),
+            (
+                "[housekeeping]\nschedule = \"every day\"\n",
+                "housekeeping.schedule",
+            ),
+            (
+                "[[rebill.rules]]\ncontains = \"x\"\naction = \"explode\"\n",
+                "rebill.rules[0].action",
+            ),
         ] {
             let err = Config::from_toml(toml).unwrap_err();
             assert_eq!(key_of(err), key, "for {toml}");
@@ -740,9 +800,12 @@ mod tests {
     fn insecure_http_is_refused_except_loopback() {
         let err = Config::from_toml("[rebill]\nendpoint = \"http://example.com/x\"\n").unwrap_err();
         assert_eq!(key_of(err), "rebill.endpoint");
-        Config::from_toml("[rebill]\nendpoint = \"http://127.0.0.1:8080/x\"\n").expect("loopback ok");
-        Config::from_toml("[rebill]\nendpoint = \"http://example.com/x\"\nallow_insecure_http = true\n")
-            .expect("explicitly allowed");
+        Config::from_toml("[rebill]\nendpoint = \"http://127.0.0.1:8080/x\"\n")
+            .expect("loopback ok");
+        Config::from_toml(
+            "[rebill]\nendpoint = \"http://example.com/x\"\nallow_insecure_http = true\n",
+        )
+        .expect("explicitly allowed");
         let err = Config::from_toml("[title]\nbase_url = \"ftp://x/Entoauth\"\n").unwrap_err();
         assert_eq!(key_of(err), "title.base_url");
     }
@@ -761,7 +824,9 @@ mod tests {
         assert_eq!(creds.app_secret.expose(), "from-file-secret");
         assert!(!format!("{creds:?}").contains("from-file-secret"));
 
-        let inline = Config::from_toml("[rebill]\nappid = \"A1\"\napp_secret = \"inline-s3cret\"\n").expect("valid");
+        let inline =
+            Config::from_toml("[rebill]\nappid = \"A1\"\napp_secret = \"inline-s3cret\"\n")
+                .expect("valid");
         let shown = inline.redacted_toml();
         assert!(!shown.contains("inline-s3cret"), "{shown}");
         assert!(shown.contains("***"));
@@ -769,9 +834,14 @@ mod tests {
 
     #[test]
     fn both_inline_and_file_is_an_error() {
-        let c = Config::from_toml("[rebill]\nappid = \"A\"\napp_secret = \"x\"\napp_secret_file = \"/nope\"\n")
-            .expect("parses");
-        assert_eq!(key_of(c.rebill_credentials().unwrap_err()), "rebill.app_secret");
+        let c = Config::from_toml(
+            "[rebill]\nappid = \"A\"\napp_secret = \"x\"\napp_secret_file = \"/nope\"\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            key_of(c.rebill_credentials().unwrap_err()),
+            "rebill.app_secret"
+        );
     }
 
     #[test]
@@ -781,5 +851,19 @@ mod tests {
             assert!(c.rebill_credentials().expect("ok").is_none());
         }
         assert!(c.title_credentials().expect("ok").is_none());
+    }
+}
+
+#[cfg(test)]
+mod shipped_file {
+    use super::*;
+
+    /// The commented worker.toml at the repository root must parse and equal the defaults.
+    #[test]
+    fn shipped_worker_toml_matches_the_defaults() {
+        let text = include_str!("../worker.toml");
+        let parsed = Config::from_toml(text).expect("worker.toml is valid");
+        let defaults = Config::default();
+        assert_eq!(parsed.redacted_toml(), defaults.redacted_toml());
     }
 }

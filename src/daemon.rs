@@ -28,7 +28,12 @@ const STATUS_EVERY: Duration = Duration::from_secs(5);
 /// A unique name for this daemon process, recorded with its claims.
 pub fn instance_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let short: String = uuid::Uuid::new_v4().simple().to_string().chars().take(8).collect();
+    let short: String = uuid::Uuid::new_v4()
+        .simple()
+        .to_string()
+        .chars()
+        .take(8)
+        .collect();
     format!("{}:{}:{}", host.trim(), std::process::id(), short)
 }
 
@@ -39,7 +44,11 @@ fn pauses_of(limits: &crate::config::LimitsConfig) -> PauseDefaults {
     }
 }
 
-fn settings_of(config: &Config, instance: &str, limits: &crate::config::LimitsConfig) -> WorkerSettings {
+fn settings_of(
+    config: &Config,
+    instance: &str,
+    limits: &crate::config::LimitsConfig,
+) -> WorkerSettings {
     WorkerSettings {
         instance: instance.to_string(),
         lease: config.worker.lease,
@@ -64,7 +73,11 @@ fn rebill_job(config: &Config) -> anyhow::Result<Option<RebillJob>> {
         );
         return Ok(None);
     };
-    let endpoint = check_endpoint("rebill.endpoint", &config.rebill.endpoint, config.rebill.allow_insecure_http)?;
+    let endpoint = check_endpoint(
+        "rebill.endpoint",
+        &config.rebill.endpoint,
+        config.rebill.allow_insecure_http,
+    )?;
     let client = RebillClient::new(RebillSettings {
         endpoint,
         appid: creds.appid,
@@ -126,24 +139,41 @@ pub async fn run_until_stopped(config: &Config, shutdown: CancellationToken) -> 
 }
 
 /// Like [`run_until_stopped`], on an already opened and migrated store.
-pub async fn run_with_store(config: &Config, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_with_store(
+    config: &Config,
+    store: Store,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let instance = instance_name();
     let internal_stop = CancellationToken::new();
-    let watcher = CommitWatcher::new(&store).await.context("opening the commit watcher connection")?;
-    let (wake, watcher_task) = spawn_commit_watcher(watcher, config.worker.poll_interval, internal_stop.clone());
+    let watcher = CommitWatcher::new(&store)
+        .await
+        .context("opening the commit watcher connection")?;
+    let (wake, watcher_task) =
+        spawn_commit_watcher(watcher, config.worker.poll_interval, internal_stop.clone());
 
     let mut loops: Vec<(QueueName, Heartbeat)> = Vec::new();
     let mut workers = Vec::new();
     if let Some(job) = rebill_job(config)? {
         let settings = settings_of(config, &instance, &config.rebill.limits);
-        workers.push(spawn_worker(Worker::new(store.clone(), Arc::new(job), settings, wake.clone()), &mut loops, &shutdown));
+        workers.push(spawn_worker(
+            Worker::new(store.clone(), Arc::new(job), settings, wake.clone()),
+            &mut loops,
+            &shutdown,
+        ));
     }
     if let Some(job) = title_job(config, &store)? {
         let settings = settings_of(config, &instance, &config.title.limits);
-        workers.push(spawn_worker(Worker::new(store.clone(), Arc::new(job), settings, wake.clone()), &mut loops, &shutdown));
+        workers.push(spawn_worker(
+            Worker::new(store.clone(), Arc::new(job), settings, wake.clone()),
+            &mut loops,
+            &shutdown,
+        ));
     }
     if workers.is_empty() {
-        tracing::warn!("no queue is enabled: nothing will be sent until credentials are configured");
+        tracing::warn!(
+            "no queue is enabled: nothing will be sent until credentials are configured"
+        );
     }
 
     let health = Health {
@@ -153,7 +183,9 @@ pub async fn run_with_store(config: &Config, store: Store, shutdown: Cancellatio
     };
     let http_task = match config.http.listen {
         Some(addr) => {
-            let listener = ops::bind(addr).await.with_context(|| format!("binding http.listen {addr}"))?;
+            let listener = ops::bind(addr)
+                .await
+                .with_context(|| format!("binding http.listen {addr}"))?;
             tracing::info!(%addr, "serving /metrics and /healthz");
             let health = health.clone();
             let stop = internal_stop.clone();
@@ -178,7 +210,9 @@ pub async fn run_with_store(config: &Config, store: Store, shutdown: Cancellatio
     for worker in workers {
         match worker.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => failure = Some(anyhow::Error::from(e).context("worker failed while stopping")),
+            Ok(Err(e)) => {
+                failure = Some(anyhow::Error::from(e).context("worker failed while stopping"))
+            }
             Err(e) => failure = Some(anyhow::anyhow!("worker task ended abnormally: {e}")),
         }
     }
@@ -200,15 +234,22 @@ fn spawn_worker<H: Handler>(
     loops: &mut Vec<(QueueName, Heartbeat)>,
     shutdown: &CancellationToken,
 ) -> tokio::task::JoinHandle<Result<(), crate::store::StoreError>> {
-    loops.push((<H::Row as crate::store::rows::QueueRow>::QUEUE, worker.heartbeat()));
+    loops.push((
+        <H::Row as crate::store::rows::QueueRow>::QUEUE,
+        worker.heartbeat(),
+    ));
     tokio::spawn(worker.run(shutdown.clone()))
 }
 
 /// Watchdog pings while the loops tick, `STATUS=` with queue depths, gauges.
 async fn supervise(store: Store, health: Health, stop: CancellationToken) {
     let mut usec = 0u64;
-    let watchdog = sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2));
-    let tick = watchdog.unwrap_or(STATUS_EVERY).min(STATUS_EVERY).max(Duration::from_millis(100));
+    let watchdog =
+        sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2));
+    let tick = watchdog
+        .unwrap_or(STATUS_EVERY)
+        .min(STATUS_EVERY)
+        .max(Duration::from_millis(100));
     let mut last_status = std::time::Instant::now() - STATUS_EVERY;
     loop {
         if watchdog.is_some() {
@@ -217,7 +258,9 @@ async fn supervise(store: Store, health: Health, stop: CancellationToken) {
                     let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
                 }
                 // No ping: systemd restarts a daemon whose loops are stuck.
-                Err(reason) => tracing::error!(%reason, "worker loop stuck: withholding watchdog ping"),
+                Err(reason) => {
+                    tracing::error!(%reason, "worker loop stuck: withholding watchdog ping")
+                }
             }
         }
         if last_status.elapsed() >= STATUS_EVERY {
@@ -232,13 +275,18 @@ async fn supervise(store: Store, health: Health, stop: CancellationToken) {
     }
 }
 
-async fn start_housekeeping(config: &Config, store: &Store) -> anyhow::Result<Option<tokio_cron_scheduler::JobScheduler>> {
+async fn start_housekeeping(
+    config: &Config,
+    store: &Store,
+) -> anyhow::Result<Option<tokio_cron_scheduler::JobScheduler>> {
     use tokio_cron_scheduler::{Job, JobScheduler};
     let hk = config.housekeeping.clone();
     if !hk.enabled {
         return Ok(None);
     }
-    let scheduler = JobScheduler::new().await.context("starting the housekeeping scheduler")?;
+    let scheduler = JobScheduler::new()
+        .await
+        .context("starting the housekeeping scheduler")?;
     let store = store.clone();
     let schedule = hk.schedule.clone();
     let job = Job::new_async(schedule.as_str(), move |_id, _scheduler| {
@@ -246,13 +294,23 @@ async fn start_housekeeping(config: &Config, store: &Store) -> anyhow::Result<Op
         let hk = hk.clone();
         Box::pin(async move {
             match housekeeping::run_once(&store, &hk, now_ms()).await {
-                Ok(report) => tracing::info!(done_deleted = report.done_deleted, failed_deleted = report.failed_deleted, "housekeeping done"),
+                Ok(report) => tracing::info!(
+                    done_deleted = report.done_deleted,
+                    failed_deleted = report.failed_deleted,
+                    "housekeeping done"
+                ),
                 Err(e) => tracing::error!(error = %e, "housekeeping failed"),
             }
         })
     })
     .with_context(|| format!("housekeeping.schedule {schedule:?}"))?;
-    scheduler.add(job).await.context("scheduling housekeeping")?;
-    scheduler.start().await.context("starting the housekeeping scheduler")?;
+    scheduler
+        .add(job)
+        .await
+        .context("scheduling housekeeping")?;
+    scheduler
+        .start()
+        .await
+        .context("starting the housekeeping scheduler")?;
     Ok(Some(scheduler))
 }

@@ -20,6 +20,8 @@
 //! - [`sim`] — simulated remote servers used by `sandbox`, the tests and the benchmark.
 //! - [`sandbox`] — the self-contained demo run.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod cli;
 pub mod clients;
 pub mod config;

@@ -16,7 +16,9 @@ use crate::queue::heartbeat::Heartbeat;
 use crate::store::{now_ms, QueueName, Store};
 
 /// Request-latency histogram buckets, seconds.
-const LATENCY_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -66,7 +68,11 @@ impl Health {
     pub fn loops_fresh(&self) -> Result<(), String> {
         for (queue, beat) in &self.loops {
             if !beat.is_fresh(self.max_age) {
-                return Err(format!("{} loop has not ticked for {} ms", queue.as_str(), beat.age_ms()));
+                return Err(format!(
+                    "{} loop has not ticked for {} ms",
+                    queue.as_str(),
+                    beat.age_ms()
+                ));
             }
         }
         Ok(())
@@ -80,7 +86,11 @@ struct AppState {
 }
 
 /// Serves `GET /metrics` and `GET /healthz` on `listener` until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, health: Health, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Health,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let state = AppState {
         health,
         metrics: metrics_handle(),
@@ -106,14 +116,20 @@ async fn metrics_page(State(state): State<AppState>) -> (StatusCode, String) {
             handle.run_upkeep();
             (StatusCode::OK, handle.render())
         }
-        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder unavailable\n".to_string()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable\n".to_string(),
+        ),
     }
 }
 
 async fn healthz(State(state): State<AppState>) -> (StatusCode, String) {
     match state.health.check().await {
         Ok(()) => (StatusCode::OK, "ok\n".to_string()),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {reason}\n")),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {reason}\n"),
+        ),
     }
 }
 
@@ -140,8 +156,17 @@ pub async fn status_line(store: &Store) -> String {
 pub async fn refresh_gauges(store: &Store) {
     let now = now_ms();
     for queue in QueueName::ALL {
-        let Ok(counts) = store.counts(queue, now).await else { continue };
-        for status in ["pending", "running", "done", "failed", "rejected", "cancelled"] {
+        let Ok(counts) = store.counts(queue, now).await else {
+            continue;
+        };
+        for status in [
+            "pending",
+            "running",
+            "done",
+            "failed",
+            "rejected",
+            "cancelled",
+        ] {
             metrics::gauge!("invoice_worker_queue_depth", "queue" => queue.as_str(), "status" => status)
                 .set(counts.count(status) as f64);
         }
@@ -153,11 +178,17 @@ pub async fn refresh_gauges(store: &Store) {
             let active = |whole: bool| {
                 pauses
                     .iter()
-                    .filter(|p| p.queue == queue.as_str() && (p.scope == "*") == whole && (p.until_at > now || p.probe_row_id.is_some()))
+                    .filter(|p| {
+                        p.queue == queue.as_str()
+                            && (p.scope == "*") == whole
+                            && (p.until_at > now || p.probe_row_id.is_some())
+                    })
                     .count() as f64
             };
-            metrics::gauge!("invoice_worker_paused_sellers", "queue" => queue.as_str()).set(active(false));
-            metrics::gauge!("invoice_worker_queue_paused", "queue" => queue.as_str()).set(active(true));
+            metrics::gauge!("invoice_worker_paused_sellers", "queue" => queue.as_str())
+                .set(active(false));
+            metrics::gauge!("invoice_worker_queue_paused", "queue" => queue.as_str())
+                .set(active(true));
         }
     }
 }

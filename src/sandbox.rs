@@ -22,15 +22,22 @@ const SMS_SELLER: &str = "91440300715267260A";
 
 /// Runs the sandbox and prints the final table.
 pub async fn run() -> anyhow::Result<()> {
-    let sim = Simulator::start(SimOptions::default()).await.context("starting the simulated servers")?;
+    let sim = Simulator::start(SimOptions::default())
+        .await
+        .context("starting the simulated servers")?;
     let dir = std::env::temp_dir().join(format!("invoice-worker-sandbox-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let config = sandbox_config(&sim, &dir)?;
     crate::telemetry::init(&config.log);
     let _ = std::fs::remove_file(&config.database.path);
-    let store = Store::open_and_migrate(&config.database.path, config.database.busy_timeout).await?;
+    let store =
+        Store::open_and_migrate(&config.database.path, config.database.busy_timeout).await?;
     seed(&store, &sim).await?;
-    println!("sandbox: simulated servers on {}, database {}", sim.addr(), config.database.path.display());
+    println!(
+        "sandbox: simulated servers on {}, database {}",
+        sim.addr(),
+        config.database.path.display()
+    );
 
     let shutdown = CancellationToken::new();
     let daemon = {
@@ -52,7 +59,10 @@ pub async fn run() -> anyhow::Result<()> {
     println!();
     for queue in QueueName::ALL {
         println!("== {} ==", queue.table());
-        print!("{}", rows_table(queue, &store.list(queue, None, 1000).await?));
+        print!(
+            "{}",
+            rows_table(queue, &store.list(queue, None, 1000).await?)
+        );
         println!();
     }
     print_status(&store, false).await?;
@@ -95,16 +105,37 @@ async fn seed(store: &Store, sim: &Simulator) -> anyhow::Result<()> {
     let rebill: Vec<(&str, &str, Vec<RebillBehavior>)> = vec![
         ("SBX-ACCEPTED", SELLER, vec![RebillBehavior::Accepted]),
         ("SBX-ISSUED", SELLER, vec![RebillBehavior::Issued]),
-        ("SBX-IN-PROGRESS", SELLER, vec![fail(1, "开票中(重试中),请耐心等待开票结果")]),
-        ("SBX-ALREADY-GENERATED", SELLER, vec![fail(1, "发票已生成,无需再重试开票")]),
+        (
+            "SBX-IN-PROGRESS",
+            SELLER,
+            vec![fail(1, "开票中(重试中),请耐心等待开票结果")],
+        ),
+        (
+            "SBX-ALREADY-GENERATED",
+            SELLER,
+            vec![fail(1, "发票已生成,无需再重试开票")],
+        ),
         ("SBX-NEEDS-SMS-LOGIN", SMS_SELLER, vec![fail(1, sms)]),
-        ("SBX-SMS-SAME-SELLER", SMS_SELLER, vec![RebillBehavior::Accepted]),
+        (
+            "SBX-SMS-SAME-SELLER",
+            SMS_SELLER,
+            vec![RebillBehavior::Accepted],
+        ),
         (
             "SBX-FLAKY-THEN-OK",
             SELLER,
-            vec![RebillBehavior::Status(502), RebillBehavior::Html, RebillBehavior::Garbage, RebillBehavior::Accepted],
+            vec![
+                RebillBehavior::Status(502),
+                RebillBehavior::Html,
+                RebillBehavior::Garbage,
+                RebillBehavior::Accepted,
+            ],
         ),
-        ("SBX-CODE-AS-STRING", SELLER, vec![RebillBehavior::CodeAsString]),
+        (
+            "SBX-CODE-AS-STRING",
+            SELLER,
+            vec![RebillBehavior::CodeAsString],
+        ),
         ("SBX BAD ORDERNO", SELLER, vec![]),
         ("SBX-BAD-TAX-NUM", "1234", vec![]),
     ];
@@ -135,14 +166,35 @@ async fn seed(store: &Store, sim: &Simulator) -> anyhow::Result<()> {
         data_type: Some(data_type),
         ..NewTitle::default()
     };
-    store.enqueue_title(&title("SBX-T-JSON", "1", "上海某某科技有限公司", 0)).await?;
-    store.enqueue_title(&title("SBX-T-XML", "1", "北京某某餐饮有限公司", 1)).await?;
-    store.enqueue_title(&title("SBX-T-ESCAPES", "1", "A&B <贸易> \"引号\" 'x' 公司", 1)).await?;
+    store
+        .enqueue_title(&title("SBX-T-JSON", "1", "上海某某科技有限公司", 0))
+        .await?;
+    store
+        .enqueue_title(&title("SBX-T-XML", "1", "北京某某餐饮有限公司", 1))
+        .await?;
+    store
+        .enqueue_title(&title(
+            "SBX-T-ESCAPES",
+            "1",
+            "A&B <贸易> \"引号\" 'x' 公司",
+            1,
+        ))
+        .await?;
     let mut special = title("SBX-T-SPECIAL", "2", "深圳某某电子有限公司", 0);
     special.gmf_nsrsbh = Some("9144030071526726XG".to_string());
     store.enqueue_title(&special).await?;
-    sim.script_title("SBX-T-TOKEN-EXPIRED", vec![TitleBehavior::TokenExpired, TitleBehavior::Ok]);
-    store.enqueue_title(&title("SBX-T-TOKEN-EXPIRED", "1", "杭州某某网络有限公司", 0)).await?;
+    sim.script_title(
+        "SBX-T-TOKEN-EXPIRED",
+        vec![TitleBehavior::TokenExpired, TitleBehavior::Ok],
+    );
+    store
+        .enqueue_title(&title(
+            "SBX-T-TOKEN-EXPIRED",
+            "1",
+            "杭州某某网络有限公司",
+            0,
+        ))
+        .await?;
     let mut invalid = title("SBX-T-INVALID", "2", "缺少税号的专票抬头", 0);
     invalid.gmf_nsrsbh = None;
     store.enqueue_title(&invalid).await?;
@@ -168,7 +220,11 @@ async fn drained(store: &Store) -> anyhow::Result<bool> {
         if counts.count("running") > 0 {
             return Ok(false);
         }
-        let paused = |seller: &str| pauses.iter().any(|p| p.queue == queue.as_str() && (p.scope == seller || p.scope == "*"));
+        let paused = |seller: &str| {
+            pauses
+                .iter()
+                .any(|p| p.queue == queue.as_str() && (p.scope == seller || p.scope == "*"))
+        };
         for row in store.list(queue, Some("pending"), 10_000).await? {
             let seller = row.key.clone().unwrap_or_default();
             let held = match queue {
@@ -184,7 +240,10 @@ async fn drained(store: &Store) -> anyhow::Result<bool> {
 }
 
 fn clip(text: &str, width: usize) -> String {
-    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if flat.chars().count() <= width {
         flat
     } else {
@@ -238,13 +297,15 @@ pub async fn print_status(store: &Store, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10}  {}",
-        "queue", "pending", "running", "done", "failed", "rejected", "cancelled", "oldest due pending"
+        "{:<7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10}  oldest due pending",
+        "queue", "pending", "running", "done", "failed", "rejected", "cancelled"
     );
     for c in &counts {
         let age = c
             .oldest_pending_age_ms
-            .map(|ms| humantime::format_duration(Duration::from_secs((ms / 1000) as u64)).to_string())
+            .map(|ms| {
+                humantime::format_duration(Duration::from_secs((ms / 1000) as u64)).to_string()
+            })
             .unwrap_or_else(|| "-".to_string());
         println!(
             "{:<7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10}  {}",
@@ -262,9 +323,16 @@ pub async fn print_status(store: &Store, json: bool) -> anyhow::Result<()> {
         println!("no pauses");
     }
     for p in pauses {
-        let what = if p.scope == "*" { "whole queue".to_string() } else { format!("seller {}", p.scope) };
+        let what = if p.scope == "*" {
+            "whole queue".to_string()
+        } else {
+            format!("seller {}", p.scope)
+        };
         let when = if p.until_at > now {
-            format!("for {}", humantime::format_duration(Duration::from_secs(((p.until_at - now) / 1000) as u64)))
+            format!(
+                "for {}",
+                humantime::format_duration(Duration::from_secs(((p.until_at - now) / 1000) as u64))
+            )
         } else if p.probe_row_id.is_some() {
             "probing".to_string()
         } else {

@@ -104,13 +104,16 @@ pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = httpdate_parse(value)?;
-    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 fn httpdate_parse(value: &str) -> Option<std::time::SystemTime> {
-    chrono::DateTime::parse_from_rfc2822(value)
-        .ok()
-        .map(|dt| std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(dt.timestamp().max(0) as u64))
+    chrono::DateTime::parse_from_rfc2822(value).ok().map(|dt| {
+        std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(dt.timestamp().max(0) as u64)
+    })
 }
 
 /// A short, single-line excerpt of a body for `last_message` (bodies may be HTML pages).
@@ -134,7 +137,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, HeaderValue::from_static("120"));
         assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(120)));
-        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(parse_retry_after(&h), Some(Duration::ZERO));
         h.insert(RETRY_AFTER, HeaderValue::from_static("later"));
         assert_eq!(parse_retry_after(&h), None);

@@ -58,14 +58,23 @@ pub fn request_data(orderno: &str) -> String {
 }
 
 /// The five form fields of a request, signed.
-pub fn signed_form(appid: &str, secret: &Secret, tax_num: &str, orderno: &str, timestamp: i64) -> Vec<(&'static str, String)> {
+pub fn signed_form(
+    appid: &str,
+    secret: &Secret,
+    tax_num: &str,
+    orderno: &str,
+    timestamp: i64,
+) -> Vec<(&'static str, String)> {
     let mut fields: Vec<(&'static str, String)> = vec![
         ("appid", appid.to_string()),
         ("timestamp", timestamp.to_string()),
         ("tax_num", tax_num.to_string()),
         ("request_data", request_data(orderno)),
     ];
-    let signature = sign(fields.iter().map(|(k, v)| (*k, v.as_str())), secret.expose());
+    let signature = sign(
+        fields.iter().map(|(k, v)| (*k, v.as_str())),
+        secret.expose(),
+    );
     fields.push(("sign", signature));
     fields
 }
@@ -82,11 +91,19 @@ impl RebillClient {
     /// Sends one rebilling request and classifies what came back.
     pub async fn send(&self, tax_num: &str, orderno: &str) -> Attempted {
         let s = &self.settings;
-        let form = signed_form(&s.appid, &s.app_secret, tax_num, orderno, chrono::Utc::now().timestamp());
+        let form = signed_form(
+            &s.appid,
+            &s.app_secret,
+            tax_num,
+            orderno,
+            chrono::Utc::now().timestamp(),
+        );
         let request = self.http.post(s.endpoint.clone()).form(&form);
         match http::send(request).await {
             Ok(reply) => classify(&reply, &s.rules, s.pauses, chrono::Utc::now()),
-            Err(TransportError::TooLarge) => Attempted::transient(None, "answer body larger than 1 MiB; ignored"),
+            Err(TransportError::TooLarge) => {
+                Attempted::transient(None, "answer body larger than 1 MiB; ignored")
+            }
             Err(e) => Attempted::transient(None, e.to_string()),
         }
     }
@@ -94,8 +111,11 @@ impl RebillClient {
 
 /// Reads `code`, `message`, `invoice_no` and `invoice_down_url` from a JSON body.
 pub fn parse_answer(body: &[u8]) -> Result<RebillAnswer, String> {
-    let value: Value = serde_json::from_slice(body).map_err(|_| format!("answer is not JSON: {}", http::excerpt(body)))?;
-    let obj = value.as_object().ok_or_else(|| format!("answer is not a JSON object: {}", http::excerpt(body)))?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|_| format!("answer is not JSON: {}", http::excerpt(body)))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| format!("answer is not a JSON object: {}", http::excerpt(body)))?;
     let (code, code_num) = match obj.get("code") {
         Some(Value::Number(n)) => match n.as_i64() {
             Some(i) => (i.to_string(), i),
@@ -105,7 +125,12 @@ pub fn parse_answer(body: &[u8]) -> Result<RebillAnswer, String> {
             Ok(i) => (s.trim().to_string(), i),
             Err(_) => return Err(format!("code {s:?} is not numeric")),
         },
-        Some(other) => return Err(format!("code has the wrong type: {}", http::excerpt(other.to_string().as_bytes()))),
+        Some(other) => {
+            return Err(format!(
+                "code has the wrong type: {}",
+                http::excerpt(other.to_string().as_bytes())
+            ))
+        }
         None => return Err(format!("answer has no code: {}", http::excerpt(body))),
     };
     let text = |key: &str| match obj.get(key) {
@@ -123,14 +148,27 @@ pub fn parse_answer(body: &[u8]) -> Result<RebillAnswer, String> {
 }
 
 /// Turns an HTTP answer into an action (SPEC §1). `now` decides when a daily quota resets.
-pub fn classify(reply: &HttpReply, rules: &[MessageRule], pauses: PauseDefaults, now: chrono::DateTime<chrono::Utc>) -> Attempted {
+pub fn classify(
+    reply: &HttpReply,
+    rules: &[MessageRule],
+    pauses: PauseDefaults,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Attempted {
     if reply.status == 429 || reply.status == 503 {
-        let mut a = Attempted::transient(Some(reply.status), format!("HTTP {}: server busy", reply.status));
-        a.action = Action::Retry { after: reply.retry_after };
+        let mut a = Attempted::transient(
+            Some(reply.status),
+            format!("HTTP {}: server busy", reply.status),
+        );
+        a.action = Action::Retry {
+            after: reply.retry_after,
+        };
         return a;
     }
     if reply.status != 200 {
-        return Attempted::transient(Some(reply.status), format!("HTTP {}: {}", reply.status, http::excerpt(&reply.body)));
+        return Attempted::transient(
+            Some(reply.status),
+            format!("HTTP {}: {}", reply.status, http::excerpt(&reply.body)),
+        );
     }
     let answer = match parse_answer(&reply.body) {
         Ok(answer) => answer,
@@ -141,7 +179,8 @@ pub fn classify(reply: &HttpReply, rules: &[MessageRule], pauses: PauseDefaults,
         100 => Action::Done(Outcome::Issued),
         _ => {
             let haystack = format!("{} {}", answer.code, answer.message);
-            first_match(rules, &haystack, pauses).unwrap_or_else(|| default_rule(&haystack, pauses, now))
+            first_match(rules, &haystack, pauses)
+                .unwrap_or_else(|| default_rule(&haystack, pauses, now))
         }
     };
     let message = if answer.message.is_empty() {
@@ -161,9 +200,19 @@ pub fn classify(reply: &HttpReply, rules: &[MessageRule], pauses: PauseDefaults,
 
 const ALREADY_ISSUED: &[&str] = &["发票已生成", "发票已经生成", "不需要重复提交", "无需再重试"];
 const IN_PROGRESS: &[&str] = &["开票中", "重试中", "签章中"];
-const SELLER_MUST_ACT: &[&str] = &["短信验证码", "需登录", "扫码登录", "实人认证", "授信额度", "未授权", "备案"];
+const SELLER_MUST_ACT: &[&str] = &[
+    "短信验证码",
+    "需登录",
+    "扫码登录",
+    "实人认证",
+    "授信额度",
+    "未授权",
+    "备案",
+];
 const RETRY_CAP: &[&str] = &["E9613", "20次"];
-const BAD_CREDENTIALS: &[&str] = &["签名", "sign", "appid", "070601", "070301", "70601", "70301"];
+const BAD_CREDENTIALS: &[&str] = &[
+    "签名", "sign", "appid", "070601", "070301", "70601", "70301",
+];
 const QUOTA: &[&str] = &["070201", "070204", "70201", "70204", "额度", "调用量"];
 const DAILY_QUOTA: &[&str] = &["070201", "70201", "日调用量", "今日", "当日", "每日"];
 
@@ -189,7 +238,9 @@ fn default_rule(text: &str, pauses: PauseDefaults, now: chrono::DateTime<chrono:
         Action::PauseQueue(pauses.queue)
     } else if contains_any(text, QUOTA) {
         if contains_any(text, DAILY_QUOTA) {
-            Action::PauseQueue(until_next_china_day(now).max(pauses.queue.min(Duration::from_secs(60))))
+            Action::PauseQueue(
+                until_next_china_day(now).max(pauses.queue.min(Duration::from_secs(60))),
+            )
         } else {
             Action::PauseQueue(pauses.queue)
         }
@@ -218,7 +269,10 @@ mod tests {
     };
 
     fn now() -> chrono::DateTime<chrono::Utc> {
-        chrono::Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).single().expect("valid date")
+        chrono::Utc
+            .with_ymd_and_hms(2026, 11, 22, 10, 0, 0)
+            .single()
+            .expect("valid date")
     }
 
     fn reply(status: u16, body: &str) -> HttpReply {
@@ -244,7 +298,10 @@ mod tests {
         let secret = Secret::new("S3cr3t!");
         let form = signed_form("A1", &secret, "91310117568051222X", "X1", 1_700_000_000);
         let names: Vec<&str> = form.iter().map(|(k, _)| *k).collect();
-        assert_eq!(names, ["appid", "timestamp", "tax_num", "request_data", "sign"]);
+        assert_eq!(
+            names,
+            ["appid", "timestamp", "tax_num", "request_data", "sign"]
+        );
         let expected = sign(
             [
                 ("appid", "A1"),
@@ -259,10 +316,19 @@ mod tests {
 
     #[test]
     fn codes_zero_and_hundred_are_done() {
-        assert_eq!(action_of(r#"{"code":0,"message":"重试成功"}"#), Action::Done(Outcome::Accepted));
-        assert_eq!(action_of(r#"{"code":"0","message":"重试成功"}"#), Action::Done(Outcome::Accepted));
+        assert_eq!(
+            action_of(r#"{"code":0,"message":"重试成功"}"#),
+            Action::Done(Outcome::Accepted)
+        );
+        assert_eq!(
+            action_of(r#"{"code":"0","message":"重试成功"}"#),
+            Action::Done(Outcome::Accepted)
+        );
         let a = classify(
-            &reply(200, r#"{"code":100,"invoice_no":"24312000000022669098","invoice_down_url":"https://x/y.pdf","message":"发票已经生成,不需要重复提交"}"#),
+            &reply(
+                200,
+                r#"{"code":100,"invoice_no":"24312000000022669098","invoice_down_url":"https://x/y.pdf","message":"发票已经生成,不需要重复提交"}"#,
+            ),
             &[],
             PAUSES,
             now(),
@@ -274,23 +340,51 @@ mod tests {
 
     #[test]
     fn default_message_rules() {
-        assert_eq!(action_of(r#"{"code":1,"message":"发票已生成,无需再重试开票"}"#), Action::Done(Outcome::Issued));
-        assert_eq!(action_of(r#"{"code":1,"message":"开票中(重试中),请耐心等待开票结果"}"#), Action::Done(Outcome::InProgress));
         assert_eq!(
-            action_of(r#"{"code":1,"message":"本次操作需登录电子发票服务平台,请先使用短信验证码登录"}"#),
+            action_of(r#"{"code":1,"message":"发票已生成,无需再重试开票"}"#),
+            Action::Done(Outcome::Issued)
+        );
+        assert_eq!(
+            action_of(r#"{"code":1,"message":"开票中(重试中),请耐心等待开票结果"}"#),
+            Action::Done(Outcome::InProgress)
+        );
+        assert_eq!(
+            action_of(
+                r#"{"code":1,"message":"本次操作需登录电子发票服务平台,请先使用短信验证码登录"}"#
+            ),
             Action::PauseSeller(PAUSES.seller)
         );
-        assert_eq!(action_of(r#"{"code":1,"message":"授信额度不足"}"#), Action::PauseSeller(PAUSES.seller));
+        assert_eq!(
+            action_of(r#"{"code":1,"message":"授信额度不足"}"#),
+            Action::PauseSeller(PAUSES.seller)
+        );
         assert_eq!(
             action_of(r#"{"code":1,"message":"E9613 该订单今日重试已达20次"}"#),
-            Action::Retry { after: Some(Duration::from_secs(86400)) }
+            Action::Retry {
+                after: Some(Duration::from_secs(86400))
+            }
         );
-        assert_eq!(action_of(r#"{"code":70601,"message":"签名错误"}"#), Action::PauseQueue(PAUSES.queue));
-        assert_eq!(action_of(r#"{"code":"070301","message":"invalid"}"#), Action::PauseQueue(PAUSES.queue));
-        assert_eq!(action_of(r#"{"code":1,"message":"套餐调用量已用完"}"#), Action::PauseQueue(PAUSES.queue));
+        assert_eq!(
+            action_of(r#"{"code":70601,"message":"签名错误"}"#),
+            Action::PauseQueue(PAUSES.queue)
+        );
+        assert_eq!(
+            action_of(r#"{"code":"070301","message":"invalid"}"#),
+            Action::PauseQueue(PAUSES.queue)
+        );
+        assert_eq!(
+            action_of(r#"{"code":1,"message":"套餐调用量已用完"}"#),
+            Action::PauseQueue(PAUSES.queue)
+        );
         // Daily quota: until the next day in China (10:00 UTC = 18:00 CST → 6 h + 1 min).
-        assert_eq!(action_of(r#"{"code":"070201","message":"日调用量超限"}"#), Action::PauseQueue(Duration::from_secs(6 * 3600 + 60)));
-        assert_eq!(action_of(r#"{"code":9,"message":"系统繁忙"}"#), Action::Retry { after: None });
+        assert_eq!(
+            action_of(r#"{"code":"070201","message":"日调用量超限"}"#),
+            Action::PauseQueue(Duration::from_secs(6 * 3600 + 60))
+        );
+        assert_eq!(
+            action_of(r#"{"code":9,"message":"系统繁忙"}"#),
+            Action::Retry { after: None }
+        );
     }
 
     #[test]
@@ -300,30 +394,63 @@ mod tests {
             action: "retry".into(),
             after: Some(Duration::from_secs(5)),
         }];
-        let a = classify(&reply(200, r#"{"code":1,"message":"开票中"}"#), &rules, PAUSES, now());
-        assert_eq!(a.action, Action::Retry { after: Some(Duration::from_secs(5)) });
+        let a = classify(
+            &reply(200, r#"{"code":1,"message":"开票中"}"#),
+            &rules,
+            PAUSES,
+            now(),
+        );
+        assert_eq!(
+            a.action,
+            Action::Retry {
+                after: Some(Duration::from_secs(5))
+            }
+        );
     }
 
     #[test]
     fn bad_answers_are_transient() {
-        for body in ["", "<html>502 Bad Gateway</html>", "null", "[1]", r#"{"code":[1]}"#, r#"{"code":"abc"}"#, r#"{"message":"x"}"#, r#"{"code":1.5}"#] {
+        for body in [
+            "",
+            "<html>502 Bad Gateway</html>",
+            "null",
+            "[1]",
+            r#"{"code":[1]}"#,
+            r#"{"code":"abc"}"#,
+            r#"{"message":"x"}"#,
+            r#"{"code":1.5}"#,
+        ] {
             let a = classify(&reply(200, body), &[], PAUSES, now());
             assert_eq!(a.action, Action::Retry { after: None }, "{body}");
         }
         let a = classify(&reply(500, "oops"), &[], PAUSES, now());
-        assert_eq!((a.action, a.http_status), (Action::Retry { after: None }, Some(500)));
+        assert_eq!(
+            (a.action, a.http_status),
+            (Action::Retry { after: None }, Some(500))
+        );
     }
 
     #[test]
     fn retry_after_is_honoured() {
         let mut r = reply(429, "");
         r.retry_after = Some(Duration::from_secs(7));
-        assert_eq!(classify(&r, &[], PAUSES, now()).action, Action::Retry { after: Some(Duration::from_secs(7)) });
+        assert_eq!(
+            classify(&r, &[], PAUSES, now()).action,
+            Action::Retry {
+                after: Some(Duration::from_secs(7))
+            }
+        );
     }
 
     #[test]
     fn china_day_boundary() {
-        let just_before = chrono::Utc.with_ymd_and_hms(2026, 11, 22, 15, 59, 0).single().expect("date");
-        assert_eq!(until_next_china_day(just_before), Duration::from_secs(60 + 60));
+        let just_before = chrono::Utc
+            .with_ymd_and_hms(2026, 11, 22, 15, 59, 0)
+            .single()
+            .expect("date");
+        assert_eq!(
+            until_next_china_day(just_before),
+            Duration::from_secs(60 + 60)
+        );
     }
 }

@@ -14,7 +14,6 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-
 use url::Url;
 
 use crate::clients::http::{self, build_client, excerpt, HttpReply, TransportError};
@@ -923,7 +922,7 @@ mod tests {
     async fn concurrent_sends_share_one_renewal() {
         let (stub, addr) = stub::start().await;
         let client = Arc::new(
-            TitleClient::new(settings(addr, SECRET, Duration::from_millis(400))).expect("client"),
+            TitleClient::new(settings(addr, SECRET, Duration::from_secs(1))).expect("client"),
         );
         let f = Arc::new(fields());
         let burst = |client: Arc<TitleClient>, f: Arc<TitleFields>| async move {
@@ -943,7 +942,7 @@ mod tests {
         burst(client.clone(), f.clone()).await;
         assert_eq!(stub.token_calls.load(Ordering::SeqCst), 1);
         // After the TTL, again exactly one.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         burst(client.clone(), f.clone()).await;
         assert_eq!(stub.token_calls.load(Ordering::SeqCst), 2);
         assert_eq!(stub.open_calls.load(Ordering::SeqCst), 2);

@@ -38,7 +38,11 @@ pub struct TitleJob {
 impl TitleJob {
     /// A handler sending through `client`, storing generated serials in `store`.
     pub fn new(store: Store, client: TitleClient, defaults: TitleDefaults) -> Self {
-        TitleJob { store, client, defaults }
+        TitleJob {
+            store,
+            client,
+            defaults,
+        }
     }
 
     async fn ensure_serial(&self, claimed: &Claimed<TitleRow>) -> Result<String, Processed> {
@@ -48,17 +52,33 @@ impl TitleJob {
         let date = chrono::Utc::now().format("%y%m%d").to_string();
         let mut serial = generate_serial(&self.defaults.ttqqlsh_prefix, &date, claimed.meta.id);
         for tries in 0..3 {
-            match self.store.set_title_serial(claimed.meta.id, &claimed.meta.claim_token, &serial).await {
+            match self
+                .store
+                .set_title_serial(claimed.meta.id, &claimed.meta.claim_token, &serial)
+                .await
+            {
                 Ok(true) => return Ok(serial),
                 Ok(false) => break,
                 // A hand-written serial may collide with a generated one: pick another.
                 Err(crate::store::StoreError::Constraint(_)) if tries < 2 => {
-                    serial = generate_serial(&self.defaults.ttqqlsh_prefix, &date, claimed.meta.id + rand::random_range(1_000_000..i64::from(u32::MAX)));
+                    serial = generate_serial(
+                        &self.defaults.ttqqlsh_prefix,
+                        &date,
+                        claimed.meta.id + rand::random_range(1_000_000..i64::from(u32::MAX)),
+                    );
                 }
-                Err(e) => return Err(Processed::Attempted(Attempted::transient(None, format!("cannot store generated serial: {e}")))),
+                Err(e) => {
+                    return Err(Processed::Attempted(Attempted::transient(
+                        None,
+                        format!("cannot store generated serial: {e}"),
+                    )))
+                }
             }
         }
-        Err(Processed::Attempted(Attempted::transient(None, "could not store a generated serial (claim lost or collision)")))
+        Err(Processed::Attempted(Attempted::transient(
+            None,
+            "could not store a generated serial (claim lost or collision)",
+        )))
     }
 }
 
@@ -115,12 +135,27 @@ impl Handler for TitleJob {
             None => self.defaults.data_type,
             Some(code) => match DataType::from_code(code) {
                 Some(dt) => dt,
-                None => return Processed::Rejected(Rejection::new("data_type", format!("{code} is not 0 (JSON) or 1 (XML)"))),
+                None => {
+                    return Processed::Rejected(Rejection::new(
+                        "data_type",
+                        format!("{code} is not 0 (JSON) or 1 (XML)"),
+                    ))
+                }
             },
         };
-        let sqm = match row.sqm.as_deref().filter(|s| !s.trim().is_empty()).or(self.defaults.sqm.as_deref()) {
+        let sqm = match row
+            .sqm
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .or(self.defaults.sqm.as_deref())
+        {
             Some(sqm) => sqm.to_string(),
-            None => return Processed::Rejected(Rejection::new("sqm", "empty, and no [title] sqm default is configured")),
+            None => {
+                return Processed::Rejected(Rejection::new(
+                    "sqm",
+                    "empty, and no [title] sqm default is configured",
+                ))
+            }
         };
         let serial = match self.ensure_serial(claimed).await {
             Ok(serial) => serial,
@@ -132,7 +167,8 @@ impl Handler for TitleJob {
         }
         // A serial that may already have reached the server: a "duplicate" reply then means
         // our own earlier send arrived.
-        let is_retry = claimed.meta.attempts > 1 || recent_attempts(&claimed.meta.recent_attempts, now_ms()).len() > 1;
+        let is_retry = claimed.meta.attempts > 1
+            || recent_attempts(&claimed.meta.recent_attempts, now_ms()).len() > 1;
         let request = TitleRequest {
             fields: &fields,
             sqm: &sqm,

@@ -54,7 +54,11 @@ impl Backoff {
     /// The earliest time (ms) the per-day cap allows another attempt, given the times of
     /// recent attempts (which include the one just made).
     pub fn daily_cap_allows_at(&self, recent: &[i64], now: i64) -> Option<i64> {
-        let mut window: Vec<i64> = recent.iter().copied().filter(|t| *t > now - DAY_MS).collect();
+        let mut window: Vec<i64> = recent
+            .iter()
+            .copied()
+            .filter(|t| *t > now - DAY_MS)
+            .collect();
         if window.len() < self.max_per_day as usize {
             return None;
         }
@@ -66,7 +70,14 @@ impl Backoff {
 
     /// When to try again (ms) after a failed attempt: the backoff, or a fixed delay, pushed
     /// back as far as the per-day cap requires.
-    pub fn next_attempt_at(&self, now: i64, attempts: i64, fixed: Option<Duration>, recent: &[i64], unit: f64) -> i64 {
+    pub fn next_attempt_at(
+        &self,
+        now: i64,
+        attempts: i64,
+        fixed: Option<Duration>,
+        recent: &[i64],
+        unit: f64,
+    ) -> i64 {
         let delay = fixed.unwrap_or_else(|| self.delay(attempts, unit));
         let by_backoff = now + delay.as_millis() as i64;
         match self.daily_cap_allows_at(recent, now) {
@@ -138,12 +149,19 @@ mod tests {
         let mut times = Vec::new();
         for attempt in 1..=100 {
             times.push(now);
-            let recent: Vec<i64> = times.iter().copied().filter(|t| *t > now - DAY_MS).collect();
+            let recent: Vec<i64> = times
+                .iter()
+                .copied()
+                .filter(|t| *t > now - DAY_MS)
+                .collect();
             now = b.next_attempt_at(now, attempt, None, &recent, 0.5);
         }
         for (i, start) in times.iter().enumerate() {
             let in_window = times[i..].iter().filter(|t| **t < start + DAY_MS).count();
-            assert!(in_window <= 20, "{in_window} attempts in the 24 h from {start}");
+            assert!(
+                in_window <= 20,
+                "{in_window} attempts in the 24 h from {start}"
+            );
         }
         // And it keeps going rather than stalling forever.
         assert!(times[99] < 6 * DAY_MS);
@@ -152,13 +170,19 @@ mod tests {
     #[test]
     fn fixed_delay_overrides_backoff() {
         let b = policy();
-        assert_eq!(b.next_attempt_at(1000, 1, Some(Duration::from_secs(5)), &[1000], 0.5), 6000);
+        assert_eq!(
+            b.next_attempt_at(1000, 1, Some(Duration::from_secs(5)), &[1000], 0.5),
+            6000
+        );
     }
 
     #[test]
     fn recent_attempts_parsing_is_lenient() {
         assert_eq!(recent_attempts("[1,2,3]", 10), vec![1, 2, 3]);
         assert_eq!(recent_attempts("garbage", 10), Vec::<i64>::new());
-        assert_eq!(recent_attempts("[1, 100000000]", DAY_MS + 10), vec![100000000]);
+        assert_eq!(
+            recent_attempts("[1, 100000000]", DAY_MS + 10),
+            vec![100000000]
+        );
     }
 }

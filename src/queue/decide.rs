@@ -19,7 +19,14 @@ pub enum Processed {
 
 /// Plans the completion of a claimed row. `unit` ∈ [0, 1) drives the jitter, `seller` is the
 /// row's pause scope.
-pub fn plan(meta: &ClaimMeta, seller: &str, processed: &Processed, backoff: &Backoff, now: i64, unit: f64) -> Completion {
+pub fn plan(
+    meta: &ClaimMeta,
+    seller: &str,
+    processed: &Processed,
+    backoff: &Backoff,
+    now: i64,
+    unit: f64,
+) -> Completion {
     let recent = recent_attempts(&meta.recent_attempts, now);
     let mut c = Completion {
         id: meta.id,
@@ -57,9 +64,13 @@ pub fn plan(meta: &ClaimMeta, seller: &str, processed: &Processed, backoff: &Bac
         Action::Retry { after } => {
             if backoff.exhausted(meta.attempts, meta.max_attempts) {
                 c.status = FinalStatus::Failed;
-                c.last_message = Some(format!("gave up after {} attempts: {}", meta.attempts, attempted.message));
+                c.last_message = Some(format!(
+                    "gave up after {} attempts: {}",
+                    meta.attempts, attempted.message
+                ));
             } else {
-                c.next_attempt_at = backoff.next_attempt_at(now, meta.attempts, *after, &recent, unit);
+                c.next_attempt_at =
+                    backoff.next_attempt_at(now, meta.attempts, *after, &recent, unit);
             }
         }
         Action::PauseSeller(duration) | Action::PauseQueue(duration) => {
@@ -118,7 +129,14 @@ mod tests {
 
     #[test]
     fn done_records_outcome_and_invoice() {
-        let c = plan(&meta(1), "S", &attempted(Action::Done(Outcome::Issued)), &backoff(), 2000, 0.5);
+        let c = plan(
+            &meta(1),
+            "S",
+            &attempted(Action::Done(Outcome::Issued)),
+            &backoff(),
+            2000,
+            0.5,
+        );
         assert_eq!(c.status, FinalStatus::Done);
         assert_eq!(c.outcome, Some("issued"));
         assert_eq!(c.invoice_no.as_deref(), Some("N"));
@@ -127,28 +145,66 @@ mod tests {
 
     #[test]
     fn retry_backs_off_then_fails_when_exhausted() {
-        let c = plan(&meta(1), "S", &attempted(Action::Retry { after: None }), &backoff(), 2000, 0.5);
+        let c = plan(
+            &meta(1),
+            "S",
+            &attempted(Action::Retry { after: None }),
+            &backoff(),
+            2000,
+            0.5,
+        );
         assert_eq!(c.status, FinalStatus::Pending);
         assert_eq!(c.next_attempt_at, 2000 + 30_000);
-        let c = plan(&meta(50), "S", &attempted(Action::Retry { after: None }), &backoff(), 2000, 0.5);
+        let c = plan(
+            &meta(50),
+            "S",
+            &attempted(Action::Retry { after: None }),
+            &backoff(),
+            2000,
+            0.5,
+        );
         assert_eq!(c.status, FinalStatus::Failed);
-        assert!(c.last_message.as_deref().is_some_and(|m| m.contains("50 attempts")));
+        assert!(c
+            .last_message
+            .as_deref()
+            .is_some_and(|m| m.contains("50 attempts")));
     }
 
     #[test]
     fn pauses_refund_the_attempt_and_record_scope() {
-        let c = plan(&meta(3), "TAX", &attempted(Action::PauseSeller(Duration::from_secs(60))), &backoff(), 2000, 0.5);
+        let c = plan(
+            &meta(3),
+            "TAX",
+            &attempted(Action::PauseSeller(Duration::from_secs(60))),
+            &backoff(),
+            2000,
+            0.5,
+        );
         assert!(c.refund_attempt);
         assert_eq!(c.status, FinalStatus::Pending);
         let pause = c.pause.expect("pause");
         assert_eq!((pause.scope.as_str(), pause.until), ("TAX", 62_000));
-        let c = plan(&meta(3), "TAX", &attempted(Action::PauseQueue(Duration::from_secs(1))), &backoff(), 2000, 0.5);
+        let c = plan(
+            &meta(3),
+            "TAX",
+            &attempted(Action::PauseQueue(Duration::from_secs(1))),
+            &backoff(),
+            2000,
+            0.5,
+        );
         assert_eq!(c.pause.expect("pause").scope, "*");
     }
 
     #[test]
     fn rejection_names_the_field() {
-        let c = plan(&meta(1), "S", &Processed::Rejected(Rejection::new("orderno", "empty")), &backoff(), 2000, 0.5);
+        let c = plan(
+            &meta(1),
+            "S",
+            &Processed::Rejected(Rejection::new("orderno", "empty")),
+            &backoff(),
+            2000,
+            0.5,
+        );
         assert_eq!(c.status, FinalStatus::Rejected);
         assert_eq!(c.last_message.as_deref(), Some("orderno: empty"));
     }

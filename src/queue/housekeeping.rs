@@ -16,20 +16,37 @@ pub struct Report {
 }
 
 /// Runs one pass with `now` (ms) as the current time.
-pub async fn run_once(store: &Store, cfg: &HousekeepingConfig, now: i64) -> Result<Report, StoreError> {
+pub async fn run_once(
+    store: &Store,
+    cfg: &HousekeepingConfig,
+    now: i64,
+) -> Result<Report, StoreError> {
     let mut report = Report::default();
     let done_before = now - cfg.done_retention.as_millis() as i64;
     let failed_before = now - cfg.failed_retention.as_millis() as i64;
     for queue in QueueName::ALL {
         report.done_deleted += prune(store, queue, &["done"], done_before, cfg.batch_size).await?;
-        report.failed_deleted += prune(store, queue, &["failed", "rejected", "cancelled"], failed_before, cfg.batch_size).await?;
+        report.failed_deleted += prune(
+            store,
+            queue,
+            &["failed", "rejected", "cancelled"],
+            failed_before,
+            cfg.batch_size,
+        )
+        .await?;
     }
     store.checkpoint().await?;
     store.optimize().await?;
     Ok(report)
 }
 
-async fn prune(store: &Store, queue: QueueName, statuses: &[&str], before: i64, batch: u32) -> Result<u64, StoreError> {
+async fn prune(
+    store: &Store,
+    queue: QueueName,
+    statuses: &[&str],
+    before: i64,
+    batch: u32,
+) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
         let deleted = store.prune_batch(queue, statuses, before, batch).await?;
@@ -77,11 +94,18 @@ mod tests {
             ..HousekeepingConfig::default()
         };
         let report = run_once(&store, &cfg, now).await.expect("housekeeping");
-        assert_eq!(report, Report { done_deleted: 1, failed_deleted: 2 });
-        let left: Vec<(String,)> = sqlx::query_as("SELECT orderno FROM rebill_orders ORDER BY orderno")
-            .fetch_all(store.pool())
-            .await
-            .expect("rows");
+        assert_eq!(
+            report,
+            Report {
+                done_deleted: 1,
+                failed_deleted: 2
+            }
+        );
+        let left: Vec<(String,)> =
+            sqlx::query_as("SELECT orderno FROM rebill_orders ORDER BY orderno")
+                .fetch_all(store.pool())
+                .await
+                .expect("rows");
         let left: Vec<String> = left.into_iter().map(|(o,)| o).collect();
         assert_eq!(left, ["mid-failed", "new-done", "pending"]);
     }

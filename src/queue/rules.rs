@@ -18,7 +18,11 @@ pub struct MessageRule {
     pub action: String,
     /// For `retry`: a fixed delay instead of the backoff; for pauses: their length
     /// (default: the queue's `seller_pause` / `queue_pause`).
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub after: Option<Duration>,
 }
 
@@ -68,7 +72,11 @@ impl MessageRule {
 }
 
 /// The first configured rule whose substring occurs in `message`, as an action.
-pub fn first_match(rules: &[MessageRule], message: &str, defaults: PauseDefaults) -> Option<Action> {
+pub fn first_match(
+    rules: &[MessageRule],
+    message: &str,
+    defaults: PauseDefaults,
+) -> Option<Action> {
     rules
         .iter()
         .filter(|rule| !rule.contains.is_empty() && message.contains(&rule.contains))
@@ -109,7 +117,10 @@ mod tests {
 
     #[test]
     fn pauses_default_to_the_queue_settings() {
-        let rules = vec![rule("x", "pause_seller", None), rule("y", "pause_queue", None)];
+        let rules = vec![
+            rule("x", "pause_seller", None),
+            rule("y", "pause_queue", None),
+        ];
         assert_eq!(
             first_match(&rules, "x", DEFAULTS),
             Some(Action::PauseSeller(Duration::from_secs(1800)))
@@ -132,6 +143,9 @@ mod tests {
 
     #[test]
     fn empty_substring_never_matches() {
-        assert_eq!(first_match(&[rule("", "fail", None)], "anything", DEFAULTS), None);
+        assert_eq!(
+            first_match(&[rule("", "fail", None)], "anything", DEFAULTS),
+            None
+        );
     }
 }

@@ -68,7 +68,12 @@ type Held = Arc<Mutex<HashMap<i64, String>>>;
 
 impl<H: Handler> Worker<H> {
     /// A worker for `H`'s queue; `wake` ticks when another connection commits.
-    pub fn new(store: Store, handler: Arc<H>, settings: WorkerSettings, wake: watch::Receiver<u64>) -> Self {
+    pub fn new(
+        store: Store,
+        handler: Arc<H>,
+        settings: WorkerSettings,
+        wake: watch::Receiver<u64>,
+    ) -> Self {
         Worker {
             store,
             handler,
@@ -90,7 +95,12 @@ impl<H: Handler> Worker<H> {
         let (tx, rx) = mpsc::channel(4096);
         let completer = tokio::spawn(super::completer::run(self.store.clone(), queue, rx));
         let leases_stop = CancellationToken::new();
-        let leases = tokio::spawn(lease_keeper(self.store.clone(), queue, s.clone(), leases_stop.clone()));
+        let leases = tokio::spawn(lease_keeper(
+            self.store.clone(),
+            queue,
+            s.clone(),
+            leases_stop.clone(),
+        ));
 
         let slots = Arc::new(Semaphore::new(s.max_in_flight as usize));
         let rate = NonZeroU32::new(s.rate_per_second).unwrap_or(NonZeroU32::MIN);
@@ -99,7 +109,12 @@ impl<H: Handler> Worker<H> {
         let held: Held = Arc::default();
         let mut tasks = JoinSet::new();
 
-        tracing::info!(queue = queue.as_str(), max_in_flight = s.max_in_flight, rate_per_second = s.rate_per_second, "worker started");
+        tracing::info!(
+            queue = queue.as_str(),
+            max_in_flight = s.max_in_flight,
+            rate_per_second = s.rate_per_second,
+            "worker started"
+        );
         loop {
             self.heartbeat.beat();
             while tasks.try_join_next().is_some() {}
@@ -183,7 +198,11 @@ impl<H: Handler> Worker<H> {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(queue = queue.as_str(), unfinished = tasks.len(), "grace period over; abandoning calls still in flight");
+            tracing::warn!(
+                queue = queue.as_str(),
+                unfinished = tasks.len(),
+                "grace period over; abandoning calls still in flight"
+            );
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
@@ -194,7 +213,11 @@ impl<H: Handler> Worker<H> {
         let leftover: Vec<(i64, String)> = lock(&held).drain().collect();
         let released = self.store.release(queue, &leftover, now_ms()).await?;
         if released > 0 {
-            tracing::info!(queue = queue.as_str(), released, "unfinished rows returned to pending; their attempt was not counted");
+            tracing::info!(
+                queue = queue.as_str(),
+                released,
+                "unfinished rows returned to pending; their attempt was not counted"
+            );
         }
         leases_stop.cancel();
         let _ = leases.await;
@@ -229,7 +252,11 @@ struct AttemptContext<H: Handler> {
     queue: QueueName,
 }
 
-async fn attempt<H: Handler>(ctx: AttemptContext<H>, claimed: Claimed<H::Row>, permit: OwnedSemaphorePermit) {
+async fn attempt<H: Handler>(
+    ctx: AttemptContext<H>,
+    claimed: Claimed<H::Row>,
+    permit: OwnedSemaphorePermit,
+) {
     let _permit = permit;
     ctx.limiter.until_ready().await;
     loop {
@@ -244,19 +271,32 @@ async fn attempt<H: Handler>(ctx: AttemptContext<H>, claimed: Claimed<H::Row>, p
     let elapsed = started.elapsed();
     let now = now_ms();
     let seller = claimed.row.seller();
-    let completion = plan(&claimed.meta, &seller, &processed, &ctx.backoff, now, rand::random::<f64>());
+    let completion = plan(
+        &claimed.meta,
+        &seller,
+        &processed,
+        &ctx.backoff,
+        now,
+        rand::random::<f64>(),
+    );
     log_attempt(ctx.queue, &claimed, &processed, &completion, elapsed);
 
     if let Processed::Attempted(a) = &processed {
-        if let (Action::Retry { after: Some(after) }, Some(429 | 503)) = (&a.action, a.http_status) {
-            ctx.hold_until.fetch_max(now + after.as_millis() as i64, Ordering::Relaxed);
+        if let (Action::Retry { after: Some(after) }, Some(429 | 503)) = (&a.action, a.http_status)
+        {
+            ctx.hold_until
+                .fetch_max(now + after.as_millis() as i64, Ordering::Relaxed);
         }
         metrics::histogram!("invoice_worker_request_duration_seconds", "queue" => ctx.queue.as_str())
             .record(elapsed.as_secs_f64());
     }
     let id = claimed.meta.id;
     if ctx.tx.send(completion).await.is_err() {
-        tracing::error!(queue = ctx.queue.as_str(), row_id = id, "completer stopped; result left to the lease");
+        tracing::error!(
+            queue = ctx.queue.as_str(),
+            row_id = id,
+            "completer stopped; result left to the lease"
+        );
     }
     lock(&ctx.held).remove(&id);
 }
@@ -298,12 +338,35 @@ fn log_attempt<R: QueueRow>(
                 Action::Fail | Action::PauseSeller(_) => tracing::Level::WARN,
                 Action::PauseQueue(_) => tracing::Level::ERROR,
             };
-            (a.action.name(), level, a.http_status.map(i64::from).unwrap_or(-1), a.code.as_deref().unwrap_or(""))
+            (
+                a.action.name(),
+                level,
+                a.http_status.map(i64::from).unwrap_or(-1),
+                a.code.as_deref().unwrap_or(""),
+            )
         }
     };
     metrics::counter!("invoice_worker_attempts_total", "queue" => queue.as_str(), "action" => action).increment(1);
-    attempt_event!(level, queue, order, seller, row_id, attempt, action, status, http_status, code, reason, duration_ms, "attempt");
-    if let Processed::Attempted(Attempted { action: Action::PauseQueue(d), .. }) = processed {
+    attempt_event!(
+        level,
+        queue,
+        order,
+        seller,
+        row_id,
+        attempt,
+        action,
+        status,
+        http_status,
+        code,
+        reason,
+        duration_ms,
+        "attempt"
+    );
+    if let Processed::Attempted(Attempted {
+        action: Action::PauseQueue(d),
+        ..
+    }) = processed
+    {
         tracing::error!(queue = queue.as_str(), pause = %humantime::format_duration(*d), reason,
             "whole queue paused: fix the credentials or quota, then run `invoice-worker resume --queue {} '*'`", queue.as_str());
     }
@@ -318,12 +381,22 @@ async fn lease_keeper(store: Store, queue: QueueName, s: WorkerSettings, stop: C
             _ = stop.cancelled() => return,
         }
         let now = now_ms();
-        if let Err(e) = store.renew_leases(queue, &s.instance, now + s.lease.as_millis() as i64).await {
+        if let Err(e) = store
+            .renew_leases(queue, &s.instance, now + s.lease.as_millis() as i64)
+            .await
+        {
             tracing::error!(queue = queue.as_str(), error = %e, "lease renewal failed");
         }
-        match store.rescue_expired(queue, now, s.backoff.max_attempts).await {
+        match store
+            .rescue_expired(queue, now, s.backoff.max_attempts)
+            .await
+        {
             Ok(0) => {}
-            Ok(n) => tracing::warn!(queue = queue.as_str(), rescued = n, "rows whose lease expired (their daemon died) are claimable again"),
+            Ok(n) => tracing::warn!(
+                queue = queue.as_str(),
+                rescued = n,
+                "rows whose lease expired (their daemon died) are claimable again"
+            ),
             Err(e) => tracing::error!(queue = queue.as_str(), error = %e, "lease rescue failed"),
         }
     }

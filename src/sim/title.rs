@@ -460,6 +460,7 @@ fn parse_xml(text: &str) -> Result<HashMap<&'static str, String>, String> {
     let mut saw_body = false;
     let mut current: Option<String> = None;
     let mut fields: HashMap<&'static str, String> = HashMap::new();
+    let in_head = |stack: &[String]| stack.len() >= 2 && stack[1] == "HEAD";
     let in_field =
         |stack: &[String]| stack.len() == 3 && stack[0] == "REQUEST" && stack[1] == "BODY";
     loop {
@@ -516,7 +517,9 @@ fn parse_xml(text: &str) -> Result<HashMap<&'static str, String>, String> {
                 let s = t.unescape().map_err(|e| format!("XML实体无效({e})"))?;
                 if let Some(cur) = current.as_mut() {
                     cur.push_str(&s);
-                } else if !s.trim().is_empty() && !(stack.len() >= 2 && stack[1] == "HEAD") {
+                } else if in_head(&stack) || s.trim().is_empty() {
+                    // Whitespace between elements, or anything inside HEAD: ignored.
+                } else {
                     return Err("XML中存在位置错误的文本".to_owned());
                 }
             }
@@ -524,7 +527,7 @@ fn parse_xml(text: &str) -> Result<HashMap<&'static str, String>, String> {
                 let s = c.decode().map_err(|e| format!("XML编码错误({e})"))?;
                 if let Some(cur) = current.as_mut() {
                     cur.push_str(&s);
-                } else if !(stack.len() >= 2 && stack[1] == "HEAD") {
+                } else if !in_head(&stack) {
                     return Err("XML中存在位置错误的CDATA".to_owned());
                 }
             }

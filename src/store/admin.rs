@@ -90,7 +90,10 @@ pub struct QueueCounts {
 impl QueueCounts {
     /// Rows with `status`.
     pub fn count(&self, status: &str) -> i64 {
-        self.by_status.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n)
+        self.by_status
+            .iter()
+            .find(|(s, _)| s == status)
+            .map_or(0, |(_, n)| *n)
     }
 }
 
@@ -185,7 +188,12 @@ impl Store {
 
     /// Stores a generated serial on a claimed title row before its first send. False when
     /// the claim was lost or the row already has one.
-    pub async fn set_title_serial(&self, id: i64, claim_token: &str, serial: &str) -> Result<bool, StoreError> {
+    pub async fn set_title_serial(
+        &self,
+        id: i64,
+        claim_token: &str,
+        serial: &str,
+    ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE title_submissions SET ttqqlsh = ?3, updated_at = ?4 \
              WHERE id = ?1 AND claim_token = ?2 AND status = 'running' AND ttqqlsh IS NULL",
@@ -203,10 +211,11 @@ impl Store {
     /// Counts per status and the oldest due pending row's age.
     pub async fn counts(&self, queue: QueueName, now: i64) -> Result<QueueCounts, StoreError> {
         let t = queue.table();
-        let by_status: Vec<(String, i64)> =
-            sqlx::query_as(&format!("SELECT status, COUNT(*) FROM {t} GROUP BY status ORDER BY status"))
-                .fetch_all(self.pool())
-                .await?;
+        let by_status: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT status, COUNT(*) FROM {t} GROUP BY status ORDER BY status"
+        ))
+        .fetch_all(self.pool())
+        .await?;
         let (oldest,): (Option<i64>,) = sqlx::query_as(&format!(
             "SELECT MIN(next_attempt_at) FROM {t} WHERE status = 'pending' AND next_attempt_at <= ?1"
         ))
@@ -221,7 +230,12 @@ impl Store {
     }
 
     /// Rows of a queue, newest first, optionally of one status.
-    pub async fn list(&self, queue: QueueName, status: Option<&str>, limit: u32) -> Result<Vec<RowSummary>, StoreError> {
+    pub async fn list(
+        &self,
+        queue: QueueName,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RowSummary>, StoreError> {
         let (key, invoice) = match queue {
             QueueName::Rebill => ("tax_num", "invoice_no, invoice_down_url"),
             QueueName::Title => ("ttqqlsh", "NULL AS invoice_no, NULL AS invoice_down_url"),
@@ -232,7 +246,11 @@ impl Store {
             order = queue.order_column(),
             t = queue.table()
         );
-        Ok(sqlx::query_as(&sql).bind(status).bind(limit as i64).fetch_all(self.pool()).await?)
+        Ok(sqlx::query_as(&sql)
+            .bind(status)
+            .bind(limit as i64)
+            .fetch_all(self.pool())
+            .await?)
     }
 
     /// Makes finished rows (`failed`, `rejected`, `cancelled`) pending again with a fresh
@@ -254,7 +272,11 @@ impl Store {
              next_attempt_at = ?1, updated_at = ?1, finished_at = NULL WHERE status = 'failed'",
             queue.table()
         );
-        let done = sqlx::query(&sql).bind(now_ms()).execute(self.pool()).await.map_err(StoreError::classify)?;
+        let done = sqlx::query(&sql)
+            .bind(now_ms())
+            .execute(self.pool())
+            .await
+            .map_err(StoreError::classify)?;
         Ok(done.rows_affected())
     }
 
@@ -273,7 +295,12 @@ impl Store {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let mut changed = Vec::new();
         for id in ids {
-            let done = sqlx::query(sql).bind(id).bind(now).execute(&mut *tx).await.map_err(StoreError::classify)?;
+            let done = sqlx::query(sql)
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::classify)?;
             if done.rows_affected() == 1 {
                 changed.push(*id);
             }
@@ -283,7 +310,13 @@ impl Store {
     }
 
     /// Pauses a seller (or, with scope `*`, a whole queue) until `until` (ms).
-    pub async fn pause(&self, queue: QueueName, scope: &str, until: i64, reason: &str) -> Result<(), StoreError> {
+    pub async fn pause(
+        &self,
+        queue: QueueName,
+        scope: &str,
+        until: i64,
+        reason: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO pauses (queue, scope, until_at, reason, probe_row_id, created_at) VALUES (?1, ?2, ?3, ?4, NULL, ?5) \
              ON CONFLICT (queue, scope) DO UPDATE SET until_at = excluded.until_at, reason = excluded.reason, probe_row_id = NULL",
@@ -307,9 +340,11 @@ impl Store {
 
     /// Every recorded pause (active, probing or expired-but-unprobed).
     pub async fn pauses(&self) -> Result<Vec<PauseInfo>, StoreError> {
-        Ok(sqlx::query_as("SELECT queue, scope, until_at, reason, probe_row_id FROM pauses ORDER BY queue, scope")
-            .fetch_all(self.pool())
-            .await?)
+        Ok(sqlx::query_as(
+            "SELECT queue, scope, until_at, reason, probe_row_id FROM pauses ORDER BY queue, scope",
+        )
+        .fetch_all(self.pool())
+        .await?)
     }
 }
 
@@ -326,13 +361,21 @@ mod tests {
             tax_num: "91310117568051222X".into(),
             max_attempts: None,
         };
-        assert!(matches!(store.enqueue_rebill(&job).await.expect("insert"), Enqueued::Inserted(_)));
-        assert_eq!(store.enqueue_rebill(&job).await.expect("insert"), Enqueued::AlreadyActive);
+        assert!(matches!(
+            store.enqueue_rebill(&job).await.expect("insert"),
+            Enqueued::Inserted(_)
+        ));
+        assert_eq!(
+            store.enqueue_rebill(&job).await.expect("insert"),
+            Enqueued::AlreadyActive
+        );
         // A plain INSERT of a second active row is refused by the partial unique index.
-        let err = sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES ('A1', '91310117568051222X')")
-            .execute(store.pool())
-            .await
-            .unwrap_err();
+        let err = sqlx::query(
+            "INSERT INTO rebill_orders (orderno, tax_num) VALUES ('A1', '91310117568051222X')",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("UNIQUE"), "{err}");
     }
 
@@ -364,14 +407,18 @@ mod tests {
             .execute(store.pool())
             .await
             .expect("insert");
-        let (status, attempts, next, created): (String, i64, i64, i64) =
-            sqlx::query_as("SELECT status, attempts, next_attempt_at, created_at FROM rebill_orders")
-                .fetch_one(store.pool())
-                .await
-                .expect("row");
+        let (status, attempts, next, created): (String, i64, i64, i64) = sqlx::query_as(
+            "SELECT status, attempts, next_attempt_at, created_at FROM rebill_orders",
+        )
+        .fetch_one(store.pool())
+        .await
+        .expect("row");
         assert_eq!(status, "pending");
         assert_eq!(attempts, 0);
-        assert!((next - before).abs() < 2_000, "next_attempt_at {next} vs now {before}");
+        assert!(
+            (next - before).abs() < 2_000,
+            "next_attempt_at {next} vs now {before}"
+        );
         assert!((created - before).abs() < 2_000);
     }
 }

@@ -63,7 +63,10 @@ pub fn claim_sql(queue: QueueName) -> String {
 impl Store {
     /// Claims up to `limit` due rows in one short `BEGIN IMMEDIATE` transaction, honouring
     /// queue and seller pauses (an expired pause lets exactly one row through as a probe).
-    pub async fn claim<R: QueueRow>(&self, p: &ClaimParams<'_>) -> Result<ClaimBatch<R>, StoreError> {
+    pub async fn claim<R: QueueRow>(
+        &self,
+        p: &ClaimParams<'_>,
+    ) -> Result<ClaimBatch<R>, StoreError> {
         let queue = R::QUEUE;
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let lease_until = p.now + p.lease.as_millis() as i64;
@@ -72,16 +75,23 @@ impl Store {
         match queue_pause_state(&mut tx, queue, p.now).await? {
             QueuePause::Active => {
                 tx.commit().await?;
-                return Ok(ClaimBatch { rows, queue_paused: true });
+                return Ok(ClaimBatch {
+                    rows,
+                    queue_paused: true,
+                });
             }
             QueuePause::Expired => {
                 // Probe: one row decides whether the pause is lifted.
-                let probe = claim_rows::<R>(&mut tx, &claim_sql(queue), p, lease_until, 1, None).await?;
+                let probe =
+                    claim_rows::<R>(&mut tx, &claim_sql(queue), p, lease_until, 1, None).await?;
                 if let Some(first) = probe.first() {
                     set_probe(&mut tx, queue, WHOLE_QUEUE, first.meta.id).await?;
                 }
                 tx.commit().await?;
-                return Ok(ClaimBatch { rows: probe, queue_paused: true });
+                return Ok(ClaimBatch {
+                    rows: probe,
+                    queue_paused: true,
+                });
             }
             QueuePause::None => {}
         }
@@ -101,25 +111,44 @@ impl Store {
 
         let room = p.limit.saturating_sub(rows.len() as u32);
         if room > 0 {
-            rows.extend(claim_rows::<R>(&mut tx, &claim_sql(queue), p, lease_until, room, None).await?);
+            rows.extend(
+                claim_rows::<R>(&mut tx, &claim_sql(queue), p, lease_until, room, None).await?,
+            );
         }
         tx.commit().await?;
-        Ok(ClaimBatch { rows, queue_paused: false })
+        Ok(ClaimBatch {
+            rows,
+            queue_paused: false,
+        })
     }
 
     /// Extends the lease of every row this daemon holds in `queue`.
-    pub async fn renew_leases(&self, queue: QueueName, claimed_by: &str, lease_until: i64) -> Result<u64, StoreError> {
+    pub async fn renew_leases(
+        &self,
+        queue: QueueName,
+        claimed_by: &str,
+        lease_until: i64,
+    ) -> Result<u64, StoreError> {
         let sql = format!(
             "UPDATE {} SET lease_expires_at = ?1 WHERE status = 'running' AND claimed_by = ?2",
             queue.table()
         );
-        let done = sqlx::query(&sql).bind(lease_until).bind(claimed_by).execute(self.pool()).await?;
+        let done = sqlx::query(&sql)
+            .bind(lease_until)
+            .bind(claimed_by)
+            .execute(self.pool())
+            .await?;
         Ok(done.rows_affected())
     }
 
     /// Returns rows whose lease expired (their daemon died) to `pending`, or to `failed`
     /// when that attempt was their last. Returns how many rows were rescued.
-    pub async fn rescue_expired(&self, queue: QueueName, now: i64, default_max_attempts: u32) -> Result<u64, StoreError> {
+    pub async fn rescue_expired(
+        &self,
+        queue: QueueName,
+        now: i64,
+        default_max_attempts: u32,
+    ) -> Result<u64, StoreError> {
         let sql = format!(
             "UPDATE {t} SET \
                status = CASE WHEN attempts >= COALESCE(max_attempts, ?2) THEN 'failed' ELSE 'pending' END, \
@@ -129,13 +158,22 @@ impl Store {
              WHERE status = 'running' AND lease_expires_at <= ?1",
             t = queue.table()
         );
-        let done = sqlx::query(&sql).bind(now).bind(default_max_attempts as i64).execute(self.pool()).await?;
+        let done = sqlx::query(&sql)
+            .bind(now)
+            .bind(default_max_attempts as i64)
+            .execute(self.pool())
+            .await?;
         Ok(done.rows_affected())
     }
 
     /// Puts rows this worker holds back to `pending` without using up their attempt
     /// (graceful shutdown). Rows whose claim was lost meanwhile are left alone.
-    pub async fn release(&self, queue: QueueName, held: &[(i64, String)], now: i64) -> Result<u64, StoreError> {
+    pub async fn release(
+        &self,
+        queue: QueueName,
+        held: &[(i64, String)],
+        now: i64,
+    ) -> Result<u64, StoreError> {
         if held.is_empty() {
             return Ok(0);
         }
@@ -148,7 +186,13 @@ impl Store {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let mut released = 0;
         for (id, token) in held {
-            released += sqlx::query(&sql).bind(now).bind(id).bind(token).execute(&mut *tx).await?.rows_affected();
+            released += sqlx::query(&sql)
+                .bind(now)
+                .bind(id)
+                .bind(token)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         }
         tx.commit().await?;
         Ok(released)
@@ -156,12 +200,19 @@ impl Store {
 
     /// When the next pending row of `queue` becomes due (ms), if any is due after `now`.
     /// Rows already due but not claimed are held by a pause, so they are not counted.
-    pub async fn next_due_after(&self, queue: QueueName, now: i64) -> Result<Option<i64>, StoreError> {
+    pub async fn next_due_after(
+        &self,
+        queue: QueueName,
+        now: i64,
+    ) -> Result<Option<i64>, StoreError> {
         let sql = format!(
             "SELECT MIN(next_attempt_at) FROM {} WHERE status = 'pending' AND next_attempt_at > ?1",
             queue.table()
         );
-        let (at,): (Option<i64>,) = sqlx::query_as(&sql).bind(now).fetch_one(self.pool()).await?;
+        let (at,): (Option<i64>,) = sqlx::query_as(&sql)
+            .bind(now)
+            .fetch_one(self.pool())
+            .await?;
         Ok(at)
     }
 }
@@ -207,13 +258,20 @@ enum QueuePause {
     Expired,
 }
 
-async fn queue_pause_state(conn: &mut SqliteConnection, queue: QueueName, now: i64) -> Result<QueuePause, StoreError> {
+async fn queue_pause_state(
+    conn: &mut SqliteConnection,
+    queue: QueueName,
+    now: i64,
+) -> Result<QueuePause, StoreError> {
     let sql = format!(
         "SELECT p.until_at, EXISTS (SELECT 1 FROM {t} x WHERE x.id = p.probe_row_id AND x.status = 'running') \
          FROM pauses p WHERE p.queue = ?1 AND p.scope = '*'",
         t = queue.table()
     );
-    let row: Option<(i64, bool)> = sqlx::query_as(&sql).bind(queue.as_str()).fetch_optional(&mut *conn).await?;
+    let row: Option<(i64, bool)> = sqlx::query_as(&sql)
+        .bind(queue.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
     Ok(match row {
         None => QueuePause::None,
         Some((until, probing)) if until > now || probing => QueuePause::Active,
@@ -221,17 +279,30 @@ async fn queue_pause_state(conn: &mut SqliteConnection, queue: QueueName, now: i
     })
 }
 
-async fn expired_seller_pauses(conn: &mut SqliteConnection, queue: QueueName, now: i64) -> Result<Vec<String>, StoreError> {
+async fn expired_seller_pauses(
+    conn: &mut SqliteConnection,
+    queue: QueueName,
+    now: i64,
+) -> Result<Vec<String>, StoreError> {
     let sql = format!(
         "SELECT p.scope FROM pauses p WHERE p.queue = ?1 AND p.scope <> '*' AND p.until_at <= ?2 \
          AND NOT EXISTS (SELECT 1 FROM {t} x WHERE x.id = p.probe_row_id AND x.status = 'running') LIMIT 16",
         t = queue.table()
     );
-    let rows: Vec<(String,)> = sqlx::query_as(&sql).bind(queue.as_str()).bind(now).fetch_all(&mut *conn).await?;
+    let rows: Vec<(String,)> = sqlx::query_as(&sql)
+        .bind(queue.as_str())
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(rows.into_iter().map(|(s,)| s).collect())
 }
 
-async fn set_probe(conn: &mut SqliteConnection, queue: QueueName, scope: &str, row_id: i64) -> Result<(), StoreError> {
+async fn set_probe(
+    conn: &mut SqliteConnection,
+    queue: QueueName,
+    scope: &str,
+    row_id: i64,
+) -> Result<(), StoreError> {
     sqlx::query("UPDATE pauses SET probe_row_id = ?3 WHERE queue = ?1 AND scope = ?2")
         .bind(queue.as_str())
         .bind(scope)
@@ -241,17 +312,28 @@ async fn set_probe(conn: &mut SqliteConnection, queue: QueueName, scope: &str, r
     Ok(())
 }
 
-async fn has_pending(conn: &mut SqliteConnection, queue: QueueName, seller: &str) -> Result<bool, StoreError> {
+async fn has_pending(
+    conn: &mut SqliteConnection,
+    queue: QueueName,
+    seller: &str,
+) -> Result<bool, StoreError> {
     let sql = format!(
         "SELECT EXISTS (SELECT 1 FROM {} WHERE status = 'pending' AND {} = ?1)",
         queue.table(),
         queue.seller_expr()
     );
-    let (exists,): (bool,) = sqlx::query_as(&sql).bind(seller).fetch_one(&mut *conn).await?;
+    let (exists,): (bool,) = sqlx::query_as(&sql)
+        .bind(seller)
+        .fetch_one(&mut *conn)
+        .await?;
     Ok(exists)
 }
 
-pub(crate) async fn delete_pause(conn: &mut SqliteConnection, queue: QueueName, scope: &str) -> Result<u64, StoreError> {
+pub(crate) async fn delete_pause(
+    conn: &mut SqliteConnection,
+    queue: QueueName,
+    scope: &str,
+) -> Result<u64, StoreError> {
     let done = sqlx::query("DELETE FROM pauses WHERE queue = ?1 AND scope = ?2")
         .bind(queue.as_str())
         .bind(scope)
@@ -259,4 +341,3 @@ pub(crate) async fn delete_pause(conn: &mut SqliteConnection, queue: QueueName, 
         .await?;
     Ok(done.rows_affected())
 }
-

@@ -92,7 +92,11 @@ impl Store {
     /// Applies a batch of completions in one `BEGIN IMMEDIATE` transaction. Each update only
     /// touches its row while the claim token still matches; the result says, per item,
     /// whether it was applied (`false` = the claim was lost to a lease expiry).
-    pub async fn complete(&self, queue: QueueName, items: &[Completion]) -> Result<Vec<bool>, StoreError> {
+    pub async fn complete(
+        &self,
+        queue: QueueName,
+        items: &[Completion],
+    ) -> Result<Vec<bool>, StoreError> {
         let sql = complete_sql(queue);
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let mut applied = Vec::with_capacity(items.len());
@@ -141,12 +145,13 @@ impl Store {
                 None if pauses == 0 => {}
                 None => {
                     // A probe that did not ask for a pause again lifts the pause it probed.
-                    let probed: Vec<(String,)> =
-                        sqlx::query_as("SELECT scope FROM pauses WHERE queue = ?1 AND probe_row_id = ?2")
-                            .bind(queue.as_str())
-                            .bind(c.id)
-                            .fetch_all(&mut *tx)
-                            .await?;
+                    let probed: Vec<(String,)> = sqlx::query_as(
+                        "SELECT scope FROM pauses WHERE queue = ?1 AND probe_row_id = ?2",
+                    )
+                    .bind(queue.as_str())
+                    .bind(c.id)
+                    .fetch_all(&mut *tx)
+                    .await?;
                     for (scope,) in probed {
                         delete_pause(&mut tx, queue, &scope).await?;
                     }

@@ -32,7 +32,9 @@ impl Store {
 
     /// Checkpoints the WAL into the database file (PASSIVE: never waits for readers).
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
-        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(self.pool()).await?;
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 

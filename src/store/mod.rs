@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 /// The embedded migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -103,7 +105,10 @@ impl StoreError {
     /// Sorts constraint violations from other failures.
     pub(crate) fn classify(error: sqlx::Error) -> StoreError {
         if let sqlx::Error::Database(db) = &error {
-            if db.is_unique_violation() || db.is_check_violation() || db.kind() == sqlx::error::ErrorKind::NotNullViolation {
+            if db.is_unique_violation()
+                || db.is_check_violation()
+                || db.kind() == sqlx::error::ErrorKind::NotNullViolation
+            {
                 return StoreError::Constraint(db.message().to_string());
             }
         }
@@ -144,7 +149,10 @@ impl Store {
     }
 
     /// Opens and applies the embedded migrations.
-    pub async fn open_and_migrate(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
+    pub async fn open_and_migrate(
+        path: &Path,
+        busy_timeout: Duration,
+    ) -> Result<Store, StoreError> {
         let store = Store::open(path, busy_timeout).await?;
         store.migrate().await?;
         Ok(store)
@@ -169,7 +177,9 @@ impl Store {
     /// A fresh connection outside the pool, for the commit watcher.
     pub(crate) async fn dedicated_connection(&self) -> Result<sqlx::SqliteConnection, StoreError> {
         use sqlx::ConnectOptions;
-        Ok(connect_options(&self.path, self.busy_timeout).connect().await?)
+        Ok(connect_options(&self.path, self.busy_timeout)
+            .connect()
+            .await?)
     }
 
     /// Whether the database answers a trivial query (health checks).
@@ -247,9 +257,15 @@ mod tests {
     #[tokio::test]
     async fn file_is_private_and_in_wal_mode() {
         let (_dir, store) = temp_store().await;
-        let mode = std::fs::metadata(store.path()).expect("stat").permissions().mode();
+        let mode = std::fs::metadata(store.path())
+            .expect("stat")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let (journal,): (String,) = sqlx::query_as("PRAGMA journal_mode").fetch_one(store.pool()).await.expect("pragma");
+        let (journal,): (String,) = sqlx::query_as("PRAGMA journal_mode")
+            .fetch_one(store.pool())
+            .await
+            .expect("pragma");
         assert_eq!(journal, "wal");
         store.migrate().await.expect("migrations are idempotent");
     }

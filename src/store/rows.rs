@@ -115,6 +115,8 @@ impl QueueRow for TitleRow {
         self.sqm.clone().unwrap_or_default()
     }
     fn label(&self) -> String {
-        self.ttqqlsh.clone().unwrap_or_else(|| self.order_no.clone())
+        self.ttqqlsh
+            .clone()
+            .unwrap_or_else(|| self.order_no.clone())
     }
 }

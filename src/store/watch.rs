@@ -23,7 +23,9 @@ impl CommitWatcher {
     /// True when some other connection committed since the previous call (and on the
     /// first call).
     pub async fn changed(&mut self) -> Result<bool, StoreError> {
-        let (version,): (i64,) = sqlx::query_as("PRAGMA data_version").fetch_one(&mut self.conn).await?;
+        let (version,): (i64,) = sqlx::query_as("PRAGMA data_version")
+            .fetch_one(&mut self.conn)
+            .await?;
         let changed = self.last != Some(version);
         self.last = Some(version);
         Ok(changed)

@@ -12,10 +12,19 @@ pub fn check(orderno: &str, tax_num: &str) -> Result<(), Rejection> {
         return Err(Rejection::new("orderno", "is empty"));
     }
     if chars > MAX_ORDERNO_CHARS {
-        return Err(Rejection::new("orderno", format!("{chars} characters, at most {MAX_ORDERNO_CHARS} allowed")));
+        return Err(Rejection::new(
+            "orderno",
+            format!("{chars} characters, at most {MAX_ORDERNO_CHARS} allowed"),
+        ));
     }
-    if let Some(c) = orderno.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Rejection::new("orderno", format!("contains whitespace or a control character ({:?})", c)));
+    if let Some(c) = orderno
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(Rejection::new(
+            "orderno",
+            format!("contains whitespace or a control character ({:?})", c),
+        ));
     }
     check_tax_num(tax_num)
 }
@@ -24,10 +33,19 @@ pub fn check(orderno: &str, tax_num: &str) -> Result<(), Rejection> {
 pub fn check_tax_num(tax_num: &str) -> Result<(), Rejection> {
     let len = tax_num.chars().count();
     if !(15..=20).contains(&len) {
-        return Err(Rejection::new("tax_num", format!("{tax_num:?} has {len} characters; a tax number has 15 to 20")));
+        return Err(Rejection::new(
+            "tax_num",
+            format!("{tax_num:?} has {len} characters; a tax number has 15 to 20"),
+        ));
     }
-    if let Some(c) = tax_num.chars().find(|c| !(c.is_ascii_digit() || c.is_ascii_uppercase())) {
-        return Err(Rejection::new("tax_num", format!("{tax_num:?} contains {c:?}; only digits and capital letters are allowed")));
+    if let Some(c) = tax_num
+        .chars()
+        .find(|c| !(c.is_ascii_digit() || c.is_ascii_uppercase()))
+    {
+        return Err(Rejection::new(
+            "tax_num",
+            format!("{tax_num:?} contains {c:?}; only digits and capital letters are allowed"),
+        ));
     }
     Ok(())
 }
@@ -46,19 +64,33 @@ mod tests {
 
     #[test]
     fn rejects_bad_orderno_naming_the_field() {
-        for (orderno, want) in [("", "empty"), ("a b", "whitespace"), ("a\u{7}", "control"), ("a\n", "whitespace")] {
+        for (orderno, want) in [
+            ("", "empty"),
+            ("a b", "whitespace"),
+            ("a\u{7}", "control"),
+            ("a\n", "whitespace"),
+        ] {
             let err = check(orderno, TAX).unwrap_err();
             assert_eq!(err.field, "orderno");
             assert!(err.reason.contains(want), "{err}");
         }
         let long = "x".repeat(65);
-        assert!(check(&long, TAX).unwrap_err().reason.contains("65 characters"));
+        assert!(check(&long, TAX)
+            .unwrap_err()
+            .reason
+            .contains("65 characters"));
         assert_eq!(check(&"x".repeat(64), TAX), Ok(()));
     }
 
     #[test]
     fn rejects_bad_tax_numbers() {
-        for bad in ["12345", "123456789012345678901", "91310117568051222x", "9131011756805122-X", "９１３１０１１７５６８０５１２２２"] {
+        for bad in [
+            "12345",
+            "123456789012345678901",
+            "91310117568051222x",
+            "9131011756805122-X",
+            "９１３１０１１７５６８０５１２２２",
+        ] {
             let err = check("o1", bad).unwrap_err();
             assert_eq!(err.field, "tax_num", "{bad}");
         }

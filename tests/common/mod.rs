@@ -1,0 +1,220 @@
+//! Shared helpers for the integration tests: a simulator on port 0, a fresh database file,
+//! a config pointing at both, the daemon in-process or as the real binary.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use invoice_worker::config::Config;
+use invoice_worker::secret::Secret;
+use invoice_worker::sim::{SimOptions, Simulator};
+use invoice_worker::store::Store;
+use tokio_util::sync::CancellationToken;
+
+/// The seller tax number most tests use.
+pub const TAX: &str = "91310117568051222X";
+
+/// One test's world: a temp directory, a simulator, a migrated store and a config.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub sim: Simulator,
+    pub store: Store,
+    pub config: Config,
+}
+
+impl World {
+    pub async fn new() -> World {
+        World::with_options(SimOptions::default()).await
+    }
+
+    pub async fn with_options(opts: SimOptions) -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sim = Simulator::start(opts.clone()).await.expect("simulator");
+        let config = fast_config(&sim, &opts, &dir.path().join("queue.db"));
+        let store = Store::open_and_migrate(&config.database.path, config.database.busy_timeout)
+            .await
+            .expect("store");
+        World { dir, sim, store, config }
+    }
+
+    /// Starts the daemon in this process; cancel the token (or call `stop`) to end it.
+    pub fn start(&self) -> RunningDaemon {
+        let token = CancellationToken::new();
+        let (config, store, stop) = (self.config.clone(), self.store.clone(), token.clone());
+        let handle = tokio::spawn(async move { invoice_worker::daemon::run_with_store(&config, store, stop).await });
+        RunningDaemon { token, handle }
+    }
+
+    /// Writes the config as TOML (secrets inline) for the real binary.
+    pub fn write_config(&self) -> PathBuf {
+        let path = self.dir.path().join("worker.toml");
+        std::fs::write(&path, config_toml(&self.config, &SimOptions::default())).expect("write config");
+        path
+    }
+
+    pub async fn status_of(&self, table: &str, id: i64) -> String {
+        let (status,): (String,) = sqlx::query_as(&format!("SELECT status FROM {table} WHERE id = ?1"))
+            .bind(id)
+            .fetch_one(self.store.pool())
+            .await
+            .expect("row");
+        status
+    }
+
+    pub async fn insert_rebill(&self, orderno: &str, tax_num: &str) -> i64 {
+        sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, ?2)")
+            .bind(orderno)
+            .bind(tax_num)
+            .execute(self.store.pool())
+            .await
+            .expect("insert")
+            .last_insert_rowid()
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        let (n,): (i64,) = sqlx::query_as(sql).fetch_one(self.store.pool()).await.expect("count");
+        n
+    }
+}
+
+pub struct RunningDaemon {
+    pub token: CancellationToken,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningDaemon {
+    pub async fn stop(self) {
+        self.token.cancel();
+        self.handle.await.expect("daemon task").expect("daemon result");
+    }
+}
+
+/// A config tuned for tests: short delays, loopback simulator, credentials that match it.
+pub fn fast_config(sim: &Simulator, opts: &SimOptions, db: &Path) -> Config {
+    let mut c = Config::default();
+    c.database.path = db.to_path_buf();
+    c.worker.lease = Duration::from_secs(3);
+    c.worker.poll_interval = Duration::from_millis(20);
+    c.worker.shutdown_grace = Duration::from_secs(5);
+    c.retry.base_delay = Duration::from_millis(100);
+    c.retry.max_delay = Duration::from_millis(400);
+    c.housekeeping.enabled = false;
+    c.rebill.endpoint = sim.rebill_url();
+    c.rebill.appid = Some(opts.rebill_appid.clone());
+    c.rebill.app_secret = Some(Secret::new(opts.rebill_secret.clone()));
+    c.rebill.limits.timeout = Duration::from_secs(2);
+    c.rebill.limits.rate_per_second = 1000;
+    c.rebill.limits.max_in_flight = 16;
+    c.title.base_url = Some(sim.title_base_url());
+    c.title.client_id = Some(opts.title_client_id.clone());
+    c.title.client_secret = Some(Secret::new(opts.title_client_secret.clone()));
+    c.title.sqm = Some("TEST-SQM".into());
+    c.title.limits.timeout = Duration::from_secs(2);
+    c.title.limits.rate_per_second = 1000;
+    c.validate().expect("test config is valid");
+    c
+}
+
+/// The config as a TOML file the binary reads, secrets inline.
+pub fn config_toml(c: &Config, opts: &SimOptions) -> String {
+    let base = c.title.base_url.clone().unwrap_or_default();
+    format!(
+        r#"[database]
+path = "{db}"
+
+[worker]
+lease = "{lease}ms"
+poll_interval = "20ms"
+shutdown_grace = "{grace}ms"
+
+[retry]
+base_delay = "{base}ms"
+max_delay = "{max}ms"
+
+[rebill]
+endpoint = "{endpoint}"
+appid = "{appid}"
+app_secret = "{secret}"
+timeout = "{timeout}ms"
+rate_per_second = 1000
+max_in_flight = {inflight}
+
+[title]
+base_url = "{base_url}"
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+sqm = "TEST-SQM"
+rate_per_second = 1000
+
+[housekeeping]
+enabled = false
+"#,
+        db = c.database.path.display(),
+        lease = c.worker.lease.as_millis(),
+        grace = c.worker.shutdown_grace.as_millis(),
+        base = c.retry.base_delay.as_millis(),
+        max = c.retry.max_delay.as_millis(),
+        endpoint = c.rebill.endpoint,
+        appid = opts.rebill_appid,
+        secret = opts.rebill_secret,
+        timeout = c.rebill.limits.timeout.as_millis(),
+        inflight = c.rebill.limits.max_in_flight,
+        base_url = base,
+        client_id = opts.title_client_id,
+        client_secret = opts.title_client_secret,
+    )
+}
+
+/// Polls `check` until it is true or `limit` passes; panics with `what` on timeout.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The real binary.
+pub fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_invoice-worker"))
+}
+
+/// Starts `invoice-worker run --config PATH` with stderr captured to a file.
+pub fn spawn_daemon(config: &Path, log: &Path) -> Child {
+    let stderr = std::fs::File::create(log).expect("log file");
+    binary()
+        .args(["run", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn daemon")
+}
+
+pub fn send_signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, signal).expect("kill");
+}
+
+/// Waits for a child to exit, up to `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
