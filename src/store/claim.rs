@@ -37,12 +37,15 @@ pub struct ClaimBatch<R> {
 
 fn claim_update(queue: QueueName, filter: &str) -> String {
     let t = queue.table();
+    // INDEXED BY: the partial index over pending rows keeps the claim's cost independent of
+    // how many finished rows the table holds; without statistics the planner may prefer the
+    // status index and sort, so the choice is not left to it.
     // recent_attempts is guarded with json_valid so a hand-edited value cannot stop claims.
     format!(
         "UPDATE {t} SET status = 'running', attempts = attempts + 1, claim_token = ?1, \
          claimed_by = ?2, lease_expires_at = ?3, updated_at = ?4, \
          recent_attempts = json_insert(CASE WHEN json_valid(recent_attempts) THEN recent_attempts ELSE '[]' END, '$[#]', ?4) \
-         WHERE id IN (SELECT id FROM {t} WHERE status = 'pending' AND next_attempt_at <= ?4 {filter} \
+         WHERE id IN (SELECT id FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND next_attempt_at <= ?4 {filter} \
          ORDER BY next_attempt_at LIMIT ?5) RETURNING *"
     )
 }

@@ -36,30 +36,39 @@ impl World {
         let store = Store::open_and_migrate(&config.database.path, config.database.busy_timeout)
             .await
             .expect("store");
-        World { dir, sim, store, config }
+        World {
+            dir,
+            sim,
+            store,
+            config,
+        }
     }
 
     /// Starts the daemon in this process; cancel the token (or call `stop`) to end it.
     pub fn start(&self) -> RunningDaemon {
         let token = CancellationToken::new();
         let (config, store, stop) = (self.config.clone(), self.store.clone(), token.clone());
-        let handle = tokio::spawn(async move { invoice_worker::daemon::run_with_store(&config, store, stop).await });
+        let handle = tokio::spawn(async move {
+            invoice_worker::daemon::run_with_store(&config, store, stop).await
+        });
         RunningDaemon { token, handle }
     }
 
     /// Writes the config as TOML (secrets inline) for the real binary.
     pub fn write_config(&self) -> PathBuf {
         let path = self.dir.path().join("worker.toml");
-        std::fs::write(&path, config_toml(&self.config, &SimOptions::default())).expect("write config");
+        std::fs::write(&path, config_toml(&self.config, &SimOptions::default()))
+            .expect("write config");
         path
     }
 
     pub async fn status_of(&self, table: &str, id: i64) -> String {
-        let (status,): (String,) = sqlx::query_as(&format!("SELECT status FROM {table} WHERE id = ?1"))
-            .bind(id)
-            .fetch_one(self.store.pool())
-            .await
-            .expect("row");
+        let (status,): (String,) =
+            sqlx::query_as(&format!("SELECT status FROM {table} WHERE id = ?1"))
+                .bind(id)
+                .fetch_one(self.store.pool())
+                .await
+                .expect("row");
         status
     }
 
@@ -74,7 +83,10 @@ impl World {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        let (n,): (i64,) = sqlx::query_as(sql).fetch_one(self.store.pool()).await.expect("count");
+        let (n,): (i64,) = sqlx::query_as(sql)
+            .fetch_one(self.store.pool())
+            .await
+            .expect("count");
         n
     }
 }
@@ -87,7 +99,10 @@ pub struct RunningDaemon {
 impl RunningDaemon {
     pub async fn stop(self) {
         self.token.cancel();
-        self.handle.await.expect("daemon task").expect("daemon result");
+        self.handle
+            .await
+            .expect("daemon task")
+            .expect("daemon result");
     }
 }
 
@@ -175,7 +190,10 @@ where
 {
     let start = Instant::now();
     while !check().await {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,536 @@
+//! End-to-end tests of the rebilling queue: the daemon in-process, a real SQLite file and
+//! the simulated fw199 gateway over loopback HTTP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_until, World, TAX};
+use invoice_worker::secret::Secret;
+use invoice_worker::sim::{issued_invoice, RebillBehavior};
+use invoice_worker::store::claim::ClaimParams;
+use invoice_worker::store::complete::{Completion, FinalStatus};
+use invoice_worker::store::now_ms;
+use invoice_worker::store::rows::RebillRow;
+use invoice_worker::store::QueueName;
+
+const OTHER_SELLER: &str = "91440300715267260A";
+
+#[derive(Debug, sqlx::FromRow)]
+struct Row {
+    status: String,
+    outcome: Option<String>,
+    attempts: i64,
+    last_code: Option<String>,
+    last_message: Option<String>,
+    invoice_no: Option<String>,
+    invoice_down_url: Option<String>,
+    finished_at: Option<i64>,
+}
+
+async fn row(w: &World, id: i64) -> Row {
+    sqlx::query_as(
+        "SELECT status, outcome, attempts, last_code, last_message, invoice_no, invoice_down_url, finished_at \
+         FROM rebill_orders WHERE id = ?1",
+    )
+    .bind(id)
+    .fetch_one(w.store.pool())
+    .await
+    .expect("row")
+}
+
+fn fail(code: i64, message: &str) -> RebillBehavior {
+    RebillBehavior::Fail {
+        code,
+        message: message.to_string(),
+    }
+}
+
+async fn wait_final(w: &World, ids: &[i64]) {
+    wait_until(Duration::from_secs(20), "rows to finish", || async {
+        for id in ids {
+            let s = w.status_of("rebill_orders", *id).await;
+            if s == "pending" || s == "running" {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_gateway_answer_reaches_its_outcome() {
+    let w = World::new().await;
+    let cases: Vec<(&str, Vec<RebillBehavior>, &str, Option<&str>)> = vec![
+        (
+            "ACC",
+            vec![RebillBehavior::Accepted],
+            "done",
+            Some("accepted"),
+        ),
+        ("ISS", vec![RebillBehavior::Issued], "done", Some("issued")),
+        (
+            "STR",
+            vec![RebillBehavior::CodeAsString],
+            "done",
+            Some("accepted"),
+        ),
+        (
+            "GEN",
+            vec![fail(9, "发票已生成,无需再重试开票")],
+            "done",
+            Some("issued"),
+        ),
+        (
+            "INP",
+            vec![fail(9, "开票中(重试中),请耐心等待开票结果")],
+            "done",
+            Some("in_progress"),
+        ),
+        (
+            "FLAKY",
+            vec![
+                RebillBehavior::Status(500),
+                RebillBehavior::Html,
+                RebillBehavior::Garbage,
+                RebillBehavior::Empty,
+                RebillBehavior::WrongTypes,
+                RebillBehavior::Oversized,
+                RebillBehavior::Reset,
+                RebillBehavior::Accepted,
+            ],
+            "done",
+            Some("accepted"),
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (orderno, script, _, _) in &cases {
+        w.sim.script_rebill(orderno, script.clone());
+        ids.push(w.insert_rebill(orderno, TAX).await);
+    }
+    let daemon = w.start();
+    wait_final(&w, &ids).await;
+    daemon.stop().await;
+
+    for ((orderno, _, status, outcome), id) in cases.iter().zip(&ids) {
+        let r = row(&w, *id).await;
+        assert_eq!(r.status, *status, "{orderno}: {r:?}");
+        assert_eq!(r.outcome.as_deref(), *outcome, "{orderno}: {r:?}");
+        assert!(r.finished_at.is_some(), "{orderno}");
+    }
+    let issued = row(&w, ids[1]).await;
+    let (invoice_no, url) = issued_invoice("ISS");
+    assert_eq!(issued.invoice_no.as_deref(), Some(invoice_no.as_str()));
+    assert_eq!(issued.invoice_down_url.as_deref(), Some(url.as_str()));
+    assert_eq!(issued.last_code.as_deref(), Some("100"));
+    let flaky = row(&w, ids[5]).await;
+    assert_eq!(
+        flaky.attempts, 8,
+        "seven transient failures then success: {flaky:?}"
+    );
+    // Every request the gateway saw was correctly signed.
+    assert!(w
+        .sim
+        .rebill_requests()
+        .iter()
+        .all(|r| r.signature_ok && r.verified));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_rows_are_rejected_and_never_sent() {
+    let w = World::new().await;
+    let cases = [
+        ("has space", TAX, "orderno: contains whitespace"),
+        ("tab\there", TAX, "orderno: contains whitespace"),
+        (&*"x".repeat(65), TAX, "orderno: 65 characters"),
+        ("ok-order", "12345", "tax_num: \"12345\" has 5 characters"),
+        (
+            "ok-order-2",
+            "91310117568051222x",
+            "only digits and capital letters",
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (orderno, tax, _) in &cases {
+        ids.push(w.insert_rebill(orderno, tax).await);
+    }
+    let daemon = w.start();
+    wait_final(&w, &ids).await;
+    daemon.stop().await;
+    for ((orderno, _, reason), id) in cases.iter().zip(&ids) {
+        let r = row(&w, *id).await;
+        assert_eq!(r.status, "rejected", "{orderno}");
+        let message = r.last_message.unwrap_or_default();
+        assert!(message.contains(reason), "{orderno}: {message}");
+    }
+    assert!(
+        w.sim.rebill_requests().is_empty(),
+        "an invalid row reached the gateway"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sms_login_pauses_the_seller_then_one_row_probes() {
+    let mut w = World::new().await;
+    w.config.rebill.limits.seller_pause = Duration::from_millis(800);
+    w.config.rebill.limits.max_in_flight = 1;
+    let sms = "本次操作需登录电子发票服务平台,请先使用短信验证码登录";
+    w.sim.script_rebill(
+        "SMS-1",
+        vec![fail(1, sms), fail(1, sms), RebillBehavior::Accepted],
+    );
+    let first = w.insert_rebill("SMS-1", OTHER_SELLER).await;
+    let mut others = Vec::new();
+    for i in 0..5 {
+        others.push(
+            w.insert_rebill(&format!("SMS-OTHER-{i}"), OTHER_SELLER)
+                .await,
+        );
+    }
+    let unrelated = w.insert_rebill("UNRELATED", TAX).await;
+    // SMS-1 goes first, so its answer pauses the seller before the others are due.
+    sqlx::query("UPDATE rebill_orders SET next_attempt_at = next_attempt_at + 300 WHERE orderno LIKE 'SMS-OTHER-%'")
+        .execute(w.store.pool())
+        .await
+        .expect("update");
+
+    let daemon = w.start();
+    wait_final(&w, &[unrelated]).await;
+    // The seller is paused: its rows wait without using attempts.
+    let pauses = w.store.pauses().await.expect("pauses");
+    assert!(pauses.iter().any(|p| p.scope == OTHER_SELLER), "{pauses:?}");
+    assert_eq!(row(&w, others[0]).await.attempts, 0);
+    assert_eq!(
+        row(&w, first).await.attempts,
+        0,
+        "pausing refunds the attempt"
+    );
+
+    let mut all = others.clone();
+    all.push(first);
+    wait_final(&w, &all).await;
+    daemon.stop().await;
+
+    // While the seller was paused exactly one row probed per pause period; once a probe
+    // succeeded the pause was lifted and the rest went out.
+    let mut seller_sends: Vec<_> = w
+        .sim
+        .rebill_requests()
+        .into_iter()
+        .filter(|r| r.tax_num == OTHER_SELLER)
+        .collect();
+    seller_sends.sort_by_key(|r| r.received_at);
+    let first_ok = seller_sends
+        .iter()
+        .position(|r| r.answered == "Accepted")
+        .expect("a probe succeeded");
+    assert!(
+        first_ok >= 2,
+        "two SMS answers came first: {seller_sends:?}"
+    );
+    for pair in seller_sends[..=first_ok].windows(2) {
+        let gap = pair[1].received_at - pair[0].received_at;
+        assert!(
+            gap >= Duration::from_millis(750),
+            "a row was sent {gap:?} into a seller pause"
+        );
+    }
+    assert!(
+        w.store.pauses().await.expect("pauses").is_empty(),
+        "the successful probe lifted the pause"
+    );
+    for id in all {
+        assert_eq!(row(&w, id).await.status, "done");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_pauses_the_queue_without_burning_attempts() {
+    let mut w = World::new().await;
+    w.config.rebill.app_secret = Some(Secret::new("not-the-secret"));
+    w.config.rebill.limits.queue_pause = Duration::from_secs(3600);
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(w.insert_rebill(&format!("Q-{i}"), TAX).await);
+    }
+    let daemon = w.start();
+    wait_until(Duration::from_secs(10), "queue pause", || async {
+        w.store
+            .pauses()
+            .await
+            .expect("pauses")
+            .iter()
+            .any(|p| p.scope == "*")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    daemon.stop().await;
+    let sent = w.sim.rebill_requests().len();
+    assert!(
+        sent <= 16,
+        "only the calls already in flight may go out; {sent} did"
+    );
+    assert!(w.sim.rebill_requests().iter().all(|r| !r.signature_ok));
+    let burnt = w
+        .count("SELECT COALESCE(SUM(attempts), 0) FROM rebill_orders")
+        .await;
+    assert_eq!(burnt, 0, "a config mistake must not use up attempts");
+    assert_eq!(
+        w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'pending'")
+            .await,
+        10
+    );
+
+    // Fix the secret and resume: everything goes out.
+    w.config.rebill.app_secret = Some(Secret::new(
+        invoice_worker::sim::SimOptions::default().rebill_secret,
+    ));
+    assert!(w
+        .store
+        .resume(QueueName::Rebill, "*")
+        .await
+        .expect("resume"));
+    let daemon = w.start();
+    wait_final(&w, &ids).await;
+    daemon.stop().await;
+    assert_eq!(
+        w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
+            .await,
+        10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_run_out_and_the_row_fails() {
+    let w = World::new().await;
+    w.sim
+        .script_rebill("DOOMED", vec![RebillBehavior::Status(502)]);
+    let id = sqlx::query(
+        "INSERT INTO rebill_orders (orderno, tax_num, max_attempts) VALUES ('DOOMED', ?1, 3)",
+    )
+    .bind(TAX)
+    .execute(w.store.pool())
+    .await
+    .expect("insert")
+    .last_insert_rowid();
+    let daemon = w.start();
+    wait_final(&w, &[id]).await;
+    daemon.stop().await;
+    let r = row(&w, id).await;
+    assert_eq!(r.status, "failed");
+    assert_eq!(r.attempts, 3);
+    assert!(r
+        .last_message
+        .unwrap_or_default()
+        .contains("gave up after 3 attempts"));
+    assert_eq!(w.sim.rebill_requests().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let w = World::new().await;
+    w.sim.script_rebill(
+        "BUSY",
+        vec![
+            RebillBehavior::TooMany {
+                retry_after_secs: 1,
+            },
+            RebillBehavior::Accepted,
+        ],
+    );
+    let id = w.insert_rebill("BUSY", TAX).await;
+    let daemon = w.start();
+    wait_final(&w, &[id]).await;
+    daemon.stop().await;
+    let sends = w.sim.rebill_requests();
+    assert_eq!(sends.len(), 2);
+    let gap = sends[1].received_at - sends[0].received_at;
+    assert!(
+        gap >= Duration::from_millis(950),
+        "resent after {gap:?}, before Retry-After"
+    );
+    assert_eq!(row(&w, id).await.status, "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_cap_pushes_the_next_attempt_a_day_out() {
+    let w = World::new().await;
+    w.sim
+        .script_rebill("CAP", vec![fail(1, "E9613 该订单今日重试已达20次")]);
+    let id = w.insert_rebill("CAP", TAX).await;
+    let daemon = w.start();
+    wait_until(Duration::from_secs(10), "first attempt", || async {
+        row(&w, id).await.attempts == 1 && w.status_of("rebill_orders", id).await == "pending"
+    })
+    .await;
+    daemon.stop().await;
+    let (next,): (i64,) = sqlx::query_as("SELECT next_attempt_at FROM rebill_orders WHERE id = ?1")
+        .bind(id)
+        .fetch_one(w.store.pool())
+        .await
+        .expect("row");
+    let wait = next - now_ms();
+    assert!(wait > 23 * 3600 * 1000, "next attempt in {wait} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_claim_is_never_overwritten() {
+    let w = World::new().await;
+    let id = w.insert_rebill("FENCED", TAX).await;
+    let now = now_ms();
+    let first = w
+        .store
+        .claim::<RebillRow>(&ClaimParams {
+            now,
+            limit: 10,
+            lease: Duration::from_millis(1),
+            claim_token: "old-holder",
+            claimed_by: "daemon-a",
+        })
+        .await
+        .expect("claim");
+    assert_eq!(first.rows.len(), 1);
+    // The lease runs out, another daemon rescues and re-claims the row.
+    let later = now + 10;
+    assert_eq!(
+        w.store
+            .rescue_expired(QueueName::Rebill, later, 50)
+            .await
+            .expect("rescue"),
+        1
+    );
+    let second = w
+        .store
+        .claim::<RebillRow>(&ClaimParams {
+            now: later,
+            limit: 10,
+            lease: Duration::from_secs(30),
+            claim_token: "new-holder",
+            claimed_by: "daemon-b",
+        })
+        .await
+        .expect("claim");
+    assert_eq!(second.rows.len(), 1);
+    assert_eq!(
+        second.rows[0].meta.attempts, 2,
+        "attempts are counted at claim"
+    );
+
+    let done_by = |token: &str| Completion {
+        id,
+        claim_token: token.to_string(),
+        status: FinalStatus::Done,
+        outcome: Some("accepted"),
+        next_attempt_at: later,
+        refund_attempt: false,
+        last_code: Some("0".into()),
+        last_message: Some(format!("by {token}")),
+        invoice_no: None,
+        invoice_down_url: None,
+        recent_attempts: None,
+        pause: None,
+        now: later,
+    };
+    let applied = w
+        .store
+        .complete(QueueName::Rebill, &[done_by("old-holder")])
+        .await
+        .expect("complete");
+    assert_eq!(
+        applied,
+        vec![false],
+        "the old holder's result must be refused"
+    );
+    assert_eq!(w.status_of("rebill_orders", id).await, "running");
+    let applied = w
+        .store
+        .complete(QueueName::Rebill, &[done_by("new-holder")])
+        .await
+        .expect("complete");
+    assert_eq!(applied, vec![true]);
+    let r = row(&w, id).await;
+    assert_eq!(
+        (r.status.as_str(), r.last_message.as_deref()),
+        ("done", Some("by new-holder"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_query_uses_its_index() {
+    let w = World::new().await;
+    for queue in [QueueName::Rebill, QueueName::Title] {
+        let sql = invoice_worker::store::claim::claim_sql(queue);
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .bind("t")
+                .bind("d")
+                .bind(0i64)
+                .bind(0i64)
+                .bind(64i64)
+                .bind(queue.as_str())
+                .fetch_all(w.store.pool())
+                .await
+                .expect("plan");
+        let text: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
+        let due_index = format!("{}_due", queue.table());
+        assert!(
+            text.iter().any(|d| d.contains(&due_index)),
+            "claim of {} does not use {due_index}: {text:#?}",
+            queue.as_str()
+        );
+        assert!(
+            !text
+                .iter()
+                .any(|d| d.starts_with(&format!("SCAN {}", queue.table()))),
+            "claim of {} scans the table: {text:#?}",
+            queue.as_str()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_a_dead_daemon_are_rescued() {
+    let mut w = World::new().await;
+    w.config.worker.lease = Duration::from_secs(1);
+    let id = w.insert_rebill("ORPHAN", TAX).await;
+    // Another daemon claimed the row and died: its lease is about to run out.
+    w.store
+        .claim::<RebillRow>(&ClaimParams {
+            now: now_ms(),
+            limit: 1,
+            lease: Duration::from_millis(500),
+            claim_token: "dead",
+            claimed_by: "dead-daemon",
+        })
+        .await
+        .expect("claim");
+    let started = std::time::Instant::now();
+    let daemon = w.start();
+    wait_final(&w, &[id]).await;
+    daemon.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "rescued after {:?}",
+        started.elapsed()
+    );
+    let r = row(&w, id).await;
+    assert_eq!((r.status.as_str(), r.attempts), ("done", 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_rules_come_before_the_built_in_ones() {
+    let mut w = World::new().await;
+    w.config.rebill.rules = vec![invoice_worker::queue::rules::MessageRule {
+        contains: "维护".into(),
+        action: "fail".into(),
+        after: None,
+    }];
+    w.sim.script_rebill("MAINT", vec![fail(1, "系统维护中")]);
+    let id = w.insert_rebill("MAINT", TAX).await;
+    let daemon = w.start();
+    wait_final(&w, &[id]).await;
+    daemon.stop().await;
+    let r = row(&w, id).await;
+    assert_eq!((r.status.as_str(), r.attempts), ("failed", 1));
+}
