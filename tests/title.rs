@@ -1,0 +1,429 @@
+//! End-to-end tests of the title queue: the daemon in-process, a real SQLite file and the
+//! simulated 开票精灵 platform (TokenAction, OpenAction, thirdApi) over loopback HTTP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_until, World, TAX};
+use invoice_worker::config::DataType;
+use invoice_worker::sim::{RebillBehavior, SimOptions, TitleBehavior};
+use invoice_worker::store::admin::NewTitle;
+
+#[derive(Debug, sqlx::FromRow)]
+struct Row {
+    status: String,
+    outcome: Option<String>,
+    attempts: i64,
+    ttqqlsh: Option<String>,
+    last_code: Option<String>,
+    last_message: Option<String>,
+}
+
+async fn row(w: &World, id: i64) -> Row {
+    sqlx::query_as("SELECT status, outcome, attempts, ttqqlsh, last_code, last_message FROM title_submissions WHERE id = ?1")
+        .bind(id)
+        .fetch_one(w.store.pool())
+        .await
+        .expect("row")
+}
+
+fn title(order_no: &str, gmf_mc: &str) -> NewTitle {
+    NewTitle {
+        order_no: order_no.to_string(),
+        invoice_type: "1".to_string(),
+        attach: "661234567890".to_string(),
+        gmf_mc: gmf_mc.to_string(),
+        gmf_dh: Some("13800138000".to_string()),
+        gmf_yhzh: Some("6225880123456789".to_string()),
+        ..NewTitle::default()
+    }
+}
+
+async fn wait_final(w: &World, ids: &[i64]) {
+    wait_until(Duration::from_secs(20), "title rows to finish", || async {
+        for id in ids {
+            let s = w.status_of("title_submissions", *id).await;
+            if s == "pending" || s == "running" {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn titles_are_sent_in_json_and_xml_with_escaping_intact() {
+    let w = World::new().await;
+    let tricky = "A&B <贸易> \"引号\" 'x' +/= 公司";
+    let mut json = title("T-JSON", tricky);
+    json.data_type = Some(0);
+    let mut xml = title("T-XML", tricky);
+    xml.data_type = Some(1);
+    let mut special = title("T-SPECIAL", "深圳某某电子有限公司");
+    special.invoice_type = "2".into();
+    special.gmf_nsrsbh = Some("9144030071526726XG".into());
+    special.sqm = Some("ROW-SQM".into());
+    let ids = vec![
+        w.store.enqueue_title(&json).await.expect("insert"),
+        w.store.enqueue_title(&xml).await.expect("insert"),
+        w.store.enqueue_title(&special).await.expect("insert"),
+    ];
+    let daemon = w.start();
+    wait_final(&w, &ids).await;
+    daemon.stop().await;
+
+    for id in &ids {
+        let r = row(&w, *id).await;
+        assert_eq!(
+            (r.status.as_str(), r.outcome.as_deref()),
+            ("done", Some("sent")),
+            "{r:?}"
+        );
+        let serial = r.ttqqlsh.expect("serial generated and stored");
+        assert!(serial.len() <= 20 && serial.starts_with("IW"), "{serial}");
+    }
+    let records = w.sim.title_requests();
+    let by_order = |o: &str| {
+        records
+            .iter()
+            .find(|r| r.order_no == o)
+            .expect("sent")
+            .clone()
+    };
+    let j = by_order("T-JSON");
+    let x = by_order("T-XML");
+    assert_eq!((j.data_type.as_str(), x.data_type.as_str()), ("0", "1"));
+    assert_eq!(
+        j.gmf_mc, tricky,
+        "JSON payload survived Base64 + URL encoding"
+    );
+    assert_eq!(x.gmf_mc, tricky, "XML escaping round-tripped");
+    assert!(records.iter().all(|r| r.payload_ok));
+    assert_eq!(
+        by_order("T-SPECIAL").sqm,
+        "ROW-SQM",
+        "a row's sqm overrides the default"
+    );
+    assert_eq!(j.sqm, "TEST-SQM");
+    assert_eq!(w.sim.token_requests(), 1, "one token for all sends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_default_format_applies_to_rows_without_one() {
+    let mut w = World::new().await;
+    w.config.title.data_type = DataType::Xml;
+    let id = w
+        .store
+        .enqueue_title(&title("T-DEFAULT", "默认格式公司"))
+        .await
+        .expect("insert");
+    let daemon = w.start();
+    wait_final(&w, &[id]).await;
+    daemon.stop().await;
+    assert_eq!(w.sim.title_requests()[0].data_type, "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_mid_run_renews_once_and_resends() {
+    let w = World::with_options(SimOptions {
+        token_reply_401: true,
+        ..SimOptions::default()
+    })
+    .await;
+    let daemon = w.start();
+    let first = w
+        .store
+        .enqueue_title(&title("T-BEFORE", "之前公司"))
+        .await
+        .expect("insert");
+    wait_final(&w, &[first]).await;
+    assert_eq!(w.sim.token_requests(), 1);
+    w.sim.expire_tokens();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(
+            w.store
+                .enqueue_title(&title(&format!("T-AFTER-{i}"), "之后公司"))
+                .await
+                .expect("insert"),
+        );
+    }
+    wait_final(&w, &ids).await;
+    daemon.stop().await;
+    for id in ids {
+        let r = row(&w, id).await;
+        assert_eq!((r.status.as_str(), r.attempts), ("done", 1), "{r:?}");
+    }
+    assert_eq!(
+        w.sim.token_requests(),
+        2,
+        "ten rejected sends caused one renewal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_send_that_arrived_counts_as_sent_on_retry() {
+    let mut w = World::new().await;
+    w.config.title.limits.timeout = Duration::from_millis(500);
+    w.sim.script_title(
+        "T-LATE",
+        vec![
+            TitleBehavior::Late(Duration::from_secs(2)),
+            TitleBehavior::Ok,
+        ],
+    );
+    let id = w
+        .store
+        .enqueue_title(&title("T-LATE", "超时公司"))
+        .await
+        .expect("insert");
+    let daemon = w.start();
+    wait_final(&w, &[id]).await;
+    daemon.stop().await;
+    let r = row(&w, id).await;
+    assert_eq!(
+        (r.status.as_str(), r.outcome.as_deref(), r.attempts),
+        ("done", Some("sent"), 2),
+        "{r:?}"
+    );
+    let message = r.last_message.unwrap_or_default();
+    assert!(
+        message.contains("重复") || message.contains("already"),
+        "{message}"
+    );
+    let sends: Vec<_> = w
+        .sim
+        .title_requests()
+        .into_iter()
+        .filter(|t| t.order_no == "T-LATE")
+        .collect();
+    assert_eq!(sends.len(), 2);
+    assert_eq!(
+        sends[0].ttqqlsh, sends[1].ttqqlsh,
+        "the retry reused the stored serial"
+    );
+    assert_eq!(
+        w.sim
+            .accepted_serials()
+            .iter()
+            .filter(|s| **s == sends[0].ttqqlsh)
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_serial_on_the_first_attempt_fails() {
+    let w = World::new().await;
+    let mut a = title("T-A", "甲公司");
+    a.ttqqlsh = Some("IWDUP0000000000001".into());
+    let id_a = w.store.enqueue_title(&a).await.expect("insert");
+    let daemon = w.start();
+    wait_final(&w, &[id_a]).await;
+    // Another system reuses the serial under a different order (the unique column lets a
+    // finished row's serial be deleted and reused): the server says it is a duplicate.
+    sqlx::query("DELETE FROM title_submissions WHERE id = ?1")
+        .bind(id_a)
+        .execute(w.store.pool())
+        .await
+        .expect("delete");
+    let mut b = title("T-B", "乙公司");
+    b.ttqqlsh = Some("IWDUP0000000000001".into());
+    let id_b = w.store.enqueue_title(&b).await.expect("insert");
+    wait_final(&w, &[id_b]).await;
+    daemon.stop().await;
+    let r = row(&w, id_b).await;
+    assert_eq!((r.status.as_str(), r.attempts), ("failed", 1), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_invalid_title_is_rejected_with_its_reason() {
+    let w = World::new().await;
+    let long = |n: usize| "长".repeat(n);
+    let mut cases: Vec<(NewTitle, &str)> = Vec::new();
+    let mut t = title("V-1", "x");
+    t.gmf_mc = "   ".into();
+    cases.push((t, "GMF_MC"));
+    let mut t = title("V-2", &long(101));
+    t.order_no = "V-2".into();
+    cases.push((t, "GMF_MC: 101 characters"));
+    let mut t = title("V-3", "公司");
+    t.attach = "A".repeat(21);
+    cases.push((t, "ATTACH"));
+    let mut t = title("V-4", "公司");
+    t.ttqqlsh = Some("S".repeat(21));
+    cases.push((t, "TTQQLSH"));
+    let mut t = title("V-5", "公司");
+    t.invoice_type = "2".into();
+    cases.push((t, "GMF_NSRSBH"));
+    let mut t = title("V-6", "公司");
+    t.gmf_nsrsbh = Some("91110000600037341N".into());
+    cases.push((t, "check digit"));
+    let mut t = title("V-7", "公司");
+    t.gmf_nsrsbh = Some("1234".into());
+    cases.push((t, "GMF_NSRSBH"));
+    let mut t = title("V-8", "公司");
+    t.remark = Some(long(201));
+    cases.push((t, "REMARK"));
+    let mut t = title("V-9", "公司");
+    t.gmf_dz = Some(long(101));
+    cases.push((t, "GMF_DZ"));
+    let mut t = title("V-10", "公司");
+    t.by2 = Some(long(201));
+    cases.push((t, "BY2"));
+    let mut t = title("V-11", "公司");
+    t.attach = " ".into();
+    cases.push((t, "ATTACH"));
+    let mut ids = Vec::new();
+    for (t, _) in &cases {
+        ids.push(w.store.enqueue_title(t).await.expect("insert"));
+    }
+    let daemon = w.start();
+    wait_final(&w, &ids).await;
+    daemon.stop().await;
+    for ((t, reason), id) in cases.iter().zip(&ids) {
+        let r = row(&w, *id).await;
+        assert_eq!(r.status, "rejected", "{}: {r:?}", t.order_no);
+        let message = r.last_message.unwrap_or_default();
+        assert!(message.contains(reason), "{}: {message}", t.order_no);
+        assert!(
+            !message.contains("13800138000") && !message.contains("6225880123456789"),
+            "{message}"
+        );
+    }
+    assert!(
+        w.sim.title_requests().is_empty(),
+        "an invalid title reached the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lenient_tax_id_accepts_sandbox_codes() {
+    let mut w = World::new().await;
+    w.config.title.lenient_tax_id = true;
+    let mut t = title("V-LENIENT", "公司");
+    t.gmf_nsrsbh = Some("91110000600037341N".into());
+    let id = w.store.enqueue_title(&t).await.expect("insert");
+    let daemon = w.start();
+    wait_final(&w, &[id]).await;
+    daemon.stop().await;
+    assert_eq!(row(&w, id).await.status, "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_retry_with_the_same_serial() {
+    let w = World::new().await;
+    w.sim.script_title(
+        "T-FLAKY",
+        vec![
+            TitleBehavior::Status(502),
+            TitleBehavior::Garbage,
+            TitleBehavior::Reset,
+            TitleBehavior::Code1000,
+        ],
+    );
+    w.sim.script_title("T-ALT", vec![TitleBehavior::AltShape]);
+    let ids = vec![
+        w.store
+            .enqueue_title(&title("T-FLAKY", "重试公司"))
+            .await
+            .expect("insert"),
+        w.store
+            .enqueue_title(&title("T-ALT", "另一种格式公司"))
+            .await
+            .expect("insert"),
+    ];
+    let daemon = w.start();
+    wait_final(&w, &ids).await;
+    daemon.stop().await;
+    let r = row(&w, ids[0]).await;
+    assert_eq!((r.status.as_str(), r.attempts), ("done", 4), "{r:?}");
+    let serials: Vec<String> = w
+        .sim
+        .title_requests()
+        .into_iter()
+        .filter(|t| t.order_no == "T-FLAKY")
+        .map(|t| t.ttqqlsh)
+        .collect();
+    assert_eq!(serials.len(), 4);
+    assert!(serials.iter().all(|s| *s == serials[0]), "{serials:?}");
+    assert_eq!(row(&w, ids[1]).await.status, "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_client_credentials_pause_the_title_queue() {
+    let mut w = World::new().await;
+    w.config.title.client_secret = Some(invoice_worker::secret::Secret::new("wrong-client-secret"));
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            w.store
+                .enqueue_title(&title(&format!("T-CRED-{i}"), "公司"))
+                .await
+                .expect("insert"),
+        );
+    }
+    let daemon = w.start();
+    wait_until(Duration::from_secs(10), "title queue pause", || async {
+        w.store
+            .pauses()
+            .await
+            .expect("pauses")
+            .iter()
+            .any(|p| p.queue == "title" && p.scope == "*")
+    })
+    .await;
+    daemon.stop().await;
+    assert!(
+        w.sim.title_requests().is_empty(),
+        "nothing sent without a token"
+    );
+    assert_eq!(
+        w.count("SELECT COALESCE(SUM(attempts), 0) FROM title_submissions")
+            .await,
+        0
+    );
+    assert!(
+        w.sim.token_requests() <= 3,
+        "{} token requests",
+        w.sim.token_requests()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_queues_drain_at_once() {
+    let w = World::new().await;
+    let mut tx = w.store.pool().begin().await.expect("tx");
+    for i in 0..200 {
+        sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, ?2)")
+            .bind(format!("BOTH-R-{i}"))
+            .bind(TAX)
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        sqlx::query("INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc, data_type) VALUES (?1, 1, 'A1', ?2, ?3)")
+            .bind(format!("BOTH-T-{i}"))
+            .bind(format!("公司{i}"))
+            .bind(i % 2)
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+    }
+    tx.commit().await.expect("commit");
+    w.sim.script_rebill(
+        "BOTH-R-7",
+        vec![RebillBehavior::Status(500), RebillBehavior::Accepted],
+    );
+    let daemon = w.start();
+    wait_until(Duration::from_secs(30), "both queues drained", || async {
+        w.count("SELECT (SELECT COUNT(*) FROM rebill_orders WHERE status = 'done') + (SELECT COUNT(*) FROM title_submissions WHERE status = 'done')").await == 400
+    })
+    .await;
+    daemon.stop().await;
+    assert_eq!(w.sim.title_requests().len(), 200);
+    assert_eq!(w.sim.rebill_requests().len(), 201);
+    let serials: std::collections::HashSet<String> = w.sim.accepted_serials().into_iter().collect();
+    assert_eq!(serials.len(), 200, "every generated serial is unique");
+}
