@@ -98,6 +98,7 @@ async fn every_gateway_answer_reaches_its_outcome() {
                 RebillBehavior::WrongTypes,
                 RebillBehavior::Oversized,
                 RebillBehavior::Reset,
+                RebillBehavior::Delay(Duration::from_secs(3)),
                 RebillBehavior::Accepted,
             ],
             "done",

@@ -1,0 +1,174 @@
+//! The real binary's `enqueue` commands: flags, JSON from a file and from stdin, and the
+//! database's refusals surfacing as exit code 2.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Output, Stdio};
+
+use common::{binary, World};
+
+fn run(config: &std::path::Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = binary()
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut pipe = child.stdin.take().expect("stdin");
+    if let Some(text) = stdin {
+        pipe.write_all(text.as_bytes()).expect("write stdin");
+    }
+    drop(pipe);
+    child.wait_with_output().expect("wait")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_title_from_flags_file_and_stdin() {
+    let w = World::new().await;
+    let config = w.write_config();
+    let out = run(
+        &config,
+        &[
+            "enqueue",
+            "title",
+            "--order-no",
+            "CLI-1",
+            "--invoice-type",
+            "1",
+            "--attach",
+            "661234",
+            "--gmf-mc",
+            "命令行公司",
+            "--data-type",
+            "xml",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("CLI-1"));
+
+    let json = r#"{"ORDER_NO":"CLI-2","INVOICETYPE":"2","ATTACH":"661234","GMF_MC":"文件公司","GMF_NSRSBH":"91310115MA1K3BTP2B","GMF_DH":"13800138000","SQM":"ROW-SQM"}"#;
+    let file = w.dir.path().join("title.json");
+    std::fs::write(&file, json).expect("write json");
+    let out = run(
+        &config,
+        &[
+            "enqueue",
+            "title",
+            "--json",
+            file.to_str().expect("utf-8 path"),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let stdin_json = r#"{"ORDER_NO":"CLI-3","INVOICETYPE":"1","ATTACH":"661234","GMF_MC":"标准输入公司","TTQQLSH":"IWSTDIN000000000001"}"#;
+    let out = run(
+        &config,
+        &["enqueue", "title", "--json", "-"],
+        Some(stdin_json),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let rows: Vec<(String, String, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+        "SELECT order_no, invoice_type, sqm, data_type, ttqqlsh FROM title_submissions ORDER BY id",
+    )
+    .fetch_all(w.store.pool())
+    .await
+    .expect("rows");
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0], ("CLI-1".into(), "1".into(), None, Some(1), None));
+    assert_eq!(rows[1].2.as_deref(), Some("ROW-SQM"));
+    assert_eq!(rows[2].4.as_deref(), Some("IWSTDIN000000000001"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_exit_2_with_the_reason() {
+    let w = World::new().await;
+    let config = w.write_config();
+    // The database's CHECK constraint.
+    let out = run(
+        &config,
+        &[
+            "enqueue",
+            "title",
+            "--order-no",
+            "X",
+            "--invoice-type",
+            "3",
+            "--attach",
+            "a",
+            "--gmf-mc",
+            "b",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("CHECK"), "{}", text(&out.stderr));
+    // Unknown JSON fields are named.
+    let out = run(
+        &config,
+        &["enqueue", "title", "--json", "-"],
+        Some(r#"{"ORDER_NO":"X","INVOICETYPE":"1","ATTACH":"a","GMF_MC":"b","GMF_XX":"?"}"#),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("GMF_XX"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A missing required flag is a usage error.
+    let out = run(&config, &["enqueue", "title", "--order-no", "X"], None);
+    assert_eq!(out.status.code(), Some(2));
+    // A duplicate serial is refused by the UNIQUE column.
+    for expected in [Some(0), Some(2)] {
+        let out = run(
+            &config,
+            &[
+                "enqueue",
+                "title",
+                "--order-no",
+                "D",
+                "--invoice-type",
+                "1",
+                "--attach",
+                "a",
+                "--gmf-mc",
+                "b",
+                "--ttqqlsh",
+                "SAME",
+            ],
+            None,
+        );
+        assert_eq!(out.status.code(), expected, "{}", text(&out.stderr));
+    }
+    // The idempotent rebill insert reports the existing row instead of failing.
+    for expected in ["enqueued", "already exists"] {
+        let out = run(
+            &config,
+            &[
+                "enqueue",
+                "rebill",
+                "--tax-num",
+                common::TAX,
+                "--orderno",
+                "IDEM-1",
+            ],
+            None,
+        );
+        assert!(out.status.success());
+        assert!(
+            text(&out.stdout).contains(expected),
+            "{}",
+            text(&out.stdout)
+        );
+    }
+}
