@@ -115,7 +115,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             lease: Duration::from_secs(30),
-            poll_interval: Duration::from_millis(25),
+            poll_interval: Duration::from_millis(50),
             claim_batch: 64,
             shutdown_grace: Duration::from_secs(30),
         }

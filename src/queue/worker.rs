@@ -52,7 +52,7 @@ pub struct WorkerSettings {
 }
 
 /// How long an idle loop sleeps at most before looking again (and beating its heartbeat).
-const IDLE_TICK: Duration = Duration::from_secs(1);
+const IDLE_TICK: Duration = Duration::from_secs(2);
 
 /// One queue's worker.
 pub struct Worker<H: Handler> {
