@@ -78,7 +78,8 @@ async fn enqueue_title_from_flags_file_and_stdin() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
 
-    let rows: Vec<(String, String, Option<String>, Option<i64>, Option<String>)> = sqlx::query_as(
+    type TitleRow = (String, String, Option<String>, Option<i64>, Option<String>);
+    let rows: Vec<TitleRow> = sqlx::query_as(
         "SELECT order_no, invoice_type, sqm, data_type, ttqqlsh FROM title_submissions ORDER BY id",
     )
     .fetch_all(w.store.pool())

@@ -479,6 +479,82 @@ async fn sigint_stops_an_idle_daemon_whose_queues_lack_credentials() {
     assert!(world.sim.rebill_requests().is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_starts_no_new_calls_for_rows_waiting_on_the_rate_limit() {
+    const ROWS: usize = 8;
+    let world = World::new().await;
+    // One request per second: the 8 claimed rows queue up behind the limiter.
+    let config = write_toml(
+        &world,
+        "rate-1.toml",
+        &[(
+            "rate_per_second = 1000\nmax_in_flight = 16",
+            "rate_per_second = 1\nmax_in_flight = 8",
+        )],
+        "",
+    );
+    let ordernos: Vec<String> = (0..ROWS).map(|i| format!("RATE-{i}")).collect();
+    insert_many(&world, &ordernos, TAX).await;
+    let mut daemon = Daemon::start(&config, world.dir.path().join("rate-1.log"));
+    let sim = world.sim.clone();
+    wait_until(Duration::from_secs(15), "two requests sent", move || {
+        let n = sim.rebill_requests().len();
+        async move { n >= 2 }
+    })
+    .await;
+    let w = &world;
+    wait_until(
+        Duration::from_secs(5),
+        "all rows claimed",
+        move || async move {
+            w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'pending'")
+                .await
+                == 0
+        },
+    )
+    .await;
+
+    let signalled = Instant::now();
+    let status = daemon.terminate(Duration::from_secs(15));
+    let took = signalled.elapsed();
+    let log = daemon.log_text();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status:?}; log:\n{log}"
+    );
+    let late: Vec<String> = world
+        .sim
+        .rebill_requests()
+        .into_iter()
+        .filter(|r| r.received_at > signalled + Duration::from_millis(250))
+        .map(|r| r.orderno)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "calls started after SIGTERM: {late:?}; log:\n{log}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "nothing was in flight, yet stopping took {took:?}"
+    );
+    let sent: HashSet<String> = world
+        .sim
+        .rebill_requests()
+        .into_iter()
+        .map(|r| r.orderno)
+        .collect();
+    for (orderno, status, attempts) in rebill_rows(&world).await {
+        if !sent.contains(&orderno) {
+            assert_eq!(
+                (status.as_str(), attempts),
+                ("pending", 0),
+                "{orderno}: unsent row not returned intact"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. kill -9 at random points, restart, repeatedly
 // ---------------------------------------------------------------------------------------
@@ -791,16 +867,24 @@ async fn surviving_daemon_resends_the_rows_of_a_killed_peer() {
         .await;
     b.wait_for_log("invoice-worker running", Duration::from_secs(15))
         .await;
+    // Every fifth row is slow, so a daemon always holds some rows in flight.
     let ordernos: Vec<String> = (0..ROWS).map(|i| format!("PEER-{i:04}")).collect();
+    for o in ordernos.iter().step_by(5) {
+        world
+            .sim
+            .script_rebill(o, vec![RebillBehavior::Delay(Duration::from_millis(800))]);
+    }
     insert_many(&world, &ordernos, TAX).await;
     let w = &world;
+    let pid_a = a.child.id();
     wait_until(
         Duration::from_secs(20),
-        "a third of the rows done",
+        "a fifth of the rows done and A holding rows",
         move || async move {
             w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
                 .await
-                >= (ROWS / 3) as i64
+                >= (ROWS / 5) as i64
+                && running_claimed_by_pid(w, pid_a).await >= 3
         },
     )
     .await;
@@ -809,6 +893,15 @@ async fn surviving_daemon_resends_the_rows_of_a_killed_peer() {
     let sa = a.wait(Duration::from_secs(5));
     assert_eq!(sa.code(), None, "daemon A was not killed: {sa:?}");
     let orphaned = running_claimed_by_pid(&world, a.child.id()).await;
+    let holders: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "SELECT claimed_by, COUNT(*) FROM rebill_orders WHERE status = 'running' GROUP BY 1",
+    )
+    .fetch_all(world.store.pool())
+    .await
+    .expect("holders");
+    let done_at_kill = world
+        .count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
+        .await;
     wait_until(
         Duration::from_secs(30),
         "the survivor finished every row",
@@ -825,7 +918,9 @@ async fn surviving_daemon_resends_the_rows_of_a_killed_peer() {
     assert_eq!(sb.code(), Some(0), "daemon B; log:\n{lb}");
     assert!(
         orphaned > 0,
-        "A held no rows when killed; the test exercised nothing"
+        "A (pid {}) held no rows when killed ({done_at_kill} done; running rows by holder: {holders:?}); log A:\n{}",
+        a.child.id(),
+        a.log_text()
     );
     assert!(
         lb.contains("lease expired"),
@@ -835,7 +930,7 @@ async fn surviving_daemon_resends_the_rows_of_a_killed_peer() {
         .sim
         .rebill_requests()
         .into_iter()
-        .filter(|r| r.verified && r.answered == "Accepted")
+        .filter(|r| r.verified && matches!(r.answered, "Accepted" | "Delay"))
         .map(|r| r.orderno)
         .collect();
     let rows = rebill_rows(&world).await;
@@ -870,7 +965,13 @@ async fn other_processes_insert_while_it_drains() {
         ..Default::default()
     })
     .await;
-    let config = world.write_config();
+    // The shipped poll interval (not the tests' 20 ms), so the latency figure is the default's.
+    let config = write_toml(
+        &world,
+        "inserts.toml",
+        &[("poll_interval = \"20ms\"\n", "")],
+        "",
+    );
     let mut daemon = Daemon::start(&config, world.dir.path().join("inserts.log"));
     daemon
         .wait_for_log("invoice-worker running", Duration::from_secs(15))

@@ -81,6 +81,7 @@ async fn titles_are_sent_in_json_and_xml_with_escaping_intact() {
             ("done", Some("sent")),
             "{r:?}"
         );
+        assert_eq!(r.last_code.as_deref(), Some("0000"));
         let serial = r.ttqqlsh.expect("serial generated and stored");
         assert!(serial.len() <= 20 && serial.starts_with("IW"), "{serial}");
     }

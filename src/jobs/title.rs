@@ -129,6 +129,16 @@ fn fields_of(row: &TitleRow, serial: String) -> TitleFields {
 impl Handler for TitleJob {
     type Row = TitleRow;
 
+    async fn prepare(&self, claimed: &mut Claimed<TitleRow>) -> Option<Processed> {
+        match self.ensure_serial(claimed).await {
+            Ok(serial) => {
+                claimed.row.ttqqlsh = Some(serial);
+                None
+            }
+            Err(processed) => Some(processed),
+        }
+    }
+
     async fn process(&self, claimed: &Claimed<TitleRow>) -> Processed {
         let row = &claimed.row;
         let data_type = match row.data_type {
@@ -157,9 +167,9 @@ impl Handler for TitleJob {
                 ))
             }
         };
-        let serial = match self.ensure_serial(claimed).await {
-            Ok(serial) => serial,
-            Err(processed) => return processed,
+        // prepare() stored a serial; an empty one here would be a bug, reported as such.
+        let Some(serial) = row.ttqqlsh.clone().filter(|s| !s.is_empty()) else {
+            return Processed::Attempted(Attempted::transient(None, "row has no serial after prepare"));
         };
         let fields = fields_of(row, serial);
         if let Err(rejection) = validate::title::check(&fields, self.defaults.lenient_tax_id) {

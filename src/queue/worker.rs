@@ -28,6 +28,13 @@ use super::heartbeat::Heartbeat;
 pub trait Handler: Send + Sync + 'static {
     /// The queue's row type.
     type Row: QueueRow;
+    /// Completes a claimed row before it is sent (a title gets its serial here, so the
+    /// attempt is logged under it). `Some` ends the attempt with that result.
+    fn prepare(&self, claimed: &mut Claimed<Self::Row>) -> impl Future<Output = Option<Processed>> + Send {
+        let _ = claimed;
+        async { None }
+    }
+
     /// Validates and sends one row. Never panics on bad data; a bad row is `Rejected`.
     fn process(&self, claimed: &Claimed<Self::Row>) -> impl Future<Output = Processed> + Send;
 }
@@ -185,6 +192,7 @@ impl<H: Handler> Worker<H> {
                         held: held.clone(),
                         tx: tx.clone(),
                         queue,
+                        shutdown: shutdown.clone(),
                     },
                     claimed,
                     permit,
@@ -237,6 +245,24 @@ impl<H: Handler> Worker<H> {
     }
 }
 
+/// Waits for the rate limiter and any Retry-After hold; false when shutdown came first.
+async fn wait_for_turn<H: Handler>(ctx: &AttemptContext<H>) -> bool {
+    tokio::select! {
+        _ = ctx.limiter.until_ready() => {}
+        _ = ctx.shutdown.cancelled() => return false,
+    }
+    loop {
+        let hold = ctx.hold_until.load(Ordering::Relaxed) - now_ms();
+        if hold <= 0 {
+            return !ctx.shutdown.is_cancelled();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(hold as u64)) => {}
+            _ = ctx.shutdown.cancelled() => return false,
+        }
+    }
+}
+
 fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<i64, String>> {
     // A poisoned map only means a task panicked mid-insert; the data is still usable.
     held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -250,24 +276,21 @@ struct AttemptContext<H: Handler> {
     held: Held,
     tx: mpsc::Sender<crate::store::complete::Completion>,
     queue: QueueName,
+    shutdown: CancellationToken,
 }
 
-async fn attempt<H: Handler>(
-    ctx: AttemptContext<H>,
-    claimed: Claimed<H::Row>,
-    permit: OwnedSemaphorePermit,
-) {
+async fn attempt<H: Handler>(ctx: AttemptContext<H>, mut claimed: Claimed<H::Row>, permit: OwnedSemaphorePermit) {
     let _permit = permit;
-    ctx.limiter.until_ready().await;
-    loop {
-        let hold = ctx.hold_until.load(Ordering::Relaxed) - now_ms();
-        if hold <= 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(hold as u64)).await;
+    // A row still waiting for its turn when shutdown comes is not sent: it stays in `held`
+    // and goes back to pending with its attempt refunded.
+    if !wait_for_turn(&ctx).await {
+        return;
     }
     let started = Instant::now();
-    let processed = ctx.handler.process(&claimed).await;
+    let processed = match ctx.handler.prepare(&mut claimed).await {
+        Some(processed) => processed,
+        None => ctx.handler.process(&claimed).await,
+    };
     let elapsed = started.elapsed();
     let now = now_ms();
     let seller = claimed.row.seller();

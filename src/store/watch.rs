@@ -50,7 +50,7 @@ impl CommitWatcher {
             }
         }
         self.calls = self.calls.wrapping_add(1);
-        if changed || self.calls % PRAGMA_EVERY == 0 || self.last_version.is_none() {
+        if changed || self.calls.is_multiple_of(PRAGMA_EVERY) || self.last_version.is_none() {
             let (version,): (i64,) = sqlx::query_as("PRAGMA data_version").fetch_one(&mut self.conn).await?;
             changed |= self.last_version != Some(version);
             self.last_version = Some(version);
