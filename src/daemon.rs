@@ -152,6 +152,10 @@ pub async fn run_with_store(
     let (wake, watcher_task) =
         spawn_commit_watcher(watcher, config.worker.poll_interval, internal_stop.clone());
 
+    if config.http.listen.is_some() {
+        // Installed before the workers start so their first attempts are counted.
+        let _ = ops::metrics_handle();
+    }
     let mut loops: Vec<(QueueName, Heartbeat)> = Vec::new();
     let mut workers = Vec::new();
     if let Some(job) = rebill_job(config)? {
@@ -201,7 +205,12 @@ pub async fn run_with_store(
 
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
     tracing::info!(instance = %instance, database = %config.database.path.display(), "invoice-worker running");
-    let supervisor = tokio::spawn(supervise(store.clone(), health, internal_stop.clone()));
+    let supervisor = tokio::spawn(supervise(
+        store.clone(),
+        health,
+        shutdown.clone(),
+        internal_stop.clone(),
+    ));
 
     shutdown.cancelled().await;
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
@@ -241,38 +250,92 @@ fn spawn_worker<H: Handler>(
     tokio::spawn(worker.run(shutdown.clone()))
 }
 
-/// Watchdog pings while the loops tick, `STATUS=` with queue depths, gauges.
-async fn supervise(store: Store, health: Health, stop: CancellationToken) {
-    let mut usec = 0u64;
-    let watchdog =
-        sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2));
-    let tick = watchdog
-        .unwrap_or(STATUS_EVERY)
-        .min(STATUS_EVERY)
-        .max(Duration::from_millis(100));
-    let mut last_status = std::time::Instant::now() - STATUS_EVERY;
-    loop {
-        if watchdog.is_some() {
-            match health.loops_fresh() {
-                Ok(()) => {
-                    let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+/// Watchdog pings while the loops tick, and `STATUS=` with queue depths.
+///
+/// The ping is decided from the loops' heartbeats alone and never waits for the database:
+/// the status line is refreshed by a task of its own, so a starved pool cannot cost a ping.
+/// A loop counts as stuck once its heartbeat is older than `WatchdogSec`, at least 5 s and
+/// at most `health.max_age` (10 s), so a short `WatchdogSec` really means a quick restart
+/// (about twice `WatchdogSec` after the hang) instead of always 10 s plus `WatchdogSec`.
+async fn supervise(
+    store: Store,
+    mut health: Health,
+    shutdown: CancellationToken,
+    stop: CancellationToken,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        // Not under systemd: nobody to tell.
+        return;
+    }
+    let stuck = Arc::new(AtomicBool::new(false));
+    let refresh = Arc::new(tokio::sync::Notify::new());
+    let status = tokio::spawn({
+        let (stuck, refresh, stop) = (stuck.clone(), refresh.clone(), stop.clone());
+        async move {
+            let mut previous = Duration::ZERO;
+            loop {
+                let started = std::time::Instant::now();
+                let line = tokio::select! {
+                    line = ops::status_line(&store) => line,
+                    _ = stop.cancelled() => return,
+                };
+                if !stuck.load(Ordering::Relaxed) {
+                    let _ = sd_notify::notify(false, &[NotifyState::Status(&line)]);
                 }
-                // No ping: systemd restarts a daemon whose loops are stuck.
-                Err(reason) => {
-                    tracing::error!(%reason, "worker loop stuck: withholding watchdog ping")
+                // Counting rows costs O(rows): on big tables refresh less often, so the
+                // status line takes at most 0.2 % of a core. The smaller of the last two
+                // costs ignores one-off stalls (a cold cache, a busy machine).
+                let cost = started.elapsed();
+                let pause = STATUS_EVERY.max(cost.min(previous) * 500);
+                previous = cost;
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = refresh.notified() => {}
+                    _ = stop.cancelled() => return,
                 }
             }
         }
-        if last_status.elapsed() >= STATUS_EVERY {
-            last_status = std::time::Instant::now();
-            let line = ops::status_line(&store).await;
-            let _ = sd_notify::notify(false, &[NotifyState::Status(&line)]);
+    });
+    let Some(watchdog) = ops::watchdog_interval() else {
+        stop.cancelled().await;
+        let _ = status.await;
+        return;
+    };
+    health.max_age = ops::watchdog_stuck_after(watchdog, health.max_age);
+    let tick = (watchdog / 2)
+        .min(STATUS_EVERY)
+        .max(Duration::from_millis(100));
+    tracing::info!(watchdog = ?watchdog, ping_every = ?tick, stuck_after = ?health.max_age, "systemd watchdog enabled");
+    loop {
+        if shutdown.is_cancelled() {
+            // Draining: the loops stopped on purpose and systemd disarmed the watchdog at
+            // STOPPING=1, so there is nothing left to judge.
+            break;
+        }
+        match health.loops_fresh() {
+            Ok(()) => {
+                let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+                if stuck.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("worker loops tick again: watchdog pings resumed");
+                    refresh.notify_one();
+                }
+            }
+            // No ping: systemd kills and restarts a daemon whose loops are stuck.
+            Err(reason) => {
+                if !stuck.swap(true, Ordering::Relaxed) {
+                    tracing::error!(%reason, "worker loop stuck: withholding watchdog pings");
+                    let line = format!("stuck, watchdog pings withheld: {reason}");
+                    let _ = sd_notify::notify(false, &[NotifyState::Status(&line)]);
+                }
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
         }
     }
+    let _ = status.await;
 }
 
 async fn start_housekeeping(

@@ -977,7 +977,10 @@ mod tests {
         // Each job sent once or, if it met the 401, twice; a job that started after the
         // renewal needed no resend, so the exact count depends on scheduling.
         let api_calls = stub.api_calls.load(Ordering::SeqCst);
-        assert!((1 + 10 + 1..=1 + 10 + 10).contains(&api_calls), "{api_calls} thirdApi calls");
+        assert!(
+            (1 + 10 + 1..=1 + 10 + 10).contains(&api_calls),
+            "{api_calls} thirdApi calls"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,7 +169,10 @@ impl Handler for TitleJob {
         };
         // prepare() stored a serial; an empty one here would be a bug, reported as such.
         let Some(serial) = row.ttqqlsh.clone().filter(|s| !s.is_empty()) else {
-            return Processed::Attempted(Attempted::transient(None, "row has no serial after prepare"));
+            return Processed::Attempted(Attempted::transient(
+                None,
+                "row has no serial after prepare",
+            ));
         };
         let fields = fields_of(row, serial);
         if let Err(rejection) = validate::title::check(&fields, self.defaults.lenient_tax_id) {

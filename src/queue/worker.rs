@@ -30,7 +30,10 @@ pub trait Handler: Send + Sync + 'static {
     type Row: QueueRow;
     /// Completes a claimed row before it is sent (a title gets its serial here, so the
     /// attempt is logged under it). `Some` ends the attempt with that result.
-    fn prepare(&self, claimed: &mut Claimed<Self::Row>) -> impl Future<Output = Option<Processed>> + Send {
+    fn prepare(
+        &self,
+        claimed: &mut Claimed<Self::Row>,
+    ) -> impl Future<Output = Option<Processed>> + Send {
         let _ = claimed;
         async { None }
     }
@@ -279,7 +282,11 @@ struct AttemptContext<H: Handler> {
     shutdown: CancellationToken,
 }
 
-async fn attempt<H: Handler>(ctx: AttemptContext<H>, mut claimed: Claimed<H::Row>, permit: OwnedSemaphorePermit) {
+async fn attempt<H: Handler>(
+    ctx: AttemptContext<H>,
+    mut claimed: Claimed<H::Row>,
+    permit: OwnedSemaphorePermit,
+) {
     let _permit = permit;
     // A row still waiting for its turn when shutdown comes is not sent: it stays in `held`
     // and goes back to pending with its attempt refunded.

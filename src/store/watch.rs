@@ -43,7 +43,9 @@ impl CommitWatcher {
         let mut changed = false;
         for (file, last) in self.files.iter().zip(self.last_files.iter_mut()) {
             // A blocking stat is a few microseconds: cheaper than handing it to a thread.
-            let now = std::fs::metadata(file).ok().and_then(|m| Some((m.len(), m.modified().ok()?)));
+            let now = std::fs::metadata(file)
+                .ok()
+                .and_then(|m| Some((m.len(), m.modified().ok()?)));
             if now != *last {
                 *last = now;
                 changed = true;
@@ -51,7 +53,9 @@ impl CommitWatcher {
         }
         self.calls = self.calls.wrapping_add(1);
         if changed || self.calls.is_multiple_of(PRAGMA_EVERY) || self.last_version.is_none() {
-            let (version,): (i64,) = sqlx::query_as("PRAGMA data_version").fetch_one(&mut self.conn).await?;
+            let (version,): (i64,) = sqlx::query_as("PRAGMA data_version")
+                .fetch_one(&mut self.conn)
+                .await?;
             changed |= self.last_version != Some(version);
             self.last_version = Some(version);
         }
@@ -68,7 +72,10 @@ mod tests {
     async fn sees_commits_of_other_connections() {
         let (_dir, store) = temp_store().await;
         let mut watcher = CommitWatcher::new(&store).await.expect("watcher");
-        assert!(watcher.changed().await.expect("check"), "first call reports a change");
+        assert!(
+            watcher.changed().await.expect("check"),
+            "first call reports a change"
+        );
         assert!(!watcher.changed().await.expect("check"));
         sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES ('w1', 'T')")
             .execute(store.pool())
