@@ -26,6 +26,33 @@ fn run(config: &std::path::Path, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().expect("wait")
 }
 
+/// `enqueue title` from flags: the four required ones, then `extra`.
+fn enqueue_title(
+    config: &std::path::Path,
+    [order_no, invoice_type, attach, gmf_mc]: [&str; 4],
+    extra: &[&str],
+) -> Output {
+    let mut args = vec![
+        "enqueue",
+        "title",
+        "--order-no",
+        order_no,
+        "--invoice-type",
+        invoice_type,
+        "--attach",
+        attach,
+        "--gmf-mc",
+        gmf_mc,
+    ];
+    args.extend_from_slice(extra);
+    run(config, &args, None)
+}
+
+/// `enqueue title --json -` with `json` on stdin.
+fn enqueue_title_stdin(config: &std::path::Path, json: &str) -> Output {
+    run(config, &["enqueue", "title", "--json", "-"], Some(json))
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -34,23 +61,10 @@ fn text(bytes: &[u8]) -> String {
 async fn enqueue_title_from_flags_file_and_stdin() {
     let w = World::new().await;
     let config = w.write_config();
-    let out = run(
+    let out = enqueue_title(
         &config,
-        &[
-            "enqueue",
-            "title",
-            "--order-no",
-            "CLI-1",
-            "--invoice-type",
-            "1",
-            "--attach",
-            "661234",
-            "--gmf-mc",
-            "命令行公司",
-            "--data-type",
-            "xml",
-        ],
-        None,
+        ["CLI-1", "1", "661234", "命令行公司"],
+        &["--data-type", "xml"],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("CLI-1"));
@@ -71,11 +85,7 @@ async fn enqueue_title_from_flags_file_and_stdin() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     let stdin_json = r#"{"ORDER_NO":"CLI-3","INVOICETYPE":"1","ATTACH":"661234","GMF_MC":"标准输入公司","TTQQLSH":"IWSTDIN000000000001"}"#;
-    let out = run(
-        &config,
-        &["enqueue", "title", "--json", "-"],
-        Some(stdin_json),
-    );
+    let out = enqueue_title_stdin(&config, stdin_json);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     type TitleRow = (String, String, Option<String>, Option<i64>, Option<String>);
@@ -96,29 +106,13 @@ async fn refusals_exit_2_with_the_reason() {
     let w = World::new().await;
     let config = w.write_config();
     // The database's CHECK constraint.
-    let out = run(
-        &config,
-        &[
-            "enqueue",
-            "title",
-            "--order-no",
-            "X",
-            "--invoice-type",
-            "3",
-            "--attach",
-            "a",
-            "--gmf-mc",
-            "b",
-        ],
-        None,
-    );
+    let out = enqueue_title(&config, ["X", "3", "a", "b"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("CHECK"), "{}", text(&out.stderr));
     // Unknown JSON fields are named.
-    let out = run(
+    let out = enqueue_title_stdin(
         &config,
-        &["enqueue", "title", "--json", "-"],
-        Some(r#"{"ORDER_NO":"X","INVOICETYPE":"1","ATTACH":"a","GMF_MC":"b","GMF_XX":"?"}"#),
+        r#"{"ORDER_NO":"X","INVOICETYPE":"1","ATTACH":"a","GMF_MC":"b","GMF_XX":"?"}"#,
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -131,24 +125,7 @@ async fn refusals_exit_2_with_the_reason() {
     assert_eq!(out.status.code(), Some(2));
     // A duplicate serial is refused by the UNIQUE column.
     for expected in [Some(0), Some(2)] {
-        let out = run(
-            &config,
-            &[
-                "enqueue",
-                "title",
-                "--order-no",
-                "D",
-                "--invoice-type",
-                "1",
-                "--attach",
-                "a",
-                "--gmf-mc",
-                "b",
-                "--ttqqlsh",
-                "SAME",
-            ],
-            None,
-        );
+        let out = enqueue_title(&config, ["D", "1", "a", "b"], &["--ttqqlsh", "SAME"]);
         assert_eq!(out.status.code(), expected, "{}", text(&out.stderr));
     }
     // The idempotent rebill insert reports the existing row instead of failing.

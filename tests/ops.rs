@@ -10,29 +10,17 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::{binary, config_toml, send_signal, wait_exit, wait_until, World, TAX};
+use common::{config_toml, wait_until, Daemon, World, TAX};
 use invoice_worker::sim::SimOptions;
 use invoice_worker::store::{now_ms, QueueName};
-use nix::sys::signal::Signal;
 use sqlx::ConnectOptions;
 
 const OTHER_SELLER: &str = "91440300715267260A";
-
-/// Environment variables that would change what the binary reads.
-const SCRUBBED_ENV: [&str; 7] = [
-    "RUST_LOG",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "INVOICE_WORKER_CONFIG",
-    "INVOICE_WORKER_REBILL_APP_SECRET",
-    "INVOICE_WORKER_TITLE_CLIENT_SECRET",
-];
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -136,74 +124,39 @@ impl Drop for Manager {
     }
 }
 
-/// A daemon process, SIGKILLed if the test ends (or panics) while it still runs.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
+/// Starts the daemon like systemd starts a `Type=notify` service with `WatchdogSec=`:
+/// `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` naming the main process (set by a
+/// shell that then `exec`s the binary, so the pid is the daemon's).
+fn start_as_systemd(config: &Path, log: PathBuf, notify: &Path, watchdog_usec: u64) -> Daemon {
+    let mut sh = Command::new("/bin/sh");
+    sh.arg("-c")
+        .arg(r#"export WATCHDOG_PID=$$; exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_invoice-worker"));
+    let usec = watchdog_usec.to_string();
+    let notify = notify.to_str().expect("utf-8 socket path");
+    Daemon::start_with(
+        sh,
+        config,
+        log,
+        &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", &usec)],
+    )
 }
 
-impl Daemon {
-    /// `invoice-worker run --config PATH` with a clean environment plus `env`.
-    fn start(config: &Path, log: PathBuf, env: &[(&str, &str)]) -> Daemon {
-        Daemon::start_with(binary(), config, log, env)
-    }
+/// How long a daemon may take to exit after SIGTERM.
+const STOP_LIMIT: Duration = Duration::from_secs(20);
 
-    /// Like systemd starts a `Type=notify` service with `WatchdogSec=`: `NOTIFY_SOCKET`,
-    /// `WATCHDOG_USEC` and `WATCHDOG_PID` naming the main process (set by a shell that then
-    /// `exec`s the binary, so the pid is the daemon's).
-    fn start_as_systemd(config: &Path, log: PathBuf, notify: &Path, watchdog_usec: u64) -> Daemon {
-        let mut sh = Command::new("/bin/sh");
-        sh.arg("-c")
-            .arg(r#"export WATCHDOG_PID=$$; exec "$0" "$@""#)
-            .arg(env!("CARGO_BIN_EXE_invoice-worker"));
-        let usec = watchdog_usec.to_string();
-        let notify = notify.to_str().expect("utf-8 socket path");
-        Daemon::start_with(
-            sh,
-            config,
-            log,
-            &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", &usec)],
-        )
-    }
-
-    fn start_with(
-        mut command: Command,
-        config: &Path,
-        log: PathBuf,
-        env: &[(&str, &str)],
-    ) -> Daemon {
-        let stderr = std::fs::File::create(&log).expect("log file");
-        command.args(["run", "--config"]).arg(config);
-        for var in SCRUBBED_ENV {
-            command.env_remove(var);
-        }
-        command.envs(env.iter().copied());
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn daemon");
-        Daemon { child, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        send_signal(&self.child, Signal::SIGTERM);
-        wait_exit(&mut self.child, Duration::from_secs(20))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Runs a daemon (`env` added) until the row `id` is done, stops it with SIGTERM
+/// (asserting a clean exit) and returns its log.
+async fn run_until_done(
+    w: &World,
+    config: &Path,
+    log: &str,
+    env: &[(&str, &str)],
+    id: i64,
+) -> String {
+    let mut daemon = Daemon::start_env(config, w.dir.path().join(log), env);
+    wait_done(w, &[id], Duration::from_secs(20)).await;
+    daemon.stop(STOP_LIMIT, "SIGTERM")
 }
 
 /// The world's config as TOML for the binary, with `edit` applied and `extra` appended.
@@ -342,7 +295,7 @@ async fn binary_speaks_the_systemd_notify_protocol() {
     let ids = insert_rebills(&w, "NOTIFY-", 3, TAX).await;
     let config = write_toml(&w, "worker.toml", |t| t, "");
     let mut manager = Manager::bind(w.dir.path());
-    let mut daemon = Daemon::start_as_systemd(
+    let mut daemon = start_as_systemd(
         &config,
         w.dir.path().join("daemon.log"),
         &manager.path,
@@ -398,23 +351,16 @@ async fn binary_speaks_the_systemd_notify_protocol() {
     );
 
     let before_stop = manager.seen.len();
-    let status = daemon.terminate();
+    let log = daemon.stop(STOP_LIMIT, "SIGTERM");
     let stopping = manager.wait_for(before_stop, Duration::from_secs(5), "STOPPING=1", |l| {
         l == "STOPPING=1"
     });
     assert!(stopping >= before_stop);
     assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status after SIGTERM; log:\n{}",
-        daemon.log_text()
-    );
-    assert_eq!(
         manager.index_of("READY=1"),
         Some(ready),
         "READY=1 is sent once"
     );
-    let log = daemon.log_text();
     assert!(log.contains("systemd watchdog enabled"), "{log}");
 }
 
@@ -431,7 +377,7 @@ async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
     let mut manager = Manager::bind(w.dir.path());
     // WATCHDOG_USEC without WATCHDOG_PID: libsystemd reads that as "this process" too.
     let notify = manager.path.to_str().expect("utf-8 path").to_string();
-    let mut daemon = Daemon::start(
+    let mut daemon = Daemon::start_env(
         &config,
         w.dir.path().join("daemon.log"),
         &[
@@ -524,13 +470,7 @@ async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
         |l| l.starts_with("STATUS=rebill: 0 pending, 0 running, 3 done"),
     );
 
-    assert_eq!(
-        daemon.terminate().code(),
-        Some(0),
-        "log:\n{}",
-        daemon.log_text()
-    );
-    let log = daemon.log_text();
+    let log = daemon.stop(STOP_LIMIT, "SIGTERM");
     assert!(
         log.contains("worker loop stuck: withholding watchdog pings"),
         "{log}"
@@ -735,16 +675,8 @@ async fn json_logs_are_one_object_per_line_with_the_attempt_fields() {
         |t| t,
         "\n[log]\nformat = \"json\"\nlevel = \"info\"\n",
     );
-    let mut daemon = Daemon::start(&config, w.dir.path().join("daemon.log"), &[]);
-    wait_done(&w, &[id], Duration::from_secs(20)).await;
-    assert_eq!(
-        daemon.terminate().code(),
-        Some(0),
-        "log:\n{}",
-        daemon.log_text()
-    );
+    let log = run_until_done(&w, &config, "daemon.log", &[], id).await;
 
-    let log = daemon.log_text();
     let mut attempt = None;
     let mut lines = 0;
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
@@ -795,15 +727,7 @@ async fn text_logs_have_no_colour_and_rust_log_overrides_the_configured_level() 
 
     // [log] level = "warn": no info lines, so no attempt lines.
     let quiet_id = w.insert_rebill("TEXT-QUIET", TAX).await;
-    let mut quiet = Daemon::start(&config, w.dir.path().join("quiet.log"), &[]);
-    wait_done(&w, &[quiet_id], Duration::from_secs(20)).await;
-    assert_eq!(
-        quiet.terminate().code(),
-        Some(0),
-        "log:\n{}",
-        quiet.log_text()
-    );
-    let log = quiet.log_text();
+    let log = run_until_done(&w, &config, "quiet.log", &[], quiet_id).await;
     assert!(
         !log.contains(" INFO "),
         "level warn logs no info lines:\n{log}"
@@ -811,19 +735,7 @@ async fn text_logs_have_no_colour_and_rust_log_overrides_the_configured_level() 
 
     // RUST_LOG=info wins over the file.
     let loud_id = w.insert_rebill("TEXT-LOUD", TAX).await;
-    let mut loud = Daemon::start(
-        &config,
-        w.dir.path().join("loud.log"),
-        &[("RUST_LOG", "info")],
-    );
-    wait_done(&w, &[loud_id], Duration::from_secs(20)).await;
-    assert_eq!(
-        loud.terminate().code(),
-        Some(0),
-        "log:\n{}",
-        loud.log_text()
-    );
-    let log = loud.log_text();
+    let log = run_until_done(&w, &config, "loud.log", &[("RUST_LOG", "info")], loud_id).await;
     let line = log
         .lines()
         .find(|l| l.contains(" attempt ") && l.contains("orderno=TEXT-LOUD"))

@@ -11,98 +11,13 @@ use std::process::{Child, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{binary, config_toml, send_signal, spawn_daemon, wait_exit, wait_until, World, TAX};
+use common::{config_toml, scrubbed_binary, wait_until, Daemon, World, TAX};
 use invoice_worker::sim::{RebillBehavior, SimOptions, TitleBehavior};
 use nix::sys::signal::Signal;
-
-/// Environment variables that would change what the binary reads.
-const SCRUBBED_ENV: [&str; 5] = [
-    "RUST_LOG",
-    "NOTIFY_SOCKET",
-    "INVOICE_WORKER_CONFIG",
-    "INVOICE_WORKER_REBILL_APP_SECRET",
-    "INVOICE_WORKER_TITLE_CLIENT_SECRET",
-];
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// A daemon process that is SIGKILLed if the test ends (or panics) while it still runs.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(config: &Path, log: PathBuf) -> Daemon {
-        Daemon {
-            child: spawn_daemon(config, &log),
-            log,
-        }
-    }
-
-    /// Like `start`, with every variable that could supply config or secrets removed.
-    fn start_scrubbed(config: &Path, log: PathBuf) -> Daemon {
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let mut cmd = binary();
-        cmd.args(["run", "--config"])
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        for var in SCRUBBED_ENV {
-            cmd.env_remove(var);
-        }
-        Daemon {
-            child: cmd.spawn().expect("spawn daemon"),
-            log,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: Signal) {
-        send_signal(&self.child, signal);
-    }
-
-    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        wait_exit(&mut self.child, limit)
-    }
-
-    /// SIGTERM, then the exit status (must come within `limit`).
-    fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
-        self.signal(Signal::SIGTERM);
-        self.wait(limit)
-    }
-
-    /// Waits (bounded) until the log contains `needle`.
-    async fn wait_for_log(&self, needle: &str, limit: Duration) {
-        let start = Instant::now();
-        loop {
-            if self.log_text().contains(needle) {
-                return;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "daemon log never showed {needle:?} within {limit:?}:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// The standard test config (common::config_toml) with textual replacements (each `from`
 /// must occur) and extra TOML appended, written to `name` in the world's directory.
@@ -121,25 +36,84 @@ fn write_toml(world: &World, name: &str, edits: &[(&str, &str)], extra: &str) ->
     path
 }
 
+/// A world whose simulator takes `latency` to answer.
+async fn world_with_latency(latency: Duration) -> World {
+    World::with_options(SimOptions {
+        latency,
+        ..Default::default()
+    })
+    .await
+}
+
+/// Starts the daemon on `config`, logging to `log` in the world's directory.
+fn start_daemon(world: &World, config: &Path, log: &str) -> Daemon {
+    Daemon::start(config, world.dir.path().join(log))
+}
+
+/// Two daemons on the same config (logs `{prefix}-a.log` and `{prefix}-b.log`), both up.
+async fn start_pair(world: &World, config: &Path, prefix: &str) -> (Daemon, Daemon) {
+    let a = start_daemon(world, config, &format!("{prefix}-a.log"));
+    let b = start_daemon(world, config, &format!("{prefix}-b.log"));
+    a.wait_running().await;
+    b.wait_running().await;
+    (a, b)
+}
+
+/// Writes `text` to `name` in `dir`; the path as a string, for `--config`.
+fn write_cfg(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path.to_string_lossy().into_owned()
+}
+
+/// A config of only `[database] path = db`, written to `name` in `dir`; its path.
+fn db_only_cfg(dir: &Path, name: &str, db: &Path) -> String {
+    write_cfg(
+        dir,
+        name,
+        &format!("[database]\npath = \"{}\"\n", db.display()),
+    )
+}
+
 /// Runs the binary with `args` in `cwd`, environment scrubbed, and returns its output.
 fn cli(cwd: &Path, args: &[&str]) -> Output {
-    let mut cmd = binary();
-    cmd.args(args).current_dir(cwd).stdin(Stdio::null());
-    for var in SCRUBBED_ENV {
-        cmd.env_remove(var);
-    }
-    cmd.output().expect("run invoice-worker")
+    cli_env(cwd, args, &[])
 }
 
 /// Like `cli`, with extra environment variables.
 fn cli_env(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = binary();
-    cmd.args(args).current_dir(cwd).stdin(Stdio::null());
-    for var in SCRUBBED_ENV {
-        cmd.env_remove(var);
+    scrubbed_binary()
+        .args(args)
+        .current_dir(cwd)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run invoice-worker")
+}
+
+/// Runs `cli` and asserts exit code `code`; stdout.
+fn cli_code(cwd: &Path, args: &[&str], code: i32, what: &str) -> String {
+    let out = cli(cwd, args);
+    expect_code(&out, code, what);
+    text(&out.stdout)
+}
+
+/// Runs `cli` and asserts exit code `code`; stderr.
+fn cli_err(cwd: &Path, args: &[&str], code: i32, what: &str) -> String {
+    let out = cli(cwd, args);
+    expect_code(&out, code, what);
+    text(&out.stderr)
+}
+
+/// Runs `cli`, asserts success and that stdout contains every one of `needles`; stdout.
+fn cli_ok(cwd: &Path, args: &[&str], what: &str, needles: &[&str]) -> String {
+    let so = cli_code(cwd, args, 0, what);
+    for needle in needles {
+        assert!(
+            so.contains(needle),
+            "{what}: stdout lacks {needle:?}:\n{so}"
+        );
     }
-    cmd.envs(env.iter().copied());
-    cmd.output().expect("run invoice-worker")
+    so
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -157,6 +131,13 @@ fn expect_code(out: &Output, code: i32, what: &str) {
     );
 }
 
+/// Asserts the log contains every one of `lines`.
+fn assert_log_has(log: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(log.contains(line), "log lacks {line:?}:\n{log}");
+    }
+}
+
 /// Inserts rebill rows in one transaction (a bulk writer).
 async fn insert_many(world: &World, ordernos: &[String], tax_num: &str) {
     let mut tx = world.store.pool().begin().await.expect("begin");
@@ -171,12 +152,75 @@ async fn insert_many(world: &World, ordernos: &[String], tax_num: &str) {
     tx.commit().await.expect("commit");
 }
 
+/// Scripts every one of `ordernos` to be answered after `delay`.
+fn script_delay<'a>(
+    world: &World,
+    ordernos: impl IntoIterator<Item = &'a String>,
+    delay: Duration,
+) {
+    for o in ordernos {
+        world
+            .sim
+            .script_rebill(o, vec![RebillBehavior::Delay(delay)]);
+    }
+}
+
 /// (orderno, status, attempts) of every rebill row.
 async fn rebill_rows(world: &World) -> Vec<(String, String, i64)> {
     sqlx::query_as("SELECT orderno, status, attempts FROM rebill_orders ORDER BY id")
         .fetch_all(world.store.pool())
         .await
         .expect("rows")
+}
+
+/// How many rebill rows have `status`.
+async fn rebill_count(world: &World, status: &str) -> i64 {
+    world
+        .count(&format!(
+            "SELECT COUNT(*) FROM rebill_orders WHERE status = '{status}'"
+        ))
+        .await
+}
+
+/// Waits (up to `limit`) until exactly `n` rebill rows have `status`.
+async fn wait_rows(world: &World, status: &str, n: usize, limit: Duration, what: &str) {
+    wait_until(limit, what, || async move {
+        rebill_count(world, status).await == n as i64
+    })
+    .await;
+}
+
+/// Waits (up to `secs` seconds) until exactly `n` rebill rows are done.
+async fn wait_done(world: &World, n: usize, secs: u64, what: &str) {
+    wait_rows(world, "done", n, Duration::from_secs(secs), what).await;
+}
+
+/// Waits until every one of `ordernos` reached the simulator (verified) and is running.
+async fn wait_in_flight(world: &World, ordernos: &[String]) {
+    wait_until(
+        Duration::from_secs(15),
+        "all delayed requests reached the simulator",
+        || {
+            let seen: HashSet<String> = world
+                .sim
+                .rebill_requests()
+                .into_iter()
+                .filter(|r| r.verified)
+                .map(|r| r.orderno)
+                .collect();
+            let done = ordernos.iter().all(|o| seen.contains(o));
+            async move { done }
+        },
+    )
+    .await;
+    wait_rows(
+        world,
+        "running",
+        ordernos.len(),
+        Duration::from_secs(5),
+        "rows running",
+    )
+    .await;
 }
 
 /// Orderno → number of requests the simulator verified (signature ok, all checks passed).
@@ -188,6 +232,53 @@ fn verified_counts(world: &World) -> HashMap<String, usize> {
         }
     }
     counts
+}
+
+/// Ordernos the simulator verified and answered with one of `answers`.
+fn answered_with(world: &World, answers: &[&str]) -> HashSet<String> {
+    world
+        .sim
+        .rebill_requests()
+        .into_iter()
+        .filter(|r| r.verified && answers.contains(&r.answered))
+        .map(|r| r.orderno)
+        .collect()
+}
+
+/// Asserts there are `n` rebill rows, each done and `reached` the simulator (`how`).
+async fn assert_all_done(world: &World, n: usize, reached: impl Fn(&str) -> bool, how: &str) {
+    let rows = rebill_rows(world).await;
+    assert_eq!(rows.len(), n, "rows lost or duplicated");
+    for (orderno, status, _) in &rows {
+        assert_eq!(status, "done", "{orderno}");
+        assert!(reached(orderno), "{orderno} is done but {how}");
+    }
+}
+
+/// Asserts there are `n` rebill rows, each done after one attempt and verified by the
+/// simulator exactly once, never in flight from two daemons at once.
+async fn assert_each_sent_once(world: &World, n: usize) {
+    assert_eq!(
+        world.sim.overlapping_sends(),
+        0,
+        "the same order was in flight from both daemons at once"
+    );
+    let rows = rebill_rows(world).await;
+    assert_eq!(rows.len(), n);
+    let verified = verified_counts(world);
+    for (orderno, status, attempts) in &rows {
+        assert_eq!(status, "done", "{orderno}");
+        assert_eq!(
+            *attempts, 1,
+            "{orderno} was claimed more than once (lease lost or taken over)"
+        );
+        assert_eq!(
+            verified.get(orderno).copied(),
+            Some(1),
+            "{orderno} reached the simulator {:?} times",
+            verified.get(orderno)
+        );
+    }
 }
 
 /// Lines of a log that mention SQLite lock contention.
@@ -233,40 +324,12 @@ fn key_then_hex32(log: &str, key: &str) -> Vec<String> {
 async fn sigterm_lets_calls_in_flight_finish_within_grace() {
     let world = World::new().await;
     let ordernos: Vec<String> = (0..3).map(|i| format!("GRACE-{i}")).collect();
-    for o in &ordernos {
-        world
-            .sim
-            .script_rebill(o, vec![RebillBehavior::Delay(Duration::from_millis(1500))]);
-        world.insert_rebill(o, TAX).await;
-    }
+    script_delay(&world, &ordernos, Duration::from_millis(1500));
+    insert_many(&world, &ordernos, TAX).await;
     // Grace (5 s in the standard config) is longer than the 1.5 s calls.
     let config = world.write_config();
-    let mut daemon = Daemon::start(&config, world.dir.path().join("grace.log"));
-
-    let sim = world.sim.clone();
-    let want = ordernos.clone();
-    wait_until(
-        Duration::from_secs(15),
-        "all delayed requests reached the simulator",
-        move || {
-            let seen: HashSet<String> = sim
-                .rebill_requests()
-                .into_iter()
-                .filter(|r| r.verified)
-                .map(|r| r.orderno)
-                .collect();
-            let done = want.iter().all(|o| seen.contains(o));
-            async move { done }
-        },
-    )
-    .await;
-    let w = &world;
-    wait_until(Duration::from_secs(5), "rows running", move || async move {
-        w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'running'")
-            .await
-            == 3
-    })
-    .await;
+    let mut daemon = start_daemon(&world, &config, "grace.log");
+    wait_in_flight(&world, &ordernos).await;
 
     let signalled = Instant::now();
     daemon.signal(Signal::SIGTERM);
@@ -277,12 +340,7 @@ async fn sigterm_lets_calls_in_flight_finish_within_grace() {
     let late = world.insert_rebill("GRACE-LATE", TAX).await;
     let status = daemon.wait(Duration::from_secs(10));
     let took = signalled.elapsed();
-    let log = daemon.log_text();
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status {status:?}; log:\n{log}"
-    );
+    let log = daemon.assert_exit(status, 0, "SIGTERM with calls in flight");
     assert!(
         took < Duration::from_secs(5),
         "exit took {took:?}, longer than the 5 s grace; log:\n{log}"
@@ -316,14 +374,15 @@ async fn sigterm_lets_calls_in_flight_finish_within_grace() {
         "a row inserted after SIGTERM was sent"
     );
 
-    for line in [
-        "SIGTERM received",
-        "shutdown requested",
-        "stopping: no new claims",
-        "stopped",
-    ] {
-        assert!(log.contains(line), "log lacks {line:?}:\n{log}");
-    }
+    assert_log_has(
+        &log,
+        &[
+            "SIGTERM received",
+            "shutdown requested",
+            "stopping: no new claims",
+            "stopped",
+        ],
+    );
     assert!(
         !log.contains("grace period over"),
         "calls were abandoned although they fit the grace period:\n{log}"
@@ -335,12 +394,8 @@ async fn sigterm_lets_calls_in_flight_finish_within_grace() {
 async fn sigterm_past_grace_returns_rows_to_pending_with_attempt_refunded() {
     let world = World::new().await;
     let ordernos: Vec<String> = (0..3).map(|i| format!("SLOW-{i}")).collect();
-    for o in &ordernos {
-        world
-            .sim
-            .script_rebill(o, vec![RebillBehavior::Delay(Duration::from_secs(5))]);
-        world.insert_rebill(o, TAX).await;
-    }
+    script_delay(&world, &ordernos, Duration::from_secs(5));
+    insert_many(&world, &ordernos, TAX).await;
     let config = write_toml(
         &world,
         "short-grace.toml",
@@ -350,41 +405,13 @@ async fn sigterm_past_grace_returns_rows_to_pending_with_attempt_refunded() {
         ],
         "",
     );
-    let mut daemon = Daemon::start(&config, world.dir.path().join("short-grace.log"));
+    let mut daemon = start_daemon(&world, &config, "short-grace.log");
+    wait_in_flight(&world, &ordernos).await;
 
-    let sim = world.sim.clone();
-    let want = ordernos.clone();
-    wait_until(
-        Duration::from_secs(15),
-        "all slow requests reached the simulator",
-        move || {
-            let seen: HashSet<String> = sim
-                .rebill_requests()
-                .into_iter()
-                .filter(|r| r.verified)
-                .map(|r| r.orderno)
-                .collect();
-            let done = want.iter().all(|o| seen.contains(o));
-            async move { done }
-        },
-    )
-    .await;
-    let w = &world;
-    wait_until(Duration::from_secs(5), "rows running", move || async move {
-        w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'running'")
-            .await
-            == 3
-    })
-    .await;
-
-    let signalled = Instant::now();
-    let status = daemon.terminate(Duration::from_secs(10));
-    let took = signalled.elapsed();
-    let log = daemon.log_text();
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status {status:?}; log:\n{log}"
+    let (took, log) = daemon.stop_with(
+        Signal::SIGTERM,
+        Duration::from_secs(10),
+        "SIGTERM past grace",
     );
     assert!(
         took < Duration::from_millis(2500),
@@ -405,20 +432,16 @@ async fn sigterm_past_grace_returns_rows_to_pending_with_attempt_refunded() {
         assert_eq!(*attempts, 0, "{orderno}: the abandoned attempt was counted");
         assert!(token.is_none(), "{orderno}: claim token left behind");
     }
-    assert_eq!(
-        world
-            .count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'running'")
-            .await,
-        0
+    assert_eq!(rebill_count(&world, "running").await, 0);
+    assert_log_has(
+        &log,
+        &[
+            "SIGTERM received",
+            "grace period over",
+            "returned to pending",
+            "stopped",
+        ],
     );
-    for line in [
-        "SIGTERM received",
-        "grace period over",
-        "returned to pending",
-        "stopped",
-    ] {
-        assert!(log.contains(line), "log lacks {line:?}:\n{log}");
-    }
     eprintln!("SIGTERM past grace: exit 0 after {took:?}; 3 rows back to pending, attempts 0");
 }
 
@@ -426,7 +449,8 @@ async fn sigterm_past_grace_returns_rows_to_pending_with_attempt_refunded() {
 async fn sigint_stops_an_idle_daemon_whose_queues_lack_credentials() {
     let world = World::new().await;
     let dir = world.dir.path();
-    // No credentials at all: both queues are disabled with a log line; the daemon still runs.
+    // No credentials at all (and none from the environment, which `Daemon` scrubs): both
+    // queues are disabled with a log line; the daemon still runs.
     let config = dir.join("no-credentials.toml");
     std::fs::write(
         &config,
@@ -436,10 +460,8 @@ async fn sigint_stops_an_idle_daemon_whose_queues_lack_credentials() {
         ),
     )
     .expect("write config");
-    let mut daemon = Daemon::start_scrubbed(&config, dir.join("no-credentials.log"));
-    daemon
-        .wait_for_log("invoice-worker running", Duration::from_secs(15))
-        .await;
+    let mut daemon = start_daemon(&world, &config, "no-credentials.log");
+    daemon.wait_running().await;
     let id = world.insert_rebill("NOCREDS-1", TAX).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -453,28 +475,20 @@ async fn sigint_stops_an_idle_daemon_whose_queues_lack_credentials() {
         "a disabled queue claimed a row"
     );
 
-    let signalled = Instant::now();
-    daemon.signal(Signal::SIGINT);
-    let status = daemon.wait(Duration::from_secs(10));
-    let took = signalled.elapsed();
-    let log = daemon.log_text();
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status {status:?}; log:\n{log}"
-    );
+    let (took, log) = daemon.stop_with(Signal::SIGINT, Duration::from_secs(10), "SIGINT");
     assert!(
         took < Duration::from_secs(3),
         "idle daemon took {took:?} to stop on SIGINT"
     );
-    for line in [
-        "rebill queue disabled",
-        "title queue disabled",
-        "SIGINT received",
-        "stopped",
-    ] {
-        assert!(log.contains(line), "log lacks {line:?}:\n{log}");
-    }
+    assert_log_has(
+        &log,
+        &[
+            "rebill queue disabled",
+            "title queue disabled",
+            "SIGINT received",
+            "stopped",
+        ],
+    );
     assert_eq!(world.status_of("rebill_orders", id).await, "pending");
     assert!(world.sim.rebill_requests().is_empty());
 }
@@ -495,33 +509,26 @@ async fn sigterm_starts_no_new_calls_for_rows_waiting_on_the_rate_limit() {
     );
     let ordernos: Vec<String> = (0..ROWS).map(|i| format!("RATE-{i}")).collect();
     insert_many(&world, &ordernos, TAX).await;
-    let mut daemon = Daemon::start(&config, world.dir.path().join("rate-1.log"));
-    let sim = world.sim.clone();
-    wait_until(Duration::from_secs(15), "two requests sent", move || {
-        let n = sim.rebill_requests().len();
+    let mut daemon = start_daemon(&world, &config, "rate-1.log");
+    wait_until(Duration::from_secs(15), "two requests sent", || {
+        let n = world.sim.rebill_requests().len();
         async move { n >= 2 }
     })
     .await;
-    let w = &world;
-    wait_until(
+    wait_rows(
+        &world,
+        "pending",
+        0,
         Duration::from_secs(5),
         "all rows claimed",
-        move || async move {
-            w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'pending'")
-                .await
-                == 0
-        },
     )
     .await;
 
     let signalled = Instant::now();
-    let status = daemon.terminate(Duration::from_secs(15));
-    let took = signalled.elapsed();
-    let log = daemon.log_text();
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status {status:?}; log:\n{log}"
+    let (took, log) = daemon.stop_with(
+        Signal::SIGTERM,
+        Duration::from_secs(15),
+        "SIGTERM with rows waiting on the limiter",
     );
     let late: Vec<String> = world
         .sim
@@ -563,11 +570,7 @@ async fn sigterm_starts_no_new_calls_for_rows_waiting_on_the_rate_limit() {
 async fn kill_9_while_draining_loses_nothing_and_marks_nothing_unaccepted() {
     const ROWS: usize = 300;
     const CYCLES: usize = 5;
-    let world = World::with_options(SimOptions {
-        latency: Duration::from_millis(80),
-        ..Default::default()
-    })
-    .await;
+    let world = world_with_latency(Duration::from_millis(80)).await;
     let ordernos: Vec<String> = (0..ROWS).map(|i| format!("K9-{i:04}")).collect();
     insert_many(&world, &ordernos, TAX).await;
     // Short lease so the killed daemons' rows are reclaimed quickly; a rate limit so that the
@@ -587,73 +590,37 @@ async fn kill_9_while_draining_loses_nothing_and_marks_nothing_unaccepted() {
 
     let mut running_at_kill = 0;
     for cycle in 0..CYCLES {
-        let mut daemon =
-            Daemon::start(&config, world.dir.path().join(format!("kill9-{cycle}.log")));
+        let mut daemon = start_daemon(&world, &config, &format!("kill9-{cycle}.log"));
         let pause = Duration::from_millis(rand::random_range(50..400));
         tokio::time::sleep(pause).await;
-        daemon.signal(Signal::SIGKILL);
-        let status = daemon.wait(Duration::from_secs(5));
-        assert_eq!(
-            status.code(),
-            None,
-            "cycle {cycle}: daemon was not killed by the signal: {status:?}"
-        );
-        let running = world
-            .count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'running'")
-            .await;
-        let done = world
-            .count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
-            .await;
+        daemon.kill_9(&format!("cycle {cycle}"));
+        let running = rebill_count(&world, "running").await;
+        let done = rebill_count(&world, "done").await;
         running_at_kill += running;
         eprintln!("kill -9 cycle {cycle}: after {pause:?}: {done} done, {running} left running by the dead daemon");
     }
     let last_kill = Instant::now();
 
-    let mut daemon = Daemon::start(&config, world.dir.path().join("kill9-final.log"));
-    let w = &world;
-    wait_until(
-        Duration::from_secs(60),
-        "every row done after the last kill",
-        move || async move {
-            w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
-                .await
-                == ROWS as i64
-        },
+    let mut daemon = start_daemon(&world, &config, "kill9-final.log");
+    wait_done(&world, ROWS, 60, "every row done after the last kill").await;
+    let recovery = last_kill.elapsed();
+    daemon.stop(Duration::from_secs(10), "final daemon");
+
+    let in_table: HashSet<String> = rebill_rows(&world).await.into_iter().map(|r| r.0).collect();
+    assert_eq!(in_table.len(), ROWS, "an orderno appears twice");
+    let accepted = answered_with(&world, &["Accepted"]);
+    assert_all_done(
+        &world,
+        ROWS,
+        |o| accepted.contains(o),
+        "the simulator never accepted it",
     )
     .await;
-    let recovery = last_kill.elapsed();
-    let status = daemon.terminate(Duration::from_secs(10));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "final daemon exit; log:\n{}",
-        daemon.log_text()
-    );
-
-    let rows = rebill_rows(&world).await;
-    assert_eq!(rows.len(), ROWS, "rows lost or duplicated");
-    let in_table: HashSet<&str> = rows.iter().map(|(o, _, _)| o.as_str()).collect();
-    assert_eq!(in_table.len(), ROWS, "an orderno appears twice");
-    let verified = verified_counts(&world);
-    let accepted: HashSet<String> = world
-        .sim
-        .rebill_requests()
-        .into_iter()
-        .filter(|r| r.verified && r.answered == "Accepted")
-        .map(|r| r.orderno)
-        .collect();
-    for (orderno, status, _) in &rows {
-        assert_eq!(status, "done", "{orderno}");
-        assert!(
-            accepted.contains(orderno),
-            "{orderno} is done but the simulator never accepted it"
-        );
-    }
     let outcomes = world
         .count("SELECT COUNT(*) FROM rebill_orders WHERE outcome = 'accepted'")
         .await;
     assert_eq!(outcomes, ROWS as i64);
-    let resent = verified.values().filter(|n| **n > 1).count();
+    let resent = verified_counts(&world).values().filter(|n| **n > 1).count();
     let retried = world
         .count("SELECT COUNT(*) FROM rebill_orders WHERE attempts > 1")
         .await;
@@ -682,59 +649,19 @@ async fn kill_9_while_draining_loses_nothing_and_marks_nothing_unaccepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_on_one_file_never_send_a_row_twice() {
     const ROWS: usize = 500;
-    let world = World::with_options(SimOptions {
-        latency: Duration::from_millis(5),
-        ..Default::default()
-    })
-    .await;
+    let world = world_with_latency(Duration::from_millis(5)).await;
     let config = world.write_config();
-    let mut a = Daemon::start(&config, world.dir.path().join("daemon-a.log"));
-    let mut b = Daemon::start(&config, world.dir.path().join("daemon-b.log"));
-    a.wait_for_log("invoice-worker running", Duration::from_secs(15))
-        .await;
-    b.wait_for_log("invoice-worker running", Duration::from_secs(15))
-        .await;
+    let (mut a, mut b) = start_pair(&world, &config, "daemon").await;
 
     let ordernos: Vec<String> = (0..ROWS).map(|i| format!("TWO-{i:04}")).collect();
     let started = Instant::now();
     insert_many(&world, &ordernos, TAX).await;
-    let w = &world;
-    wait_until(
-        Duration::from_secs(30),
-        "all rows done by the two daemons",
-        move || async move {
-            w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
-                .await
-                == ROWS as i64
-        },
-    )
-    .await;
+    wait_done(&world, ROWS, 30, "all rows done by the two daemons").await;
     let drained = started.elapsed();
 
-    let sa = a.terminate(Duration::from_secs(10));
-    let sb = b.terminate(Duration::from_secs(10));
-    let (la, lb) = (a.log_text(), b.log_text());
-    assert_eq!(sa.code(), Some(0), "daemon A exit {sa:?}; log:\n{la}");
-    assert_eq!(sb.code(), Some(0), "daemon B exit {sb:?}; log:\n{lb}");
-
-    assert_eq!(
-        world.sim.overlapping_sends(),
-        0,
-        "the same order was in flight from both daemons at once"
-    );
-    let rows = rebill_rows(&world).await;
-    assert_eq!(rows.len(), ROWS);
-    let verified = verified_counts(&world);
-    for (orderno, status, attempts) in &rows {
-        assert_eq!(status, "done", "{orderno}");
-        assert_eq!(*attempts, 1, "{orderno} was claimed more than once");
-        assert_eq!(
-            verified.get(orderno).copied(),
-            Some(1),
-            "{orderno} reached the simulator {:?} times",
-            verified.get(orderno)
-        );
-    }
+    let la = a.stop(Duration::from_secs(10), "daemon A");
+    let lb = b.stop(Duration::from_secs(10), "daemon B");
+    assert_each_sent_once(&world, ROWS).await;
     assert_eq!(
         world.sim.rebill_requests().len(),
         ROWS,
@@ -791,55 +718,15 @@ async fn two_daemons_keep_leases_of_calls_longer_than_the_lease() {
         ],
         "",
     );
-    let mut a = Daemon::start(&config, world.dir.path().join("long-a.log"));
-    let mut b = Daemon::start(&config, world.dir.path().join("long-b.log"));
-    a.wait_for_log("invoice-worker running", Duration::from_secs(15))
-        .await;
-    b.wait_for_log("invoice-worker running", Duration::from_secs(15))
-        .await;
+    let (mut a, mut b) = start_pair(&world, &config, "long").await;
     let ordernos: Vec<String> = (0..ROWS).map(|i| format!("LONG-{i}")).collect();
-    for o in &ordernos {
-        world
-            .sim
-            .script_rebill(o, vec![RebillBehavior::Delay(Duration::from_millis(2500))]);
-    }
+    script_delay(&world, &ordernos, Duration::from_millis(2500));
     insert_many(&world, &ordernos, TAX).await;
-    let w = &world;
-    wait_until(
-        Duration::from_secs(20),
-        "long calls done",
-        move || async move {
-            w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
-                .await
-                == ROWS as i64
-        },
-    )
-    .await;
-    let sa = a.terminate(Duration::from_secs(10));
-    let sb = b.terminate(Duration::from_secs(10));
-    assert_eq!(sa.code(), Some(0), "daemon A; log:\n{}", a.log_text());
-    assert_eq!(sb.code(), Some(0), "daemon B; log:\n{}", b.log_text());
-    assert_eq!(
-        world.sim.overlapping_sends(),
-        0,
-        "a row was sent by both daemons at once"
-    );
-    let verified = verified_counts(&world);
-    for (orderno, status, attempts) in rebill_rows(&world).await {
-        assert_eq!(status, "done", "{orderno}");
-        assert_eq!(
-            attempts, 1,
-            "{orderno}: lease lost during a long call and the row was claimed again"
-        );
-        assert_eq!(
-            verified.get(&orderno).copied(),
-            Some(1),
-            "{orderno} sent {:?} times",
-            verified.get(&orderno)
-        );
-    }
-    for d in [&a, &b] {
-        let log = d.log_text();
+    wait_done(&world, ROWS, 20, "long calls done").await;
+    let la = a.stop(Duration::from_secs(10), "daemon A");
+    let lb = b.stop(Duration::from_secs(10), "daemon B");
+    assert_each_sent_once(&world, ROWS).await;
+    for log in [la, lb] {
         assert!(
             !log.contains("lease expired"),
             "a live daemon's lease was treated as expired:\n{log}"
@@ -850,30 +737,21 @@ async fn two_daemons_keep_leases_of_calls_longer_than_the_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn surviving_daemon_resends_the_rows_of_a_killed_peer() {
     const ROWS: usize = 300;
-    let world = World::with_options(SimOptions {
-        latency: Duration::from_millis(30),
-        ..Default::default()
-    })
-    .await;
+    let world = world_with_latency(Duration::from_millis(30)).await;
     let config = write_toml(
         &world,
         "peer.toml",
         &[("lease = \"3000ms\"", "lease = \"1s\"")],
         "",
     );
-    let mut a = Daemon::start(&config, world.dir.path().join("peer-a.log"));
-    let mut b = Daemon::start(&config, world.dir.path().join("peer-b.log"));
-    a.wait_for_log("invoice-worker running", Duration::from_secs(15))
-        .await;
-    b.wait_for_log("invoice-worker running", Duration::from_secs(15))
-        .await;
+    let (mut a, mut b) = start_pair(&world, &config, "peer").await;
     // Every fifth row is slow, so a daemon always holds some rows in flight.
     let ordernos: Vec<String> = (0..ROWS).map(|i| format!("PEER-{i:04}")).collect();
-    for o in ordernos.iter().step_by(5) {
-        world
-            .sim
-            .script_rebill(o, vec![RebillBehavior::Delay(Duration::from_millis(800))]);
-    }
+    script_delay(
+        &world,
+        ordernos.iter().step_by(5),
+        Duration::from_millis(800),
+    );
     insert_many(&world, &ordernos, TAX).await;
     let w = &world;
     let pid_a = a.child.id();
@@ -881,74 +759,47 @@ async fn surviving_daemon_resends_the_rows_of_a_killed_peer() {
         Duration::from_secs(20),
         "a fifth of the rows done and A holding rows",
         move || async move {
-            w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
-                .await
-                >= (ROWS / 5) as i64
+            rebill_count(w, "done").await >= (ROWS / 5) as i64
                 && running_claimed_by_pid(w, pid_a).await >= 3
         },
     )
     .await;
-    a.signal(Signal::SIGKILL);
     let killed = Instant::now();
-    let sa = a.wait(Duration::from_secs(5));
-    assert_eq!(sa.code(), None, "daemon A was not killed: {sa:?}");
-    let orphaned = running_claimed_by_pid(&world, a.child.id()).await;
+    a.kill_9("daemon A");
+    let orphaned = running_claimed_by_pid(&world, pid_a).await;
     let holders: Vec<(Option<String>, i64)> = sqlx::query_as(
         "SELECT claimed_by, COUNT(*) FROM rebill_orders WHERE status = 'running' GROUP BY 1",
     )
     .fetch_all(world.store.pool())
     .await
     .expect("holders");
-    let done_at_kill = world
-        .count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
-        .await;
-    wait_until(
-        Duration::from_secs(30),
-        "the survivor finished every row",
-        move || async move {
-            w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
-                .await
-                == ROWS as i64
-        },
-    )
-    .await;
+    let done_at_kill = rebill_count(&world, "done").await;
+    wait_done(&world, ROWS, 30, "the survivor finished every row").await;
     let recovered = killed.elapsed();
-    let sb = b.terminate(Duration::from_secs(10));
-    let lb = b.log_text();
-    assert_eq!(sb.code(), Some(0), "daemon B; log:\n{lb}");
+    let lb = b.stop(Duration::from_secs(10), "daemon B");
     assert!(
         orphaned > 0,
-        "A (pid {}) held no rows when killed ({done_at_kill} done; running rows by holder: {holders:?}); log A:\n{}",
-        a.child.id(),
+        "A (pid {pid_a}) held no rows when killed ({done_at_kill} done; running rows by holder: {holders:?}); log A:\n{}",
         a.log_text()
     );
     assert!(
         lb.contains("lease expired"),
         "the survivor never reported rescuing rows:\n{lb}"
     );
-    let accepted: HashSet<String> = world
-        .sim
-        .rebill_requests()
-        .into_iter()
-        .filter(|r| r.verified && matches!(r.answered, "Accepted" | "Delay"))
-        .map(|r| r.orderno)
-        .collect();
-    let rows = rebill_rows(&world).await;
-    assert_eq!(rows.len(), ROWS);
-    for (orderno, status, _) in &rows {
-        assert_eq!(status, "done", "{orderno}");
-        assert!(
-            accepted.contains(orderno),
-            "{orderno} done but never accepted by the simulator"
-        );
-    }
+    let accepted = answered_with(&world, &["Accepted", "Delay"]);
+    assert_all_done(
+        &world,
+        ROWS,
+        |o| accepted.contains(o),
+        "the simulator never accepted it",
+    )
+    .await;
     assert!(
         recovered < Duration::from_secs(60),
         "peer's rows took {recovered:?} to be resent (SPEC: within 60 s)"
     );
     eprintln!("killed peer: {orphaned} rows orphaned; the survivor finished all {ROWS} rows {recovered:?} after the kill (lease 1s)");
 }
-
 // ---------------------------------------------------------------------------------------
 // 4. Other processes inserting while it drains; insert-to-attempt latency
 // ---------------------------------------------------------------------------------------
@@ -960,11 +811,7 @@ async fn other_processes_insert_while_it_drains() {
     const WAVE: usize = 10;
     const DIRECT: usize = 200;
     const BULK: usize = 200;
-    let world = World::with_options(SimOptions {
-        latency: Duration::from_millis(5),
-        ..Default::default()
-    })
-    .await;
+    let world = world_with_latency(Duration::from_millis(5)).await;
     // The shipped poll interval (not the tests' 20 ms), so the latency figure is the default's.
     let config = write_toml(
         &world,
@@ -972,10 +819,8 @@ async fn other_processes_insert_while_it_drains() {
         &[("poll_interval = \"20ms\"\n", "")],
         "",
     );
-    let mut daemon = Daemon::start(&config, world.dir.path().join("inserts.log"));
-    daemon
-        .wait_for_log("invoice-worker running", Duration::from_secs(15))
-        .await;
+    let mut daemon = start_daemon(&world, &config, "inserts.log");
+    daemon.wait_running().await;
 
     // Insert-to-attempt latency, one row at a time into an idle daemon.
     let mut latencies = Vec::with_capacity(LATENCY_SAMPLES);
@@ -1050,25 +895,22 @@ async fn other_processes_insert_while_it_drains() {
         let children: Vec<Child> = (0..WAVE)
             .map(|j| {
                 let orderno = format!("ENQ-{:04}", wave * WAVE + j);
-                let mut cmd = binary();
-                cmd.args([
-                    "enqueue",
-                    "rebill",
-                    "--tax-num",
-                    TAX,
-                    "--orderno",
-                    &orderno,
-                    "--config",
-                    &cfg,
-                ])
-                .current_dir(world.dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-                for var in SCRUBBED_ENV {
-                    cmd.env_remove(var);
-                }
-                cmd.spawn().expect("spawn enqueue")
+                scrubbed_binary()
+                    .args([
+                        "enqueue",
+                        "rebill",
+                        "--tax-num",
+                        TAX,
+                        "--orderno",
+                        &orderno,
+                        "--config",
+                        &cfg,
+                    ])
+                    .current_dir(world.dir.path())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn enqueue")
             })
             .collect();
         for child in children {
@@ -1092,37 +934,23 @@ async fn other_processes_insert_while_it_drains() {
         );
     }
 
-    let total = (LATENCY_SAMPLES + BULK + DIRECT + ENQUEUES) as i64;
-    let w = &world;
-    wait_until(
-        Duration::from_secs(30),
-        "every inserted row done",
-        move || async move {
-            w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
-                .await
-                == total
-        },
-    )
-    .await;
-    let status = daemon.terminate(Duration::from_secs(10));
-    let log = daemon.log_text();
-    assert_eq!(status.code(), Some(0), "daemon exit; log:\n{log}");
+    let total = LATENCY_SAMPLES + BULK + DIRECT + ENQUEUES;
+    wait_done(&world, total, 30, "every inserted row done").await;
+    let log = daemon.stop(Duration::from_secs(10), "daemon");
     let busy = busy_lines(&log);
     assert!(
         busy.is_empty(),
         "daemon saw lock contention errors: {busy:#?}"
     );
 
-    let rows = rebill_rows(&world).await;
-    assert_eq!(rows.len() as i64, total, "rows lost or duplicated");
     let verified = verified_counts(&world);
-    for (orderno, status, _) in &rows {
-        assert_eq!(status, "done", "{orderno}");
-        assert!(
-            verified.contains_key(orderno),
-            "{orderno} done without reaching the simulator"
-        );
-    }
+    assert_all_done(
+        &world,
+        total,
+        |o| verified.contains_key(o),
+        "never reached the simulator",
+    )
+    .await;
     eprintln!("concurrent writers: {ENQUEUES} enqueue processes ({WAVE} at a time) in {enqueue_time:?} + {DIRECT} direct inserts; all {total} rows done");
 }
 
@@ -1154,12 +982,14 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
         ),
         ("bad-jitter.toml", "[retry]\njitter = 1.5\n", "retry.jitter"),
     ] {
-        let path = dir.join(name);
-        std::fs::write(&path, format!("{base}{body}")).expect("write");
+        let path = write_cfg(dir, name, &format!("{base}{body}"));
         for sub in ["check-config", "run", "status"] {
-            let out = cli(dir, &[sub, "--config", &path.to_string_lossy()]);
-            expect_code(&out, 2, &format!("{sub} with {name}"));
-            let err = text(&out.stderr);
+            let err = cli_err(
+                dir,
+                &[sub, "--config", &path],
+                2,
+                &format!("{sub} with {name}"),
+            );
             assert!(
                 err.contains(key),
                 "{sub} with {name}: stderr does not name {key:?}: {err}"
@@ -1168,35 +998,31 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
     }
     // A missing explicit --config is an error (not silent defaults).
     let missing = dir.join("no-such-dir").join("worker.toml");
-    let out = cli(dir, &["status", "--config", &missing.to_string_lossy()]);
-    expect_code(&out, 2, "missing explicit --config");
+    let err = cli_err(
+        dir,
+        &["status", "--config", &missing.to_string_lossy()],
+        2,
+        "missing explicit --config",
+    );
     assert!(
-        text(&out.stderr).contains("no-such-dir"),
-        "stderr should name the file: {}",
-        text(&out.stderr)
+        err.contains("no-such-dir"),
+        "stderr should name the file: {err}"
     );
     // A runtime failure (database path is a directory) exits 1.
-    let dir_db = dir.join("db-is-a-dir.toml");
-    std::fs::write(
-        &dir_db,
-        format!("[database]\npath = \"{}\"\n", dir.display()),
-    )
-    .expect("write");
-    let out = cli(dir, &["status", "--config", &dir_db.to_string_lossy()]);
-    expect_code(&out, 1, "status on a directory as database");
+    let dir_db = db_only_cfg(dir, "db-is-a-dir.toml", dir);
+    let status = ["status", "--config", &dir_db];
+    cli_code(dir, &status, 1, "status on a directory as database");
 
     // check-config redacts inline secrets, with --config before or after the subcommand.
-    let secret_cfg = dir.join("secrets.toml");
-    std::fs::write(
-        &secret_cfg,
-        format!(
+    let sc = write_cfg(
+        dir,
+        "secrets.toml",
+        &format!(
             "[database]\npath = \"{}\"\n[rebill]\nappid = \"app-1\"\napp_secret = \"appsecret-XYZZY-41\"\n\
              [title]\nbase_url = \"https://127.0.0.1:9/Entoauth\"\nclient_id = \"cid-1\"\nclient_secret = \"clientsecret-PLUGH-42\"\n",
             dir.join("secrets.db").display()
         ),
-    )
-    .expect("write");
-    let sc = secret_cfg.to_string_lossy().into_owned();
+    );
     for args in [
         vec!["check-config", "--config", sc.as_str()],
         vec!["--config", sc.as_str(), "check-config"],
@@ -1225,17 +1051,15 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
     std::fs::create_dir_all(&creds).expect("mkdir");
     std::fs::write(creds.join("app"), "filesecret-FROB-43\n").expect("write");
     std::fs::write(creds.join("client"), "filesecret-GRUE-44\n").expect("write");
-    let file_cfg = dir.join("file-secrets.toml");
-    std::fs::write(
-        &file_cfg,
-        format!(
+    let fc = write_cfg(
+        dir,
+        "file-secrets.toml",
+        &format!(
             "[database]\npath = \"{}\"\n[rebill]\nappid = \"app-1\"\napp_secret_file = \"$CREDENTIALS_DIRECTORY/app\"\n\
              [title]\nbase_url = \"https://127.0.0.1:9/Entoauth\"\nclient_id = \"cid-1\"\nclient_secret_file = \"$CREDENTIALS_DIRECTORY/client\"\n",
             dir.join("secrets.db").display()
         ),
-    )
-    .expect("write");
-    let fc = file_cfg.to_string_lossy().into_owned();
+    );
     let creds_dir = creds.to_string_lossy().into_owned();
     let out = cli_env(
         dir,
@@ -1252,24 +1076,26 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
         so.contains("rebill queue: enabled") && so.contains("title queue: enabled"),
         "check-config:\n{so}"
     );
-    let out = cli(dir, &["check-config", "--config", &fc]);
-    expect_code(&out, 2, "check-config with $CREDENTIALS_DIRECTORY unset");
+    let err = cli_err(
+        dir,
+        &["check-config", "--config", &fc],
+        2,
+        "check-config with $CREDENTIALS_DIRECTORY unset",
+    );
     assert!(
-        text(&out.stderr).contains("app_secret_file"),
-        "stderr should name the key: {}",
-        text(&out.stderr)
+        err.contains("app_secret_file"),
+        "stderr should name the key: {err}"
     );
 
     // The database file (and its directory) are created by the binary, mode 0600.
     let fresh_db = dir.join("fresh").join("sub").join("new.db");
-    let fresh_cfg = dir.join("fresh.toml");
-    std::fs::write(
-        &fresh_cfg,
-        format!("[database]\npath = \"{}\"\n", fresh_db.display()),
-    )
-    .expect("write");
-    let out = cli(dir, &["migrate", "--config", &fresh_cfg.to_string_lossy()]);
-    expect_code(&out, 0, "migrate on a fresh path");
+    let fresh_cfg = db_only_cfg(dir, "fresh.toml", &fresh_db);
+    cli_code(
+        dir,
+        &["migrate", "--config", &fresh_cfg],
+        0,
+        "migrate on a fresh path",
+    );
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&fresh_db)
@@ -1281,8 +1107,7 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
     }
 
     // Operator commands against a real database.
-    let out = cli(dir, &["migrate", "--config", &cfg]);
-    expect_code(&out, 0, "migrate");
+    cli_code(dir, &["migrate", "--config", &cfg], 0, "migrate");
     let done_id = world.insert_rebill("LIST-DONE-1", TAX).await;
     let failed_id = world.insert_rebill("LIST-FAIL-1", TAX).await;
     let failed2_id = world.insert_rebill("LIST-FAIL-2", TAX).await;
@@ -1299,10 +1124,13 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
         .await
         .expect("mark failed");
 
-    let out = cli(dir, &["status", "--json", "--config", &cfg]);
-    expect_code(&out, 0, "status --json");
-    let status: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    let status: serde_json::Value = serde_json::from_str(&cli_ok(
+        dir,
+        &["status", "--json", "--config", &cfg],
+        "status --json",
+        &[],
+    ))
+    .expect("status --json is JSON");
     let rebill = status["queues"]
         .as_array()
         .and_then(|qs| qs.iter().find(|q| q["queue"] == "rebill"))
@@ -1322,48 +1150,43 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
     assert_eq!(by_status.get("done"), Some(&1), "{status}");
     assert_eq!(by_status.get("failed"), Some(&2), "{status}");
     assert_eq!(by_status.get("pending"), Some(&1), "{status}");
-    let out = cli(dir, &["status", "--config", &cfg]);
-    expect_code(&out, 0, "status");
-    let so = text(&out.stdout);
-    assert!(
-        so.contains("rebill") && so.contains("title") && so.contains("no pauses"),
-        "status:\n{so}"
+    cli_ok(
+        dir,
+        &["status", "--config", &cfg],
+        "status",
+        &["rebill", "title", "no pauses"],
     );
 
-    let out = cli(
+    let so = cli_ok(
         dir,
         &[
             "list", "--queue", "rebill", "--status", "done", "--config", &cfg,
         ],
-    );
-    expect_code(&out, 0, "list done");
-    let so = text(&out.stdout);
-    assert!(
-        so.contains("LIST-DONE-1"),
-        "list --status done lacks the done row:\n{so}"
+        "list --status done",
+        &["LIST-DONE-1"],
     );
     assert!(
         !so.contains("LIST-FAIL-1") && !so.contains("LIST-PEND-1"),
         "list --status done shows other rows:\n{so}"
     );
-    let out = cli(dir, &["list", "--status", "bogus", "--config", &cfg]);
-    expect_code(&out, 2, "list with an unknown status");
+    cli_code(
+        dir,
+        &["list", "--status", "bogus", "--config", &cfg],
+        2,
+        "list with an unknown status",
+    );
 
     let (f, d, p) = (
         failed_id.to_string(),
         done_id.to_string(),
         pending_id.to_string(),
     );
-    let out = cli(dir, &["retry", &f, &d, "--config", &cfg]);
-    expect_code(&out, 0, "retry");
-    let so = text(&out.stdout);
-    assert!(
-        so.contains(&format!("{f}: pending again")),
-        "retry output:\n{so}"
-    );
-    assert!(
-        so.contains(&format!("{d}: unchanged")),
-        "retry of a done row should change nothing:\n{so}"
+    // Retrying a done row changes nothing.
+    cli_ok(
+        dir,
+        &["retry", &f, &d, "--config", &cfg],
+        "retry",
+        &[&format!("{f}: pending again"), &format!("{d}: unchanged")],
     );
     assert_eq!(world.status_of("rebill_orders", failed_id).await, "pending");
     assert_eq!(world.status_of("rebill_orders", done_id).await, "done");
@@ -1373,30 +1196,24 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
         ))
         .await;
     assert_eq!(attempts, 0, "retry should give a fresh attempt budget");
-    let out = cli(dir, &["retry", "--config", &cfg]);
-    expect_code(&out, 2, "retry without ids");
-    let out = cli(dir, &["retry", "--all-failed", "--config", &cfg]);
-    expect_code(&out, 0, "retry --all-failed");
-    assert!(
-        text(&out.stdout).contains('1'),
-        "retry --all-failed output: {}",
-        text(&out.stdout)
+    cli_code(dir, &["retry", "--config", &cfg], 2, "retry without ids");
+    cli_ok(
+        dir,
+        &["retry", "--all-failed", "--config", &cfg],
+        "retry --all-failed",
+        &["1"],
     );
     assert_eq!(
         world.status_of("rebill_orders", failed2_id).await,
         "pending"
     );
 
-    let out = cli(dir, &["cancel", &p, &d, "--config", &cfg]);
-    expect_code(&out, 0, "cancel");
-    let so = text(&out.stdout);
-    assert!(
-        so.contains(&format!("{p}: cancelled")),
-        "cancel output:\n{so}"
-    );
-    assert!(
-        so.contains(&format!("{d}: unchanged")),
-        "cancel of a done row should change nothing:\n{so}"
+    // Cancelling a done row changes nothing.
+    cli_ok(
+        dir,
+        &["cancel", &p, &d, "--config", &cfg],
+        "cancel",
+        &[&format!("{p}: cancelled"), &format!("{d}: unchanged")],
     );
     assert_eq!(
         world.status_of("rebill_orders", pending_id).await,
@@ -1406,12 +1223,11 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
 
     let seller = "9144030071526726XG";
     let before = invoice_worker::store::now_ms();
-    let out = cli(dir, &["pause", seller, "--for", "10m", "--config", &cfg]);
-    expect_code(&out, 0, "pause");
-    let so = text(&out.stdout);
-    assert!(
-        so.contains(seller) && so.contains("10m"),
-        "pause output:\n{so}"
+    cli_ok(
+        dir,
+        &["pause", seller, "--for", "10m", "--config", &cfg],
+        "pause",
+        &[seller, "10m"],
     );
     let until = world
         .count(&format!(
@@ -1423,30 +1239,28 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
         (until - expected).abs() < 10_000,
         "pause until {until}, expected about {expected}"
     );
-    let out = cli(dir, &["status", "--config", &cfg]);
-    assert!(
-        text(&out.stdout).contains(seller),
-        "status should list the pause:\n{}",
-        text(&out.stdout)
+    cli_ok(
+        dir,
+        &["status", "--config", &cfg],
+        "status with a pause",
+        &[seller],
     );
-    let out = cli(dir, &["resume", seller, "--config", &cfg]);
-    expect_code(&out, 0, "resume");
-    assert!(
-        text(&out.stdout).contains("resumed"),
-        "resume output: {}",
-        text(&out.stdout)
+    cli_ok(
+        dir,
+        &["resume", seller, "--config", &cfg],
+        "resume",
+        &["resumed"],
     );
     assert_eq!(
         world.count("SELECT COUNT(*) FROM pauses").await,
         0,
         "resume left the pause in place"
     );
-    let out = cli(dir, &["resume", seller, "--config", &cfg]);
-    expect_code(&out, 0, "resume when not paused");
-    assert!(
-        text(&out.stdout).contains("not paused"),
-        "second resume: {}",
-        text(&out.stdout)
+    cli_ok(
+        dir,
+        &["resume", seller, "--config", &cfg],
+        "resume when not paused",
+        &["not paused"],
     );
 
     // enqueue: idempotent for rebill, constraint errors are usage errors.
@@ -1460,27 +1274,15 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
         "--config",
         cfg.as_str(),
     ];
-    let out = cli(dir, &args);
-    expect_code(&out, 0, "enqueue rebill");
-    assert!(
-        text(&out.stdout).contains("enqueued"),
-        "{}",
-        text(&out.stdout)
-    );
-    let out = cli(dir, &args);
-    expect_code(&out, 0, "enqueue rebill again");
-    assert!(
-        text(&out.stdout).contains("already exists"),
-        "{}",
-        text(&out.stdout)
-    );
+    cli_ok(dir, &args, "enqueue rebill", &["enqueued"]);
+    cli_ok(dir, &args, "enqueue rebill again", &["already exists"]);
     assert_eq!(
         world
             .count("SELECT COUNT(*) FROM rebill_orders WHERE orderno = 'CLI-ENQ-1'")
             .await,
         1
     );
-    let out = cli(
+    cli_code(
         dir,
         &[
             "enqueue",
@@ -1496,8 +1298,9 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
             "--config",
             &cfg,
         ],
+        2,
+        "enqueue title with invoice type 3",
     );
-    expect_code(&out, 2, "enqueue title with invoice type 3");
 
     // --help on every command.
     let commands: [&[&str]; 15] = [
@@ -1522,16 +1325,9 @@ async fn cli_exit_codes_check_config_and_operator_commands() {
         if sub != ["help"] {
             args.push("--help");
         }
-        let out = cli(dir, &args);
-        expect_code(&out, 0, &format!("{args:?}"));
-        assert!(
-            text(&out.stdout).contains("Usage:"),
-            "{args:?}: {}",
-            text(&out.stdout)
-        );
+        cli_ok(dir, &args, &format!("{args:?}"), &["Usage:"]);
     }
-    let out = cli(dir, &["no-such-command"]);
-    expect_code(&out, 2, "unknown subcommand");
+    cli_code(dir, &["no-such-command"], 2, "unknown subcommand");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1710,15 +1506,13 @@ async fn secrets_never_reach_the_logs() {
         insert_title(&world, "T-XML", 1).await,
         insert_title(&world, "T-RENEW", 0).await,
     ];
-    let mut daemon = Daemon::start(&good_text, dir.join("secrets-1.log"));
+    let mut daemon = start_daemon(&world, &good_text, "secrets-1.log");
     let w = &world;
     wait_until(
         Duration::from_secs(20),
         "phase 1 rows finished",
         move || async move {
-            w.count("SELECT COUNT(*) FROM rebill_orders WHERE status = 'done'")
-                .await
-                == 5
+            rebill_count(w, "done").await == 5
                 && w.count("SELECT COUNT(*) FROM title_submissions WHERE status = 'done'")
                     .await
                     == 3
@@ -1730,14 +1524,10 @@ async fn secrets_never_reach_the_logs() {
         },
     )
     .await;
-    let status = daemon.terminate(Duration::from_secs(10));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "phase 1 exit; log:\n{}",
-        daemon.log_text()
-    );
-    logs.push(("phase 1 (text, good credentials)", daemon.log_text()));
+    logs.push((
+        "phase 1 (text, good credentials)",
+        daemon.stop(Duration::from_secs(10), "phase 1"),
+    ));
     for id in titles {
         assert_eq!(world.status_of("title_submissions", id).await, "done");
     }
@@ -1763,7 +1553,7 @@ async fn secrets_never_reach_the_logs() {
         world.insert_rebill(o, TAX).await;
     }
     insert_title(&world, "T-SIG", 1).await;
-    let mut daemon = Daemon::start(&wrong_json, dir.join("secrets-2.log"));
+    let mut daemon = start_daemon(&world, &wrong_json, "secrets-2.log");
     wait_until(
         Duration::from_secs(20),
         "both queues paused by the bad credentials",
@@ -1774,14 +1564,10 @@ async fn secrets_never_reach_the_logs() {
         },
     )
     .await;
-    let status = daemon.terminate(Duration::from_secs(10));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "phase 2 exit; log:\n{}",
-        daemon.log_text()
-    );
-    logs.push(("phase 2 (json, wrong credentials)", daemon.log_text()));
+    logs.push((
+        "phase 2 (json, wrong credentials)",
+        daemon.stop(Duration::from_secs(10), "phase 2"),
+    ));
     assert!(
         world
             .sim
@@ -1800,15 +1586,14 @@ async fn secrets_never_reach_the_logs() {
     let good_json = write_toml(&world, "good-json.toml", &[title_via_proxy], debug_json);
     let gj = good_json.to_string_lossy().into_owned();
     for queue in ["rebill", "title"] {
-        let out = cli(&dir, &["resume", "--queue", queue, "*", "--config", &gj]);
-        expect_code(&out, 0, "resume '*'");
-        assert!(
-            text(&out.stdout).contains("resumed"),
-            "resume {queue}: {}",
-            text(&out.stdout)
+        cli_ok(
+            &dir,
+            &["resume", "--queue", queue, "*", "--config", &gj],
+            &format!("resume {queue} '*'"),
+            &["resumed"],
         );
     }
-    let mut daemon = Daemon::start(&good_json, dir.join("secrets-3.log"));
+    let mut daemon = start_daemon(&world, &good_json, "secrets-3.log");
     wait_until(
         Duration::from_secs(20),
         "phase 3 rows done",
@@ -1824,14 +1609,10 @@ async fn secrets_never_reach_the_logs() {
         },
     )
     .await;
-    let status = daemon.terminate(Duration::from_secs(10));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "phase 3 exit; log:\n{}",
-        daemon.log_text()
-    );
-    logs.push(("phase 3 (json, good credentials)", daemon.log_text()));
+    logs.push((
+        "phase 3 (json, good credentials)",
+        daemon.stop(Duration::from_secs(10), "phase 3"),
+    ));
 
     // What must never appear.
     let tokens = proxy.tokens();

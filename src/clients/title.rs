@@ -867,6 +867,42 @@ mod tests {
         }
     }
 
+    /// A shareable client of the stub at `addr`.
+    fn client(addr: std::net::SocketAddr, secret: &str, ttl: Duration) -> Arc<TitleClient> {
+        Arc::new(TitleClient::new(settings(addr, secret, ttl)).expect("client"))
+    }
+
+    /// `n` sends of `f` as `data_type` started at once; their results.
+    async fn send_concurrently(
+        client: &Arc<TitleClient>,
+        f: &Arc<TitleFields>,
+        n: usize,
+        data_type: DataType,
+    ) -> Vec<Attempted> {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                let client = client.clone();
+                let f = f.clone();
+                tokio::spawn(async move { client.send(&request(&f, data_type)).await })
+            })
+            .collect();
+        let mut results = Vec::with_capacity(n);
+        for h in handles {
+            results.push(h.await.expect("join"));
+        }
+        results
+    }
+
+    /// A stub counter's value.
+    fn calls(counter: &std::sync::atomic::AtomicUsize) -> usize {
+        counter.load(Ordering::SeqCst)
+    }
+
+    /// What the stub's thirdApi answers from now on.
+    fn answer(stub: &stub::Stub, api: Api) {
+        *stub.api.lock().expect("lock") = api;
+    }
+
     fn assert_clean(a: &Attempted) {
         for bad in [
             SECRET,
@@ -883,8 +919,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn wire_format_is_what_was_built() {
         let (stub, addr) = stub::start().await;
-        let client =
-            TitleClient::new(settings(addr, SECRET, Duration::from_secs(60))).expect("client");
+        let client = client(addr, SECRET, Duration::from_secs(60));
         let f = fields();
         for dt in [DataType::Json, DataType::Xml] {
             let a = client.send(&request(&f, dt)).await;
@@ -914,69 +949,49 @@ mod tests {
             let p = stub.last_params.lock().expect("lock").clone();
             assert_eq!(p.get("sqm").map(String::as_str), Some("SQM/1+2"));
         }
-        assert_eq!(stub.token_calls.load(Ordering::SeqCst), 1);
-        assert_eq!(stub.open_calls.load(Ordering::SeqCst), 1);
+        assert_eq!(calls(&stub.token_calls), 1);
+        assert_eq!(calls(&stub.open_calls), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_sends_share_one_renewal() {
         let (stub, addr) = stub::start().await;
-        let client = Arc::new(
-            TitleClient::new(settings(addr, SECRET, Duration::from_secs(1))).expect("client"),
-        );
+        let client = client(addr, SECRET, Duration::from_secs(1));
         let f = Arc::new(fields());
-        let burst = |client: Arc<TitleClient>, f: Arc<TitleFields>| async move {
-            let handles: Vec<_> = (0..20)
-                .map(|_| {
-                    let client = client.clone();
-                    let f = f.clone();
-                    tokio::spawn(async move { client.send(&request(&f, DataType::Json)).await })
-                })
-                .collect();
-            for h in handles {
-                let a = h.await.expect("join");
+        let burst = || async {
+            for a in send_concurrently(&client, &f, 20, DataType::Json).await {
                 assert_eq!(a.action, Action::Done(Outcome::Sent), "{a:?}");
             }
         };
         // Cold start: 20 jobs, one TokenAction call.
-        burst(client.clone(), f.clone()).await;
-        assert_eq!(stub.token_calls.load(Ordering::SeqCst), 1);
+        burst().await;
+        assert_eq!(calls(&stub.token_calls), 1);
         // After the TTL, again exactly one.
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        burst(client.clone(), f.clone()).await;
-        assert_eq!(stub.token_calls.load(Ordering::SeqCst), 2);
-        assert_eq!(stub.open_calls.load(Ordering::SeqCst), 2);
+        burst().await;
+        assert_eq!(calls(&stub.token_calls), 2);
+        assert_eq!(calls(&stub.open_calls), 2);
         assert_eq!(client.tokens().fetch_count(), 2);
-        assert_eq!(stub.api_calls.load(Ordering::SeqCst), 40);
+        assert_eq!(calls(&stub.api_calls), 40);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_401_renews_once_and_resends() {
         let (stub, addr) = stub::start().await;
-        let client = Arc::new(
-            TitleClient::new(settings(addr, SECRET, Duration::from_secs(3600))).expect("client"),
-        );
+        let client = client(addr, SECRET, Duration::from_secs(3600));
         let f = Arc::new(fields());
         let a = client.send(&request(&f, DataType::Json)).await;
         assert_eq!(a.action, Action::Done(Outcome::Sent));
         // The platform drops tok-1 long before our TTL; ten jobs meet the 401 at once.
         stub.revoked_below.store(2, Ordering::SeqCst);
-        let handles: Vec<_> = (0..10)
-            .map(|_| {
-                let client = client.clone();
-                let f = f.clone();
-                tokio::spawn(async move { client.send(&request(&f, DataType::Xml)).await })
-            })
-            .collect();
-        for h in handles {
-            let a = h.await.expect("join");
+        for a in send_concurrently(&client, &f, 10, DataType::Xml).await {
             assert_eq!(a.action, Action::Done(Outcome::Sent), "{a:?}");
             assert_clean(&a);
         }
-        assert_eq!(stub.token_calls.load(Ordering::SeqCst), 2);
+        assert_eq!(calls(&stub.token_calls), 2);
         // Each job sent once or, if it met the 401, twice; a job that started after the
         // renewal needed no resend, so the exact count depends on scheduling.
-        let api_calls = stub.api_calls.load(Ordering::SeqCst);
+        let api_calls = calls(&stub.api_calls);
         assert!(
             (1 + 10 + 1..=1 + 10 + 10).contains(&api_calls),
             "{api_calls} thirdApi calls"
@@ -986,47 +1001,35 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_token_message_renews_and_a_persistent_401_retries() {
         let (stub, addr) = stub::start().await;
-        let client =
-            TitleClient::new(settings(addr, SECRET, Duration::from_secs(3600))).expect("client");
+        let client = client(addr, SECRET, Duration::from_secs(3600));
         let f = fields();
         assert_eq!(
             client.send(&request(&f, DataType::Json)).await.action,
             Action::Done(Outcome::Sent)
         );
-        *stub.api.lock().expect("lock") = Api::Reply(200, xml("8001", "access_token已失效"));
+        answer(&stub, Api::Reply(200, xml("8001", "access_token已失效")));
         let a = client.send(&request(&f, DataType::Json)).await;
         assert_eq!(a.action, RETRY, "{a:?}");
-        assert_eq!(stub.token_calls.load(Ordering::SeqCst), 2);
-        assert_eq!(stub.api_calls.load(Ordering::SeqCst), 3);
+        assert_eq!(calls(&stub.token_calls), 2);
+        assert_eq!(calls(&stub.api_calls), 3);
         assert_clean(&a);
 
-        *stub.api.lock().expect("lock") = Api::Ok;
+        answer(&stub, Api::Ok);
         stub.always_401.store(true, Ordering::SeqCst);
         let a = client.send(&request(&f, DataType::Json)).await;
         assert_eq!(a.action, RETRY, "{a:?}");
         assert_eq!(a.http_status, Some(401));
         // One renewal and one resend, no more.
-        assert_eq!(stub.token_calls.load(Ordering::SeqCst), 3);
-        assert_eq!(stub.api_calls.load(Ordering::SeqCst), 5);
+        assert_eq!(calls(&stub.token_calls), 3);
+        assert_eq!(calls(&stub.api_calls), 5);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refused_credentials_pause_the_queue() {
         let (stub, addr) = stub::start().await;
-        let client = Arc::new(
-            TitleClient::new(settings(addr, "wrong-secret", Duration::from_secs(3600)))
-                .expect("client"),
-        );
+        let client = client(addr, "wrong-secret", Duration::from_secs(3600));
         let f = Arc::new(fields());
-        let handles: Vec<_> = (0..8)
-            .map(|_| {
-                let client = client.clone();
-                let f = f.clone();
-                tokio::spawn(async move { client.send(&request(&f, DataType::Json)).await })
-            })
-            .collect();
-        for h in handles {
-            let a = h.await.expect("join");
+        for a in send_concurrently(&client, &f, 8, DataType::Json).await {
             assert_eq!(
                 a.action,
                 Action::PauseQueue(Duration::from_secs(600)),
@@ -1041,9 +1044,9 @@ mod tests {
             assert!(!a.message.contains("wrong-secret"), "{}", a.message);
             assert_eq!(a.code.as_deref(), Some("9001"));
         }
-        assert_eq!(stub.api_calls.load(Ordering::SeqCst), 0);
+        assert_eq!(calls(&stub.api_calls), 0);
         // Jobs that waited for the refused fetch share its answer.
-        assert_eq!(stub.token_calls.load(Ordering::SeqCst), 1);
+        assert_eq!(calls(&stub.token_calls), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1051,29 +1054,19 @@ mod tests {
         let (stub, addr) = stub::start().await;
         stub.token_500.store(true, Ordering::SeqCst);
         *stub.token_delay.lock().expect("lock") = Duration::from_millis(100);
-        let client = Arc::new(
-            TitleClient::new(settings(addr, SECRET, Duration::from_secs(3600))).expect("client"),
-        );
+        let client = client(addr, SECRET, Duration::from_secs(3600));
         let f = Arc::new(fields());
-        let handles: Vec<_> = (0..20)
-            .map(|_| {
-                let client = client.clone();
-                let f = f.clone();
-                tokio::spawn(async move { client.send(&request(&f, DataType::Json)).await })
-            })
-            .collect();
-        for h in handles {
-            let a = h.await.expect("join");
+        for a in send_concurrently(&client, &f, 20, DataType::Json).await {
             assert_eq!(a.action, RETRY, "{a:?}");
             assert!(a.message.contains("TokenAction"), "{}", a.message);
         }
-        assert_eq!(stub.token_calls.load(Ordering::SeqCst), 1);
+        assert_eq!(calls(&stub.token_calls), 1);
         // An attempt after the short hold tries again.
         stub.token_500.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let a = client.send(&request(&f, DataType::Json)).await;
         assert_eq!(a.action, Action::Done(Outcome::Sent));
-        assert_eq!(stub.token_calls.load(Ordering::SeqCst), 2);
+        assert_eq!(calls(&stub.token_calls), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1084,7 +1077,7 @@ mod tests {
         let client = TitleClient::new(s).expect("client");
         let a = client.send(&request(&fields(), DataType::Json)).await;
         assert_eq!(a.action, Action::Done(Outcome::Sent), "{a:?}");
-        assert_eq!(stub.open_calls.load(Ordering::SeqCst), 0);
+        assert_eq!(calls(&stub.open_calls), 0);
         let p = stub.last_params.lock().expect("lock").clone();
         assert_eq!(p.get("openID").map(String::as_str), Some("fixed-oid"));
     }
@@ -1097,7 +1090,7 @@ mod tests {
         let client = TitleClient::new(s).expect("client");
         let f = fields();
 
-        *stub.api.lock().expect("lock") = Api::Busy(9);
+        answer(&stub, Api::Busy(9));
         let a = client.send(&request(&f, DataType::Json)).await;
         assert_eq!(
             a.action,
@@ -1107,11 +1100,14 @@ mod tests {
         );
 
         // A server echoing the buyer's phone and account: masked in the message.
-        *stub.api.lock().expect("lock") = Api::Reply(
-            200,
-            xml(
-                "9100",
-                "GMF_DH 13800138000 与 GMF_YHZH 招商银行 66454545 格式错误",
+        answer(
+            &stub,
+            Api::Reply(
+                200,
+                xml(
+                    "9100",
+                    "GMF_DH 13800138000 与 GMF_YHZH 招商银行 66454545 格式错误",
+                ),
             ),
         );
         let a = client.send(&request(&f, DataType::Json)).await;
@@ -1119,7 +1115,7 @@ mod tests {
         assert_clean(&a);
         assert!(a.message.contains("****8000"), "{}", a.message);
 
-        *stub.api.lock().expect("lock") = Api::Reply(200, json("9001", "流水号重复"));
+        answer(&stub, Api::Reply(200, json("9001", "流水号重复")));
         let mut retry = request(&f, DataType::Json);
         retry.is_retry = true;
         assert_eq!(
@@ -1131,14 +1127,14 @@ mod tests {
             Action::Fail
         );
 
-        *stub.api.lock().expect("lock") = Api::EchoQuery;
+        answer(&stub, Api::EchoQuery);
         let a = client.send(&request(&f, DataType::Json)).await;
         assert_eq!(a.action, RETRY, "{a:?}");
         assert_eq!(a.http_status, Some(400));
         assert!(a.message.contains("Bad data *** for ***"), "{}", a.message);
         assert_clean(&a);
 
-        *stub.api.lock().expect("lock") = Api::Slow(Duration::from_secs(2));
+        answer(&stub, Api::Slow(Duration::from_secs(2)));
         let a = client.send(&request(&f, DataType::Json)).await;
         assert_eq!(a.action, RETRY, "{a:?}");
         assert_eq!(a.http_status, None);

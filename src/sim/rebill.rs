@@ -278,15 +278,15 @@ fn verify(
 }
 
 fn json_reply(status: StatusCode, body: impl Into<Body>) -> Response {
-    let mut response = Response::new(body.into());
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON_CT));
-    response
+    typed_reply(status, JSON_CT, body)
 }
 
-fn typed_reply(status: StatusCode, content_type: &'static str, body: impl Into<Body>) -> Response {
+/// A response with `status`, `content_type` and `body`.
+pub(super) fn typed_reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Body>,
+) -> Response {
     let mut response = Response::new(body.into());
     *response.status_mut() = status;
     response

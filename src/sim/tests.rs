@@ -64,23 +64,48 @@ fn form_body(fields: &[(&str, &str)]) -> String {
         .join("&")
 }
 
+fn refs(fields: &[(String, String)]) -> Vec<(&str, &str)> {
+    fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+/// A correctly signed rebill form carrying `request_data` as it is, at `ts`.
+fn signed_fields(
+    opts: &SimOptions,
+    tax_num: &str,
+    request_data: &str,
+    ts: u64,
+) -> Vec<(String, String)> {
+    let mut fields = vec![
+        ("appid".to_owned(), opts.rebill_appid.clone()),
+        ("timestamp".to_owned(), ts.to_string()),
+        ("tax_num".to_owned(), tax_num.to_owned()),
+        ("request_data".to_owned(), request_data.to_owned()),
+    ];
+    let sign = md5_sign(&refs(&fields), &opts.rebill_secret);
+    fields.push(("sign".to_owned(), sign));
+    fields
+}
+
 /// A correctly signed rebill form for `orderno`, at `ts`.
 fn rebill_fields(opts: &SimOptions, orderno: &str, ts: u64) -> Vec<(String, String)> {
     let data = serde_json::json!({ "orderno": orderno }).to_string();
-    let ts = ts.to_string();
-    let mut fields = vec![
-        ("appid".to_owned(), opts.rebill_appid.clone()),
-        ("timestamp".to_owned(), ts),
-        ("tax_num".to_owned(), "91310117568051222X".to_owned()),
-        ("request_data".to_owned(), data),
-    ];
-    let refs: Vec<(&str, &str)> = fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let sign = md5_sign(&refs, &opts.rebill_secret);
-    fields.push(("sign".to_owned(), sign));
-    fields
+    signed_fields(opts, "91310117568051222X", &data, ts)
+}
+
+/// A POST of `fields` as a form body to the rebill endpoint, with `content_type`.
+fn form_request(
+    client: &reqwest::Client,
+    sim: &Simulator,
+    fields: &[(String, String)],
+    content_type: &str,
+) -> reqwest::RequestBuilder {
+    client
+        .post(sim.rebill_url())
+        .header("content-type", content_type)
+        .body(form_body(&refs(fields)))
 }
 
 async fn post_form(
@@ -88,20 +113,24 @@ async fn post_form(
     sim: &Simulator,
     fields: &[(String, String)],
 ) -> reqwest::Response {
-    let refs: Vec<(&str, &str)> = fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    client
-        .post(sim.rebill_url())
-        .header(
-            "content-type",
-            "application/x-www-form-urlencoded;charset=UTF-8",
-        )
-        .body(form_body(&refs))
-        .send()
-        .await
-        .unwrap()
+    form_request(
+        client,
+        sim,
+        fields,
+        "application/x-www-form-urlencoded;charset=UTF-8",
+    )
+    .send()
+    .await
+    .unwrap()
+}
+
+/// `post_form`, the answer read as JSON.
+async fn post_form_json(
+    client: &reqwest::Client,
+    sim: &Simulator,
+    fields: &[(String, String)],
+) -> serde_json::Value {
+    post_form(client, sim, fields).await.json().await.unwrap()
 }
 
 async fn rebill_json(
@@ -110,8 +139,11 @@ async fn rebill_json(
     orderno: &str,
 ) -> serde_json::Value {
     let fields = rebill_fields(&SimOptions::default(), orderno, now());
-    post_form(client, sim, &fields).await.json().await.unwrap()
+    post_form_json(client, sim, &fields).await
 }
+
+/// A form content type without a charset.
+const PLAIN_FORM: &str = "application/x-www-form-urlencoded";
 
 async fn start() -> Simulator {
     Simulator::start(SimOptions::default()).await.unwrap()
@@ -155,11 +187,7 @@ async fn bad_rebill_requests_are_refused() {
     };
 
     // Wrong signature.
-    let r: serde_json::Value = post_form(&client, &sim, &set("sign", &"0".repeat(32)))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let r = post_form_json(&client, &sim, &set("sign", &"0".repeat(32))).await;
     assert_eq!(r["code"], 70601);
     assert!(r["message"].as_str().unwrap().contains("签名"));
 
@@ -168,11 +196,7 @@ async fn bad_rebill_requests_are_refused() {
         rebill_secret: "nope".into(),
         ..SimOptions::default()
     };
-    let r: serde_json::Value = post_form(&client, &sim, &rebill_fields(&other, "o-1", now()))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let r = post_form_json(&client, &sim, &rebill_fields(&other, "o-1", now())).await;
     assert_eq!(r["code"], 70601);
 
     // Wrong appid (correctly signed for it).
@@ -180,45 +204,29 @@ async fn bad_rebill_requests_are_refused() {
         rebill_appid: "someone-else".into(),
         ..SimOptions::default()
     };
-    let r: serde_json::Value = post_form(&client, &sim, &rebill_fields(&other, "o-1", now()))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let r = post_form_json(&client, &sim, &rebill_fields(&other, "o-1", now())).await;
     assert!(r["message"].as_str().unwrap().contains("appid"), "{r}");
     assert_ne!(r["code"], 0);
 
     // Stale timestamp, and one in milliseconds.
     for ts in [now() - 301, now() + 400, now() * 1000] {
-        let r: serde_json::Value = post_form(&client, &sim, &rebill_fields(&opts, "o-1", ts))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let r = post_form_json(&client, &sim, &rebill_fields(&opts, "o-1", ts)).await;
         assert!(r["message"].as_str().unwrap().contains("timestamp"), "{r}");
     }
     // Within the window is fine.
-    let r: serde_json::Value = post_form(&client, &sim, &rebill_fields(&opts, "o-1", now() - 250))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let r = post_form_json(&client, &sim, &rebill_fields(&opts, "o-1", now() - 250)).await;
     assert_eq!(r["code"], 0);
 
     // Missing and extra fields are named.
     for missing in ["appid", "timestamp", "tax_num", "request_data", "sign"] {
         let fields: Vec<_> = good.iter().filter(|(k, _)| k != missing).cloned().collect();
-        let r: serde_json::Value = post_form(&client, &sim, &fields)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let r = post_form_json(&client, &sim, &fields).await;
         assert_ne!(r["code"], 0);
         assert!(r["message"].as_str().unwrap().contains(missing), "{r}");
     }
     let mut extra = good.clone();
     extra.push(("orderno".into(), "o-1".into()));
-    let r: serde_json::Value = post_form(&client, &sim, &extra).await.json().await.unwrap();
+    let r = post_form_json(&client, &sim, &extra).await;
     assert!(r["message"].as_str().unwrap().contains("orderno"), "{r}");
 
     // request_data that is not an object with a string orderno (correctly signed).
@@ -228,16 +236,8 @@ async fn bad_rebill_requests_are_refused() {
         r#"{"order":"o-1"}"#,
         "orderno=o-1",
     ] {
-        let mut f = vec![
-            ("appid".to_owned(), opts.rebill_appid.clone()),
-            ("timestamp".to_owned(), now().to_string()),
-            ("tax_num".to_owned(), "T1".to_owned()),
-            ("request_data".to_owned(), data.to_owned()),
-        ];
-        let refs: Vec<(&str, &str)> = f.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let sign = md5_sign(&refs, &opts.rebill_secret);
-        f.push(("sign".into(), sign));
-        let r: serde_json::Value = post_form(&client, &sim, &f).await.json().await.unwrap();
+        let f = signed_fields(&opts, "T1", data, now());
+        let r = post_form_json(&client, &sim, &f).await;
         assert!(
             r["message"].as_str().unwrap().contains("request_data"),
             "{r}"
@@ -355,14 +355,7 @@ async fn transport_level_behaviours() {
 
     sim.script_rebill("reset", vec![RebillBehavior::Reset]);
     let fields = rebill_fields(&SimOptions::default(), "reset", now());
-    let refs: Vec<(&str, &str)> = fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let outcome = client
-        .post(sim.rebill_url())
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form_body(&refs))
+    let outcome = form_request(&client, &sim, &fields, PLAIN_FORM)
         .send()
         .await;
     match outcome {
@@ -400,16 +393,7 @@ async fn transport_level_behaviours() {
         .build()
         .unwrap();
     let fields = rebill_fields(&SimOptions::default(), "slow", now());
-    let refs: Vec<(&str, &str)> = fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let err = quick
-        .post(sim.rebill_url())
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form_body(&refs))
-        .send()
-        .await;
+    let err = form_request(&quick, &sim, &fields, PLAIN_FORM).send().await;
     assert!(err.is_err());
     tokio::time::sleep(Duration::from_millis(400)).await;
     let before = sim.overlapping_sends();
@@ -455,6 +439,10 @@ fn xml_text(doc: &str, tag: &str) -> Option<String> {
     Some(doc[start..end].to_owned())
 }
 
+async fn get_text(client: &reqwest::Client, url: String) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 async fn login(sim: &Simulator) -> TitleSession {
     let client = reqwest::Client::new();
     let base = sim.title_base_url();
@@ -464,7 +452,7 @@ async fn login(sim: &Simulator) -> TitleSession {
         enc(&opts.title_client_id),
         enc(&opts.title_client_secret)
     );
-    let doc = client.get(url).send().await.unwrap().text().await.unwrap();
+    let doc = get_text(&client, url).await;
     assert_eq!(
         xml_text(&doc, "REPLYCODE").as_deref(),
         Some("0000"),
@@ -476,7 +464,7 @@ async fn login(sim: &Simulator) -> TitleSession {
         enc(&opts.title_client_id),
         enc(&token)
     );
-    let doc = client.get(url).send().await.unwrap().text().await.unwrap();
+    let doc = get_text(&client, url).await;
     let open_id = xml_text(&doc, "openID").unwrap();
     TitleSession {
         client,
@@ -508,7 +496,25 @@ fn xml_payload(order_no: &str, serial: &str, gmf_mc: &str) -> String {
     )
 }
 
+fn b64(payload: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(payload.as_bytes())
+}
+
 impl TitleSession {
+    /// The thirdApi URL of this session with `sqm` and `data` (both already encoded).
+    fn third_api_url(&self, sqm: &str, data: &str, data_type: &str) -> String {
+        format!(
+            "{}/thirdApi?sign=FPTT1001&client_id={}&access_token={}&openID={}&sqm={}&busiType=SQM_KPJL&data={}&dataType={}",
+            self.base,
+            enc(&SimOptions::default().title_client_id),
+            enc(&self.token),
+            enc(&self.open_id),
+            sqm,
+            data,
+            data_type
+        )
+    }
+
     /// Sends `payload`; `set` decides how `data` is percent-encoded.
     async fn send_with(
         &self,
@@ -516,18 +522,25 @@ impl TitleSession {
         data_type: &str,
         set: &'static AsciiSet,
     ) -> reqwest::Response {
-        let data = base64::engine::general_purpose::STANDARD.encode(payload.as_bytes());
-        let url = format!(
-            "{}/thirdApi?sign=FPTT1001&client_id={}&access_token={}&openID={}&sqm={}&busiType=SQM_KPJL&data={}&dataType={}",
-            self.base,
-            enc(&SimOptions::default().title_client_id),
-            enc(&self.token),
-            enc(&self.open_id),
-            enc("SQM-授权码+1"),
-            utf8_percent_encode(&data, set),
-            data_type
+        let data = b64(payload);
+        let url = self.third_api_url(
+            &enc("SQM-授权码+1"),
+            &utf8_percent_encode(&data, set).to_string(),
+            data_type,
         );
         self.client.post(url).send().await.unwrap()
+    }
+
+    /// POSTs to `url` and reads the answer as text.
+    async fn post_text(&self, url: String) -> String {
+        self.client
+            .post(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     async fn send(&self, payload: &str, data_type: &str) -> String {
@@ -585,13 +598,12 @@ async fn unencoded_plus_in_data_is_corrupted() {
     let mut payload = String::new();
     for i in 0..10_000 {
         payload = json_payload("T-plus", "SIMPLUS1", "购买方>>>??", &format!("备注{i}~~~"));
-        let b64 = base64::engine::general_purpose::STANDARD.encode(payload.as_bytes());
-        if b64.contains('+') {
+        if b64(&payload).contains('+') {
             break;
         }
     }
-    let b64 = base64::engine::general_purpose::STANDARD.encode(payload.as_bytes());
-    assert!(b64.contains('+'));
+    let encoded = b64(&payload);
+    assert!(encoded.contains('+'));
 
     let sloppy = s
         .send_with(&payload, "0", SLOPPY)
@@ -612,25 +624,11 @@ async fn unencoded_plus_in_data_is_corrupted() {
     assert!(!sim.title_requests()[0].payload_ok);
 
     // Missing padding is refused too.
-    let unpadded = b64.trim_end_matches('=').to_owned();
-    if unpadded.len() != b64.len() {
-        let url = format!(
-            "{}/thirdApi?sign=FPTT1001&client_id={}&access_token={}&openID={}&sqm=x&busiType=SQM_KPJL&data={}&dataType=0",
-            s.base,
-            enc(&SimOptions::default().title_client_id),
-            enc(&s.token),
-            enc(&s.open_id),
-            enc(&unpadded),
-        );
+    let unpadded = encoded.trim_end_matches('=').to_owned();
+    if unpadded.len() != encoded.len() {
         let text = s
-            .client
-            .post(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+            .post_text(s.third_api_url("x", &enc(&unpadded), "0"))
+            .await;
         assert!(text.contains("Base64"), "{text}");
     }
 
@@ -668,25 +666,8 @@ async fn duplicate_serial_and_field_rules() {
         .replace("<GMF_NSRSBH>91110000600037341L</GMF_NSRSBH>", "");
     assert!(s.send(&special, "1").await.contains("GMF_NSRSBH"));
     // Wrong busiType / missing sqm.
-    let data = base64::engine::general_purpose::STANDARD.encode(p.as_bytes());
-    let url = format!(
-        "{}/thirdApi?sign=FPTT1001&client_id={}&access_token={}&openID={}&sqm=&busiType=SQM_KPJL&data={}&dataType=0",
-        s.base,
-        enc(&SimOptions::default().title_client_id),
-        enc(&s.token),
-        enc(&s.open_id),
-        enc(&data),
-    );
-    assert!(s
-        .client
-        .post(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-        .contains("sqm"));
+    let url = s.third_api_url("", &enc(&b64(&p)), "0");
+    assert!(s.post_text(url).await.contains("sqm"));
 }
 
 #[tokio::test]
@@ -716,18 +697,14 @@ async fn expired_tokens_are_refused() {
         .contains("\"0000\""));
 
     // Wrong client credentials at TokenAction.
-    let doc = s
-        .client
-        .get(format!(
+    let doc = get_text(
+        &s.client,
+        format!(
             "{}/TokenAction?sign=token&client_id=sandbox-client&client_secret=wrong",
             s.base
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     assert_eq!(xml_text(&doc, "REPLYCODE").as_deref(), Some("1001"));
     assert!(doc.contains("client_secret"));
 }

@@ -9,19 +9,19 @@
 //! request's format.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use base64::Engine as _;
 use quick_xml::escape::escape;
 use quick_xml::events::Event;
 use serde_json::{json, Value};
 
-use super::rebill::{final_status, reset_body};
+use super::rebill::{final_status, reset_body, typed_reply as typed};
 use super::{form, lock, FlightGuard, Shared, TitleBehavior, TitleRecord};
 
 const JSON_CT: &str = "application/json;charset=UTF-8";
@@ -63,15 +63,6 @@ fn known(name: &str) -> Option<&'static str> {
 enum Fmt {
     Json,
     Xml,
-}
-
-fn typed(status: StatusCode, content_type: &'static str, body: impl Into<Body>) -> Response {
-    let mut response = Response::new(body.into());
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
 }
 
 /// `<?xml …?><ROOT><HEAD><SERVICE>…</SERVICE></HEAD><BODY>{body}</BODY></ROOT>`;
@@ -135,21 +126,27 @@ fn query_params(uri: &Uri) -> Result<Vec<(String, String)>, form::FormError> {
     form::parse(uri.query().unwrap_or("").as_bytes())
 }
 
+/// Counts a TokenAction/OpenAction call in `calls` and decodes its query string.
+fn action_params(calls: &AtomicUsize, uri: &Uri) -> Result<Vec<(String, String)>, form::FormError> {
+    calls.fetch_add(1, Ordering::Relaxed);
+    query_params(uri)
+}
+
+/// The XML refusal (code 1005) of a TokenAction/OpenAction query that does not decode.
+fn undecodable(e: form::FormError) -> Response {
+    xml_reply(
+        StatusCode::OK,
+        "1005",
+        &format!("请求参数解码失败({e})"),
+        "",
+    )
+}
+
 /// `GET /Entoauth/TokenAction?sign=token&client_id=…&client_secret=…`.
 pub(super) async fn token_action(State(shared): State<Arc<Shared>>, uri: Uri) -> Response {
-    shared
-        .token_calls
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let params = match query_params(&uri) {
+    let params = match action_params(&shared.token_calls, &uri) {
         Ok(p) => p,
-        Err(e) => {
-            return xml_reply(
-                StatusCode::OK,
-                "1005",
-                &format!("请求参数解码失败({e})"),
-                "",
-            )
-        }
+        Err(e) => return undecodable(e),
     };
     let get = |n: &str| form::first(&params, n).unwrap_or("");
     if get("sign") != "token" {
@@ -171,19 +168,9 @@ pub(super) async fn token_action(State(shared): State<Arc<Shared>>, uri: Uri) ->
 
 /// `GET /Entoauth/OpenAction?sign=open&client_id=…&access_token=…`.
 pub(super) async fn open_action(State(shared): State<Arc<Shared>>, uri: Uri) -> Response {
-    shared
-        .open_calls
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let params = match query_params(&uri) {
+    let params = match action_params(&shared.open_calls, &uri) {
         Ok(p) => p,
-        Err(e) => {
-            return xml_reply(
-                StatusCode::OK,
-                "1005",
-                &format!("请求参数解码失败({e})"),
-                "",
-            )
-        }
+        Err(e) => return undecodable(e),
     };
     let get = |n: &str| form::first(&params, n).unwrap_or("");
     if get("sign") != "open" {

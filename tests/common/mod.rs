@@ -236,3 +236,153 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Environment variables that would change what the binary reads (config, secrets, log
+/// level, the systemd notify socket and watchdog).
+pub const SCRUBBED_ENV: [&str; 7] = [
+    "RUST_LOG",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "INVOICE_WORKER_CONFIG",
+    "INVOICE_WORKER_REBILL_APP_SECRET",
+    "INVOICE_WORKER_TITLE_CLIENT_SECRET",
+];
+
+/// The binary with every variable of [`SCRUBBED_ENV`] removed and stdin closed.
+pub fn scrubbed_binary() -> Command {
+    let mut cmd = binary();
+    cmd.stdin(Stdio::null());
+    for var in SCRUBBED_ENV {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// A daemon process (`run --config PATH`, stderr in `log`), SIGKILLed if the test ends
+/// (or panics) while it still runs.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// The real binary with a clean environment.
+    pub fn start(config: &Path, log: PathBuf) -> Daemon {
+        Daemon::start_with(binary(), config, log, &[])
+    }
+
+    /// Like `start`, plus the variables `env`.
+    pub fn start_env(config: &Path, log: PathBuf, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(binary(), config, log, env)
+    }
+
+    /// Runs `command run --config PATH` with [`SCRUBBED_ENV`] removed and `env` added.
+    pub fn start_with(
+        mut command: Command,
+        config: &Path,
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let stderr = std::fs::File::create(&log).expect("log file");
+        command.args(["run", "--config"]).arg(config);
+        for var in SCRUBBED_ENV {
+            command.env_remove(var);
+        }
+        command.envs(env.iter().copied());
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn daemon");
+        Daemon { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        send_signal(&self.child, signal);
+    }
+
+    /// The exit status, which must come within `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        wait_exit(&mut self.child, limit)
+    }
+
+    /// Asserts that the daemon exited with `code` (showing its log otherwise); the log.
+    pub fn assert_exit(&self, status: std::process::ExitStatus, code: i32, what: &str) -> String {
+        let log = self.log_text();
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "{what}: exit status {status:?}; log:\n{log}"
+        );
+        log
+    }
+
+    /// Sends `signal` and asserts a clean exit (code 0) within `limit`: how long the exit
+    /// took after the signal, and the log.
+    pub fn stop_with(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+        limit: Duration,
+        what: &str,
+    ) -> (Duration, String) {
+        let signalled = Instant::now();
+        self.signal(signal);
+        let status = self.wait(limit);
+        let took = signalled.elapsed();
+        (took, self.assert_exit(status, 0, what))
+    }
+
+    /// SIGTERM and a clean exit within `limit`; the log.
+    pub fn stop(&mut self, limit: Duration, what: &str) -> String {
+        self.stop_with(nix::sys::signal::Signal::SIGTERM, limit, what)
+            .1
+    }
+
+    /// SIGKILL; asserts the signal (not an exit code) ended the process.
+    pub fn kill_9(&mut self, what: &str) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let status = self.wait(Duration::from_secs(5));
+        assert_eq!(
+            status.code(),
+            None,
+            "{what}: daemon was not killed by the signal: {status:?}"
+        );
+    }
+
+    /// Waits (bounded) until the log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "daemon log never showed {needle:?} within {limit:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (up to 15 s) for the startup line.
+    pub async fn wait_running(&self) {
+        self.wait_for_log("invoice-worker running", Duration::from_secs(15))
+            .await;
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
