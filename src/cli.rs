@@ -133,7 +133,10 @@ pub enum EnqueueCommand {
 pub struct TitleArgs {
     /// Read the submission from a JSON file ('-' for stdin) with the protocol's field names
     /// (ORDER_NO, INVOICETYPE, TTQQLSH, ATTACH, GMF_MC, …, SQM, DATATYPE).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["order_no", "invoice_type", "attach", "gmf_mc"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "order_no", "invoice_type", "ttqqlsh", "attach", "gmf_mc", "gmf_nsrsbh", "gmf_dz",
+        "gmf_dh", "gmf_yhzh", "gmf_yhmc", "remark", "by1", "by2",
+    ])]
     pub json: Option<String>,
     /// ORDER_NO
     #[arg(long, required_unless_present = "json")]

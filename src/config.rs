@@ -26,12 +26,12 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// TOML syntax, an unknown key or a value of the wrong type (toml names the key).
+    /// TOML syntax, an unknown key or a value of the wrong type, with the line and key.
     #[error("config file {path}: {message}")]
     Parse {
         /// The file.
         path: PathBuf,
-        /// toml's message, which names the key and shows the line.
+        /// What toml said, with the line number and the key, never the value.
         message: String,
     },
     /// A value that parsed but makes no sense.
@@ -432,7 +432,7 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<text>"),
-            message: e.to_string(),
+            message: describe_toml_error(text, &e),
         })?;
         config.validate()?;
         Ok(config)
@@ -597,6 +597,35 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// toml's own rendering quotes the offending line, value included; that line may hold a
+/// secret, so only the line number, the key and toml's message are shown, and on a line
+/// about a secret even the quoted parts of the message are dropped.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().to_string();
+    let Some(start) = error.span().map(|s| s.start) else {
+        return message;
+    };
+    let before = text.get(..start).unwrap_or(text);
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line.split('=').next().unwrap_or("").trim();
+    let message = if line.to_lowercase().contains("secret") {
+        message
+            .split('`')
+            .enumerate()
+            .map(|(i, part)| if i % 2 == 1 { "…" } else { part })
+            .collect::<Vec<_>>()
+            .join("`")
+    } else {
+        message
+    };
+    if line.contains('=') {
+        format!("line {line_no}, key `{key}`: {message}")
+    } else {
+        format!("line {line_no} `{key}`: {message}")
+    }
+}
+
 fn validate_limits(queue: &str, limits: &LimitsConfig) -> Result<(), ConfigError> {
     if limits.max_in_flight == 0 || limits.max_in_flight > 1024 {
         return Err(invalid(
@@ -629,6 +658,21 @@ fn validate_rules(queue: &str, rules: &[MessageRule]) -> Result<(), ConfigError>
         }
         rule.validate()
             .map_err(|e| invalid(&format!("{queue}.rules[{i}].action"), e.to_string()))?;
+        // Each table allows only its own outcomes.
+        let allowed: &[&str] = match queue {
+            "title" => &["done:sent"],
+            _ => &["done:accepted", "done:issued", "done:in_progress"],
+        };
+        if rule.action.starts_with("done:") && !allowed.contains(&rule.action.as_str()) {
+            return Err(invalid(
+                &format!("{queue}.rules[{i}].action"),
+                format!(
+                    "{:?} is not an outcome of the {queue} queue; use one of {}",
+                    rule.action,
+                    allowed.join(", ")
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -755,6 +799,27 @@ mod tests {
         assert!(err.to_string().contains("base_dealy"), "{err}");
         let err = Config::from_toml("[rebil]\n").unwrap_err();
         assert!(err.to_string().contains("rebil"), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_never_echo_a_secret() {
+        for text in [
+            "[rebill]\nappid = \"A\"\napp_secret = s3cr3tVALUE\n",
+            "[rebill]\napp_secret = \"s3cr3tVALUE\n",
+            "[rebill]\napp_secret = 987654321\n",
+            "[title]\nclient_secret = [\"s3cr3tVALUE\"]\n",
+        ] {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(
+                !err.contains("s3cr3tVALUE") && !err.contains("987654321"),
+                "{err}"
+            );
+            assert!(err.contains("line"), "{err}");
+        }
+        let err = Config::from_toml("[rebill]\napp_secret = 987654321\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("app_secret"), "{err}");
     }
 
     #[test]

@@ -205,6 +205,7 @@ pub async fn run_with_store(
 
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
     tracing::info!(instance = %instance, database = %config.database.path.display(), "invoice-worker running");
+    let checkpointer = tokio::spawn(keep_wal_small(store.clone(), internal_stop.clone()));
     let supervisor = tokio::spawn(supervise(
         store.clone(),
         health,
@@ -230,6 +231,7 @@ pub async fn run_with_store(
         let _ = scheduler.shutdown().await;
     }
     let _ = supervisor.await;
+    let _ = checkpointer.await;
     let _ = watcher_task.await;
     if let Some(task) = http_task {
         let _ = task.await;
@@ -336,6 +338,28 @@ async fn supervise(
         }
     }
     let _ = status.await;
+}
+
+/// Checkpoints the WAL from its own task whenever it grew, so no writer's commit pays for
+/// a checkpoint (connections run with `wal_autocheckpoint = 0`). PASSIVE never blocks
+/// writers or readers; an idle daemon only stats the file.
+async fn keep_wal_small(store: Store, stop: CancellationToken) {
+    const EVERY: Duration = Duration::from_millis(500);
+    let mut checkpointed_at = 0u64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+        let size = store.wal_size();
+        if size == checkpointed_at {
+            continue;
+        }
+        match store.checkpoint().await {
+            Ok(()) => checkpointed_at = store.wal_size(),
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+        }
+    }
 }
 
 async fn start_housekeeping(

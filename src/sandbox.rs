@@ -229,7 +229,7 @@ async fn drained(store: &Store) -> anyhow::Result<bool> {
             let seller = row.key.clone().unwrap_or_default();
             let held = match queue {
                 QueueName::Rebill => paused(&seller),
-                QueueName::Title => paused(""),
+                QueueName::Title => paused(crate::store::rows::DEFAULT_SELLER),
             };
             if !held {
                 return Ok(false);

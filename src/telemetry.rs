@@ -19,6 +19,8 @@ pub fn init(log: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A closed stderr (journald restarted, a pipe reader gone) must not panic a task.
+        .log_internal_errors(false)
         .with_target(false);
     let _ = match log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -53,8 +53,12 @@ pub enum TokenError {
 pub fn scrub(text: &str, secrets: &[&str]) -> String {
     let mut out = text.to_string();
     for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        if out.contains(secret) {
-            out = out.replace(secret, "***");
+        // A server that echoes its request line shows the values URL-encoded.
+        let encoded = crate::clients::title_payload::url_encode(secret);
+        for form in [secret.to_string(), encoded] {
+            if out.contains(&form) {
+                out = out.replace(&form, "***");
+            }
         }
     }
     out
@@ -266,19 +270,26 @@ impl TokenCache {
             .map_err(|e: TransportError| {
                 TokenError::Transient(self.clean(&format!("{endpoint}: {e}"), hide))
             })?;
+        // Scrub before cutting the excerpt, so a secret split by the cut cannot leak a prefix.
+        let shown = || {
+            excerpt(
+                self.clean(&String::from_utf8_lossy(&reply.body), hide)
+                    .as_bytes(),
+            )
+        };
         match reply.status {
             200..=299 => Ok(reply.body),
             401 | 403 => Err(TokenError::Refused {
                 endpoint,
                 code: format!("HTTP {}", reply.status),
-                message: self.clean(&excerpt(&reply.body), hide),
+                message: shown(),
             }),
             // A 4xx other than 401/403 may still carry a readable refusal; let the parser
             // decide. 5xx and the rest are the platform's trouble.
             400..=499 => Ok(reply.body),
-            status => Err(TokenError::Transient(self.clean(
-                &format!("{endpoint}: HTTP {status}: {}", excerpt(&reply.body)),
-                hide,
+            status => Err(TokenError::Transient(format!(
+                "{endpoint}: HTTP {status}: {}",
+                shown()
             ))),
         }
     }
@@ -341,6 +352,10 @@ mod tests {
         assert_eq!(
             scrub("bad secret s3cr3t for tok s3cr3t", &["s3cr3t", "", "tok"]),
             "bad secret *** for *** ***"
+        );
+        assert_eq!(
+            scrub("GET /TokenAction?client_secret=a%2Bb%3D%3D", &["a+b=="]),
+            "GET /TokenAction?client_secret=***"
         );
     }
 

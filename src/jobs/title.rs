@@ -181,7 +181,8 @@ impl Handler for TitleJob {
         // A serial that may already have reached the server: a "duplicate" reply then means
         // our own earlier send arrived.
         let is_retry = claimed.meta.attempts > 1
-            || recent_attempts(&claimed.meta.recent_attempts, now_ms()).len() > 1;
+            || recent_attempts(&claimed.meta.recent_attempts, now_ms()).len() > 1
+            || row.last_message.is_some();
         let request = TitleRequest {
             fields: &fields,
             sqm: &sqm,

@@ -5,14 +5,16 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::store::complete::Completion;
-use crate::store::{QueueName, Store};
+use crate::store::complete::{Completion, FinalStatus};
+use crate::store::{QueueName, Store, StoreError};
 
 /// Most completions written in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// Runs until every sender is dropped and the channel is drained. A failed write is
-/// retried (the rows stay `running` under their lease meanwhile), never dropped.
+/// Runs until every sender is dropped and the channel is drained. A batch that cannot be
+/// written is retried (the rows stay `running` under their lease meanwhile); a single
+/// result the database refuses is recorded as `failed` with the reason, so one bad value
+/// cannot stall the queue.
 pub async fn run(store: Store, queue: QueueName, mut rx: mpsc::Receiver<Completion>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -20,16 +22,12 @@ pub async fn run(store: Store, queue: QueueName, mut rx: mpsc::Receiver<Completi
         loop {
             match store.complete(queue, &batch).await {
                 Ok(applied) => {
-                    for (c, ok) in batch.iter().zip(applied) {
-                        if !ok {
-                            tracing::warn!(
-                                queue = queue.as_str(),
-                                row_id = c.id,
-                                "claim lost: the lease expired and the row was claimed again; this result was not written"
-                            );
-                            metrics::counter!("invoice_worker_lost_claims_total", "queue" => queue.as_str()).increment(1);
-                        }
-                    }
+                    report_lost(queue, &batch, &applied);
+                    break;
+                }
+                Err(StoreError::Constraint(reason)) => {
+                    tracing::error!(queue = queue.as_str(), rows = batch.len(), %reason, "a result was refused by the database; writing rows one by one");
+                    one_by_one(&store, queue, &batch).await;
                     break;
                 }
                 Err(e) => {
@@ -40,5 +38,126 @@ pub async fn run(store: Store, queue: QueueName, mut rx: mpsc::Receiver<Completi
             }
         }
         batch.clear();
+    }
+}
+
+async fn one_by_one(store: &Store, queue: QueueName, batch: &[Completion]) {
+    for c in batch {
+        let single = std::slice::from_ref(c);
+        let refused = match store.complete(queue, single).await {
+            Ok(applied) => {
+                report_lost(queue, single, &applied);
+                continue;
+            }
+            Err(StoreError::Constraint(reason)) => reason,
+            Err(e) => {
+                // The lease returns the row to the queue if this stays unwritable.
+                tracing::error!(queue = queue.as_str(), row_id = c.id, error = %e, "cannot write result");
+                continue;
+            }
+        };
+        let fallback = Completion {
+            status: FinalStatus::Failed,
+            outcome: None,
+            invoice_no: None,
+            invoice_down_url: None,
+            pause: None,
+            refund_attempt: false,
+            last_message: Some(format!(
+                "result could not be recorded ({refused}); last answer: {}",
+                c.last_message.as_deref().unwrap_or("")
+            )),
+            ..c.clone()
+        };
+        if let Err(e) = store.complete(queue, std::slice::from_ref(&fallback)).await {
+            tracing::error!(queue = queue.as_str(), row_id = c.id, error = %e, "cannot record the failure either");
+        }
+    }
+}
+
+fn report_lost(queue: QueueName, batch: &[Completion], applied: &[bool]) {
+    for (c, ok) in batch.iter().zip(applied) {
+        if !ok {
+            tracing::warn!(
+                queue = queue.as_str(),
+                row_id = c.id,
+                "claim lost: the lease expired and the row was claimed again; this result was not written"
+            );
+            metrics::counter!("invoice_worker_lost_claims_total", "queue" => queue.as_str())
+                .increment(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::claim::ClaimParams;
+    use crate::store::now_ms;
+    use crate::store::rows::RebillRow;
+    use crate::store::test_support::temp_store;
+
+    #[tokio::test]
+    async fn a_refused_result_is_recorded_as_failed_and_the_rest_still_land() {
+        let (_d, store) = temp_store().await;
+        for o in ["bad", "good"] {
+            sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, 'T')")
+                .bind(o)
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+        let now = now_ms();
+        let claimed = store
+            .claim::<RebillRow>(&ClaimParams {
+                now,
+                limit: 2,
+                lease: Duration::from_secs(30),
+                claim_token: "tok",
+                claimed_by: "me",
+            })
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        for c in &claimed.rows {
+            tx.send(Completion {
+                id: c.meta.id,
+                claim_token: "tok".into(),
+                status: FinalStatus::Done,
+                // "sent" is not an outcome the rebill table accepts.
+                outcome: Some(if c.row.orderno == "bad" {
+                    "sent"
+                } else {
+                    "accepted"
+                }),
+                next_attempt_at: now,
+                refund_attempt: false,
+                last_code: Some("0".into()),
+                last_message: Some("ok".into()),
+                invoice_no: None,
+                invoice_down_url: None,
+                recent_attempts: None,
+                pause: None,
+                now,
+            })
+            .await
+            .unwrap();
+        }
+        drop(tx);
+        run(store.clone(), QueueName::Rebill, rx).await;
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT orderno, status, last_message FROM rebill_orders ORDER BY orderno",
+        )
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(rows[0].0, "bad");
+        assert_eq!(rows[0].1, "failed");
+        assert!(rows[0]
+            .2
+            .as_deref()
+            .unwrap_or("")
+            .contains("could not be recorded"));
+        assert_eq!((rows[1].0.as_str(), rows[1].1.as_str()), ("good", "done"));
     }
 }

@@ -166,7 +166,7 @@ impl<H: Handler> Worker<H> {
             let batch = match self.store.claim::<H::Row>(&params).await {
                 Ok(batch) => batch,
                 Err(e) => {
-                    tracing::error!(queue = queue.as_str(), error = %e, "claim failed; retrying in 1s");
+                    tracing::error!(queue = queue.as_str(), error = %e, "claim failed; retrying shortly");
                     drop(permits);
                     tokio::select! {
                         _ = tokio::time::sleep(IDLE_TICK) => continue,

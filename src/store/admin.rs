@@ -254,10 +254,11 @@ impl Store {
     }
 
     /// Makes finished rows (`failed`, `rejected`, `cancelled`) pending again with a fresh
-    /// attempt budget. Returns the ids that were changed.
+    /// attempt budget. The 24 h window of recent attempts is kept: an operator retry does
+    /// not lift Nuonuo's per-order daily cap. Returns the ids that were changed.
     pub async fn retry(&self, queue: QueueName, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
         let sql = format!(
-            "UPDATE {} SET status = 'pending', outcome = NULL, attempts = 0, recent_attempts = '[]', \
+            "UPDATE {} SET status = 'pending', outcome = NULL, attempts = 0, \
              next_attempt_at = ?2, updated_at = ?2, finished_at = NULL \
              WHERE id = ?1 AND status IN ('failed', 'rejected', 'cancelled')",
             queue.table()
@@ -268,7 +269,7 @@ impl Store {
     /// Makes every `failed` row of a queue pending again.
     pub async fn retry_all_failed(&self, queue: QueueName) -> Result<u64, StoreError> {
         let sql = format!(
-            "UPDATE {} SET status = 'pending', outcome = NULL, attempts = 0, recent_attempts = '[]', \
+            "UPDATE {} SET status = 'pending', outcome = NULL, attempts = 0, \
              next_attempt_at = ?1, updated_at = ?1, finished_at = NULL WHERE status = 'failed'",
             queue.table()
         );
@@ -292,7 +293,7 @@ impl Store {
 
     async fn update_each(&self, sql: &str, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
         let now = now_ms();
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let mut changed = Vec::new();
         for id in ids {
             let done = sqlx::query(sql)

@@ -71,7 +71,22 @@ impl Store {
         p: &ClaimParams<'_>,
     ) -> Result<ClaimBatch<R>, StoreError> {
         let queue = R::QUEUE;
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        // A read first: an empty queue never takes the write lock, however often it is woken.
+        let t = queue.table();
+        let due_sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND next_attempt_at <= ?1)"
+        );
+        let (any_due,): (bool,) = sqlx::query_as(&due_sql)
+            .bind(p.now)
+            .fetch_one(self.pool())
+            .await?;
+        if !any_due {
+            return Ok(ClaimBatch {
+                rows: Vec::new(),
+                queue_paused: false,
+            });
+        }
+        let (_turn, mut tx) = self.begin_write().await?;
         let lease_until = p.now + p.lease.as_millis() as i64;
         let mut rows = Vec::new();
 
@@ -136,6 +151,7 @@ impl Store {
             "UPDATE {} SET lease_expires_at = ?1 WHERE status = 'running' AND claimed_by = ?2",
             queue.table()
         );
+        let _turn = self.write_turn().await;
         let done = sqlx::query(&sql)
             .bind(lease_until)
             .bind(claimed_by)
@@ -161,6 +177,7 @@ impl Store {
              WHERE status = 'running' AND lease_expires_at <= ?1",
             t = queue.table()
         );
+        let _turn = self.write_turn().await;
         let done = sqlx::query(&sql)
             .bind(now)
             .bind(default_max_attempts as i64)
@@ -186,7 +203,7 @@ impl Store {
              WHERE id = ?2 AND claim_token = ?3 AND status = 'running'",
             queue.table()
         );
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let mut released = 0;
         for (id, token) in held {
             released += sqlx::query(&sql)

@@ -98,7 +98,7 @@ impl Store {
         items: &[Completion],
     ) -> Result<Vec<bool>, StoreError> {
         let sql = complete_sql(queue);
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let (_turn, mut tx) = self.begin_write().await?;
         let mut applied = Vec::with_capacity(items.len());
         // Most batches run with no pause at all; skip the per-row probe lookup then.
         let (pauses,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM pauses WHERE queue = ?1")
@@ -120,7 +120,8 @@ impl Store {
                 .bind(&c.recent_attempts)
                 .bind(c.now)
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .map_err(StoreError::classify)?;
             let ok = done.rows_affected() == 1;
             applied.push(ok);
             if !ok {
@@ -140,9 +141,11 @@ impl Store {
                     .bind(&pause.reason)
                     .bind(c.now)
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .map_err(StoreError::classify)?;
                 }
-                None if pauses == 0 => {}
+                // A rejected row was never sent, so as a probe it proves nothing either way.
+                None if pauses == 0 || c.status == FinalStatus::Rejected => {}
                 None => {
                     // A probe that did not ask for a pause again lifts the pause it probed.
                     let probed: Vec<(String,)> = sqlx::query_as(

@@ -19,6 +19,7 @@ impl Store {
             let sql = format!(
                 "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE status = ?1 AND finished_at < ?2 LIMIT ?3)"
             );
+            let _turn = self.write_turn().await;
             deleted += sqlx::query(&sql)
                 .bind(status)
                 .bind(finished_before)

@@ -51,11 +51,11 @@ impl QueueName {
 
     /// The SQL expression naming a row's seller, the key of seller pauses: the tax number
     /// for rebilling, the 开票精灵 authorisation code (empty = the configured default) for
-    /// titles.
+    /// titles (`(default)` for rows using the configured code).
     pub(crate) fn seller_expr(self) -> &'static str {
         match self {
             QueueName::Rebill => "tax_num",
-            QueueName::Title => "COALESCE(sqm, '')",
+            QueueName::Title => "COALESCE(NULLIF(sqm, ''), '(default)')",
         }
     }
 
@@ -127,6 +127,11 @@ pub struct Store {
     pool: SqlitePool,
     path: PathBuf,
     busy_timeout: Duration,
+    /// Serialises this process's write transactions. SQLite allows one writer at a time;
+    /// without the gate, writers of this process meet SQLite's busy handler, which sleeps in
+    /// steps of milliseconds and leaves the lock idle. Queued here they hand over at once.
+    /// Other processes are still covered by the busy timeout.
+    write_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -145,6 +150,7 @@ impl Store {
             pool,
             path: path.to_path_buf(),
             busy_timeout,
+            write_gate: std::sync::Arc::default(),
         })
     }
 
@@ -167,6 +173,34 @@ impl Store {
     /// The underlying pool (tests and benchmarks insert through it).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Waits for this process's turn to write (see `write_gate`).
+    pub(crate) async fn write_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.write_gate.lock().await
+    }
+
+    /// Starts a `BEGIN IMMEDIATE` transaction in this process's turn to write. The turn is
+    /// held until the returned guard drops, after the commit.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<
+        (
+            tokio::sync::MutexGuard<'_, ()>,
+            sqlx::Transaction<'static, sqlx::Sqlite>,
+        ),
+        StoreError,
+    > {
+        let turn = self.write_turn().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok((turn, tx))
+    }
+
+    /// Size of the `-wal` file in bytes (0 when absent).
+    pub fn wal_size(&self) -> u64 {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        std::fs::metadata(wal).map_or(0, |m| m.len())
     }
 
     /// The database file.
@@ -204,6 +238,13 @@ fn connect_options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions 
         .busy_timeout(busy_timeout)
         .foreign_keys(true)
         .pragma("temp_store", "memory")
+        // The default 2 MB page cache is smaller than the indexes of a queue with 100k rows;
+        // pages are only allocated when used, so an idle daemon stays small.
+        .pragma("cache_size", "-16384")
+        // No checkpoint inside a writer's commit: that would stall every writer behind it.
+        // The daemon checkpoints from a task of its own (`checkpoint_if_grown`), and SQLite
+        // checkpoints when the last connection closes.
+        .pragma("wal_autocheckpoint", "0")
         .statement_cache_capacity(256)
 }
 

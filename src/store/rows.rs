@@ -60,6 +60,9 @@ impl QueueRow for RebillRow {
     }
 }
 
+/// The seller key of title rows that use the configured default `sqm`.
+pub const DEFAULT_SELLER: &str = "(default)";
+
 /// A `title_submissions` row as the worker needs it.
 #[derive(Clone, FromRow)]
 pub struct TitleRow {
@@ -95,6 +98,9 @@ pub struct TitleRow {
     pub sqm: Option<String>,
     /// Per-row payload format, 0 JSON / 1 XML (NULL = config default).
     pub data_type: Option<i64>,
+    /// The previous attempt's message: set once any attempt was made, even after an
+    /// operator `retry` reset the attempt count.
+    pub last_message: Option<String>,
 }
 
 impl std::fmt::Debug for TitleRow {
@@ -112,7 +118,11 @@ impl std::fmt::Debug for TitleRow {
 impl QueueRow for TitleRow {
     const QUEUE: QueueName = QueueName::Title;
     fn seller(&self) -> String {
-        self.sqm.clone().unwrap_or_default()
+        // Must equal `QueueName::Title.seller_expr()` in SQL.
+        match self.sqm.as_deref() {
+            Some(sqm) if !sqm.is_empty() => sqm.to_string(),
+            _ => DEFAULT_SELLER.to_string(),
+        }
     }
     fn label(&self) -> String {
         self.ttqqlsh
