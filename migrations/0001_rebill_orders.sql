@@ -1,16 +1,19 @@
 -- The rebilling queue (SPEC §3). Times are Unix epoch milliseconds, UTC.
+-- typeof() checks refuse, at insert time, values the worker could not read (a BLOB order
+-- number, a text max_attempts), so one bad row can never stop the queue.
 -- The default expression works on any SQLite (no unixepoch('subsec')), so writers using an
 -- older sqlite3 shell get the same defaults.
 CREATE TABLE IF NOT EXISTS rebill_orders (
     id               INTEGER PRIMARY KEY,
-    orderno          TEXT    NOT NULL CHECK (length(orderno) > 0),
-    tax_num          TEXT    NOT NULL CHECK (length(tax_num) > 0),
+    orderno          TEXT    NOT NULL CHECK (typeof(orderno) = 'text' AND length(orderno) > 0),
+    tax_num          TEXT    NOT NULL CHECK (typeof(tax_num) = 'text' AND length(tax_num) > 0),
     status           TEXT    NOT NULL DEFAULT 'pending'
                      CHECK (status IN ('pending', 'running', 'done', 'failed', 'rejected', 'cancelled')),
     outcome          TEXT    CHECK (outcome IS NULL OR outcome IN ('accepted', 'issued', 'in_progress')),
     attempts         INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-    max_attempts     INTEGER CHECK (max_attempts IS NULL OR max_attempts > 0),
-    next_attempt_at  INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)),
+    max_attempts     INTEGER CHECK (max_attempts IS NULL OR (typeof(max_attempts) = 'integer' AND max_attempts > 0)),
+    next_attempt_at  INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER))
+                     CHECK (typeof(next_attempt_at) = 'integer'),
     last_code        TEXT,
     last_message     TEXT,
     invoice_no       TEXT,

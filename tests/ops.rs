@@ -396,8 +396,21 @@ async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
         |l| l == "WATCHDOG=1",
     );
 
-    // Another process takes the write lock and holds it; rows it writes meanwhile become
-    // due the moment it commits. Every claim (BEGIN IMMEDIATE) now waits on the lock.
+    // Rows become due in 2 s; meanwhile another process takes the write lock and holds it.
+    // The claim loop reads that rows are due (WAL readers are not blocked) and then waits
+    // for the lock in BEGIN IMMEDIATE: it is stuck.
+    let due_at = invoice_worker::store::now_ms() + 2_000;
+    for i in 0..3 {
+        sqlx::query(
+            "INSERT INTO rebill_orders (orderno, tax_num, next_attempt_at) VALUES (?1, ?2, ?3)",
+        )
+        .bind(format!("STUCK-{i}"))
+        .bind(TAX)
+        .bind(due_at)
+        .execute(w.store.pool())
+        .await
+        .expect("insert");
+    }
     let mut writer = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(&w.config.database.path)
         .busy_timeout(Duration::from_secs(10))
@@ -409,14 +422,6 @@ async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
         .await
         .expect("BEGIN EXCLUSIVE");
     let locked_at = Instant::now();
-    for i in 0..3 {
-        sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, ?2)")
-            .bind(format!("STUCK-{i}"))
-            .bind(TAX)
-            .execute(&mut writer)
-            .await
-            .expect("insert under the lock");
-    }
 
     // A loop whose heartbeat is older than max(WATCHDOG_USEC, 5 s) is stuck: the pings stop.
     // Wait until none has come for 6 s, longer than that limit (and than WATCHDOG_USEC,

@@ -535,3 +535,35 @@ async fn operator_rules_come_before_the_built_in_ones() {
     let r = row(&w, id).await;
     assert_eq!((r.status.as_str(), r.attempts), ("failed", 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_row_is_rejected_and_does_not_stop_the_queue() {
+    let w = World::new().await;
+    // Written around the CHECK constraints, as an old schema or a careless tool might.
+    let mut conn = w.store.pool().acquire().await.expect("conn");
+    sqlx::query("PRAGMA ignore_check_constraints = ON")
+        .execute(&mut *conn)
+        .await
+        .expect("pragma");
+    let poison = sqlx::query(
+        "INSERT INTO rebill_orders (orderno, tax_num, max_attempts) VALUES ('POISON', ?1, 'abc')",
+    )
+    .bind(TAX)
+    .execute(&mut *conn)
+    .await
+    .expect("insert")
+    .last_insert_rowid();
+    sqlx::query("PRAGMA ignore_check_constraints = OFF")
+        .execute(&mut *conn)
+        .await
+        .expect("pragma");
+    drop(conn);
+    let good = w.insert_rebill("GOOD", TAX).await;
+    let daemon = w.start();
+    wait_final(&w, &[poison, good]).await;
+    daemon.stop().await;
+    assert_eq!(row(&w, good).await.status, "done");
+    let r = row(&w, poison).await;
+    assert_eq!(r.status, "rejected");
+    assert!(r.last_message.unwrap_or_default().contains("max_attempts"));
+}

@@ -6,10 +6,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroU32;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -105,10 +107,12 @@ impl<H: Handler> Worker<H> {
         let (tx, rx) = mpsc::channel(4096);
         let completer = tokio::spawn(super::completer::run(self.store.clone(), queue, rx));
         let leases_stop = CancellationToken::new();
+        let held: Held = Arc::default();
         let leases = tokio::spawn(lease_keeper(
             self.store.clone(),
             queue,
             s.clone(),
+            held.clone(),
             leases_stop.clone(),
         ));
 
@@ -116,7 +120,6 @@ impl<H: Handler> Worker<H> {
         let rate = NonZeroU32::new(s.rate_per_second).unwrap_or(NonZeroU32::MIN);
         let limiter = Arc::new(RateLimiter::direct(Quota::per_second(rate)));
         let hold_until = Arc::new(AtomicI64::new(0));
-        let held: Held = Arc::default();
         let mut tasks = JoinSet::new();
 
         tracing::info!(
@@ -294,10 +297,27 @@ async fn attempt<H: Handler>(
         return;
     }
     let started = Instant::now();
-    let processed = match ctx.handler.prepare(&mut claimed).await {
-        Some(processed) => processed,
-        None => ctx.handler.process(&claimed).await,
-    };
+    let handled = AssertUnwindSafe(async {
+        match ctx.handler.prepare(&mut claimed).await {
+            Some(processed) => processed,
+            None => ctx.handler.process(&claimed).await,
+        }
+    })
+    .catch_unwind()
+    .await;
+    // A bug must not leave the row `running` for as long as this daemon lives: it is
+    // retried like any failure and, if it keeps panicking, runs out of attempts.
+    let processed = handled.unwrap_or_else(|_| {
+        tracing::error!(
+            queue = ctx.queue.as_str(),
+            row_id = claimed.meta.id,
+            "internal error (panic) while handling the row"
+        );
+        Processed::Attempted(Attempted::transient(
+            None,
+            "internal error while handling the row; see the daemon log",
+        ))
+    });
     let elapsed = started.elapsed();
     let now = now_ms();
     let seller = claimed.row.seller();
@@ -403,7 +423,13 @@ fn log_attempt<R: QueueRow>(
 }
 
 /// Renews this daemon's leases every third of the lease and returns rows of dead daemons.
-async fn lease_keeper(store: Store, queue: QueueName, s: WorkerSettings, stop: CancellationToken) {
+async fn lease_keeper(
+    store: Store,
+    queue: QueueName,
+    s: WorkerSettings,
+    held: Held,
+    stop: CancellationToken,
+) {
     let every = (s.lease / 3).max(Duration::from_millis(200));
     loop {
         tokio::select! {
@@ -411,8 +437,14 @@ async fn lease_keeper(store: Store, queue: QueueName, s: WorkerSettings, stop: C
             _ = stop.cancelled() => return,
         }
         let now = now_ms();
+        // Only rows whose task is alive: a row whose task ended without a result is left to
+        // its lease, and so to the rescue.
+        let alive: Vec<(i64, String)> = lock(&held)
+            .iter()
+            .map(|(id, token)| (*id, token.clone()))
+            .collect();
         if let Err(e) = store
-            .renew_leases(queue, &s.instance, now + s.lease.as_millis() as i64)
+            .renew_leases(queue, &alive, now + s.lease.as_millis() as i64)
             .await
         {
             tracing::error!(queue = queue.as_str(), error = %e, "lease renewal failed");

@@ -387,6 +387,10 @@ mod tests {
             "INSERT INTO rebill_orders (orderno, tax_num) VALUES ('', 'X')",
             "INSERT INTO rebill_orders (orderno, tax_num, status) VALUES ('a', 'X', 'weird')",
             "INSERT INTO rebill_orders (orderno, tax_num, max_attempts) VALUES ('a', 'X', 0)",
+            "INSERT INTO rebill_orders (orderno, tax_num, max_attempts) VALUES ('a', 'X', 'abc')",
+            "INSERT INTO rebill_orders (orderno, tax_num) VALUES (X'4142', 'X')",
+            "INSERT INTO rebill_orders (orderno, tax_num, next_attempt_at) VALUES ('a', 'X', 'soon')",
+            "INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc, gmf_dh) VALUES ('o', '1', 'a', 'b', X'00')",
             "INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc) VALUES ('o', '3', 'a', 'b')",
             "INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc, data_type) VALUES ('o', '1', 'a', 'b', 2)",
         ] {

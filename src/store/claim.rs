@@ -140,24 +140,33 @@ impl Store {
         })
     }
 
-    /// Extends the lease of every row this daemon holds in `queue`.
+    /// Extends the lease of the rows this daemon still works on (id and claim token).
     pub async fn renew_leases(
         &self,
         queue: QueueName,
-        claimed_by: &str,
+        held: &[(i64, String)],
         lease_until: i64,
     ) -> Result<u64, StoreError> {
+        if held.is_empty() {
+            return Ok(0);
+        }
         let sql = format!(
-            "UPDATE {} SET lease_expires_at = ?1 WHERE status = 'running' AND claimed_by = ?2",
+            "UPDATE {} SET lease_expires_at = ?1 WHERE id = ?2 AND claim_token = ?3 AND status = 'running'",
             queue.table()
         );
-        let _turn = self.write_turn().await;
-        let done = sqlx::query(&sql)
-            .bind(lease_until)
-            .bind(claimed_by)
-            .execute(self.pool())
-            .await?;
-        Ok(done.rows_affected())
+        let (_turn, mut tx) = self.begin_write().await?;
+        let mut renewed = 0;
+        for (id, token) in held {
+            renewed += sqlx::query(&sql)
+                .bind(lease_until)
+                .bind(id)
+                .bind(token)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(renewed)
     }
 
     /// Returns rows whose lease expired (their daemon died) to `pending`, or to `failed`
@@ -258,18 +267,54 @@ async fn claim_rows<R: QueueRow>(
     let fetched = query.fetch_all(&mut *conn).await?;
     let mut rows = Vec::with_capacity(fetched.len());
     for r in &fetched {
-        rows.push(Claimed {
-            meta: ClaimMeta {
-                id: r.try_get("id")?,
-                attempts: r.try_get("attempts")?,
-                max_attempts: r.try_get("max_attempts")?,
-                recent_attempts: r.try_get("recent_attempts")?,
-                claim_token: r.try_get("claim_token")?,
-            },
-            row: R::from_row(r)?,
-        });
+        let id: i64 = r.try_get("id")?;
+        match decode::<R>(r) {
+            Ok((meta, row)) => rows.push(Claimed { meta, row }),
+            // A value the worker cannot read (written around the CHECKs, or by an older
+            // schema) rejects that row alone instead of failing every claim.
+            Err(e) => reject_unreadable(conn, R::QUEUE, id, p.now, &e).await?,
+        }
     }
     Ok(rows)
+}
+
+fn decode<R: QueueRow>(r: &sqlx::sqlite::SqliteRow) -> Result<(ClaimMeta, R), sqlx::Error> {
+    let meta = ClaimMeta {
+        id: r.try_get("id")?,
+        attempts: r.try_get("attempts")?,
+        max_attempts: r.try_get("max_attempts")?,
+        recent_attempts: r.try_get("recent_attempts")?,
+        claim_token: r.try_get("claim_token")?,
+    };
+    Ok((meta, R::from_row(r)?))
+}
+
+async fn reject_unreadable(
+    conn: &mut SqliteConnection,
+    queue: QueueName,
+    id: i64,
+    now: i64,
+    error: &sqlx::Error,
+) -> Result<(), StoreError> {
+    let reason = match error {
+        sqlx::Error::ColumnDecode { index, .. } => {
+            format!("column {index}: value of the wrong type")
+        }
+        other => format!("row unreadable: {other}"),
+    };
+    tracing::warn!(queue = queue.as_str(), row_id = id, %reason, "row rejected: it cannot be read");
+    let sql = format!(
+        "UPDATE {} SET status = 'rejected', last_message = ?2, updated_at = ?3, finished_at = ?3, \
+         claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL WHERE id = ?1",
+        queue.table()
+    );
+    sqlx::query(&sql)
+        .bind(id)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 enum QueuePause {
