@@ -249,7 +249,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::CheckConfig => check_config(&config, &path),
         Command::Enqueue(what) => enqueue(&open(&config).await?, *what).await,
-        Command::Status { json } => crate::sandbox::print_status(&open(&config).await?, json)
+        Command::Status { json } => crate::report::print_status(&open(&config).await?, json)
             .await
             .map_err(CliError::Runtime),
         Command::List {
@@ -268,7 +268,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     serde_json::to_string_pretty(&rows).context("rendering JSON")?
                 );
             } else {
-                print!("{}", crate::sandbox::rows_table(queue, &rows));
+                print!("{}", crate::report::rows_table(queue, &rows));
             }
             Ok(())
         }
@@ -432,6 +432,7 @@ async fn enqueue(store: &Store, what: EnqueueCommand) -> Result<(), CliError> {
                     orderno: orderno.clone(),
                     tax_num,
                     max_attempts,
+                    not_before: None,
                 })
                 .await?
             {

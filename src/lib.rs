@@ -18,6 +18,7 @@
 //! - [`daemon`] — wires config, store, clients and queues; systemd notifications.
 //! - [`ops`] — the metrics and health HTTP endpoint.
 //! - [`sim`] — simulated remote servers used by `sandbox`, the tests and the benchmark.
+//! - [`report`] — the tables `status`, `list` and the sandbox print.
 //! - [`sandbox`] — the self-contained demo run.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -29,6 +30,7 @@ pub mod daemon;
 pub mod jobs;
 pub mod ops;
 pub mod queue;
+pub mod report;
 pub mod sandbox;
 pub mod secret;
 pub mod sim;

@@ -1,7 +1,6 @@
 //! `invoice-worker sandbox`: the whole product with no credentials and no network. It
 //! starts the simulated servers on 127.0.0.1, seeds a fresh database with rows that reach
 //! every outcome, runs the real daemon code until the queues drain and prints every row.
-//! Also home of the tables `status` and `list` print.
 
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, DataType};
 use crate::secret::Secret;
 use crate::sim::{RebillBehavior, SimOptions, Simulator, TitleBehavior};
-use crate::store::admin::{NewRebill, NewTitle, RowSummary};
+use crate::store::admin::{NewRebill, NewTitle};
 use crate::store::{now_ms, QueueName, Store};
 
 /// Longest the sandbox waits for the queues to drain.
@@ -61,11 +60,11 @@ pub async fn run() -> anyhow::Result<()> {
         println!("== {} ==", queue.table());
         print!(
             "{}",
-            rows_table(queue, &store.list(queue, None, 1000).await?)
+            crate::report::rows_table(queue, &store.list(queue, None, 1000).await?)
         );
         println!();
     }
-    print_status(&store, false).await?;
+    crate::report::print_status(&store, false).await?;
     println!(
         "simulator saw {} rebill requests, {} title submissions, {} token requests; drained in {:.1}s",
         sim.rebill_requests().len(),
@@ -139,22 +138,22 @@ async fn seed(store: &Store, sim: &Simulator) -> anyhow::Result<()> {
         ("SBX BAD ORDERNO", SELLER, vec![]),
         ("SBX-BAD-TAX-NUM", "1234", vec![]),
     ];
+    let now = now_ms();
     for (orderno, tax_num, script) in rebill {
         if !script.is_empty() {
             sim.script_rebill(orderno, script);
         }
+        // The SMS seller's second row comes after the first, so the first trips the pause.
+        let not_before = (orderno == "SBX-SMS-SAME-SELLER").then_some(now + 500);
         store
             .enqueue_rebill(&NewRebill {
                 orderno: orderno.to_string(),
                 tax_num: tax_num.to_string(),
                 max_attempts: None,
+                not_before,
             })
             .await?;
     }
-    // The SMS seller's second row must come after the first so the first one trips the pause.
-    sqlx::query("UPDATE rebill_orders SET next_attempt_at = next_attempt_at + 500 WHERE orderno = 'SBX-SMS-SAME-SELLER'")
-        .execute(store.pool())
-        .await?;
 
     let title = |order_no: &str, invoice_type: &str, gmf_mc: &str, data_type: u8| NewTitle {
         order_no: order_no.to_string(),
@@ -237,108 +236,4 @@ async fn drained(store: &Store) -> anyhow::Result<bool> {
         }
     }
     Ok(true)
-}
-
-fn clip(text: &str, width: usize) -> String {
-    let flat: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if flat.chars().count() <= width {
-        flat
-    } else {
-        let mut out: String = flat.chars().take(width.saturating_sub(1)).collect();
-        out.push('…');
-        out
-    }
-}
-
-/// The rows as a plain-text table.
-pub fn rows_table(queue: QueueName, rows: &[RowSummary]) -> String {
-    let key = match queue {
-        QueueName::Rebill => "tax_num",
-        QueueName::Title => "ttqqlsh",
-    };
-    let mut out = format!(
-        "{:>5}  {:<22} {:<20} {:<9} {:<11} {:>3}  {:<6} {:<22} {}\n",
-        "id", "order", key, "status", "outcome", "att", "code", "invoice_no", "last_message"
-    );
-    for r in rows {
-        out.push_str(&format!(
-            "{:>5}  {:<22} {:<20} {:<9} {:<11} {:>3}  {:<6} {:<22} {}\n",
-            r.id,
-            clip(&r.order, 22),
-            clip(r.key.as_deref().unwrap_or("-"), 20),
-            r.status,
-            r.outcome.as_deref().unwrap_or("-"),
-            r.attempts,
-            clip(r.last_code.as_deref().unwrap_or("-"), 6),
-            r.invoice_no.as_deref().unwrap_or("-"),
-            clip(r.last_message.as_deref().unwrap_or(""), 70)
-        ));
-    }
-    if rows.is_empty() {
-        out.push_str("(no rows)\n");
-    }
-    out
-}
-
-/// Prints per-queue counts, the oldest pending age and pauses (`invoice-worker status`).
-pub async fn print_status(store: &Store, json: bool) -> anyhow::Result<()> {
-    let now = now_ms();
-    let mut counts = Vec::new();
-    for queue in QueueName::ALL {
-        counts.push(store.counts(queue, now).await?);
-    }
-    let pauses = store.pauses().await?;
-    if json {
-        let value = serde_json::json!({ "queues": counts, "pauses": pauses, "now_ms": now });
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
-    }
-    println!(
-        "{:<7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10}  oldest due pending",
-        "queue", "pending", "running", "done", "failed", "rejected", "cancelled"
-    );
-    for c in &counts {
-        let age = c
-            .oldest_pending_age_ms
-            .map(|ms| {
-                humantime::format_duration(Duration::from_secs((ms / 1000) as u64)).to_string()
-            })
-            .unwrap_or_else(|| "-".to_string());
-        println!(
-            "{:<7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10}  {}",
-            c.queue,
-            c.count("pending"),
-            c.count("running"),
-            c.count("done"),
-            c.count("failed"),
-            c.count("rejected"),
-            c.count("cancelled"),
-            age
-        );
-    }
-    if pauses.is_empty() {
-        println!("no pauses");
-    }
-    for p in pauses {
-        let what = if p.scope == "*" {
-            "whole queue".to_string()
-        } else {
-            format!("seller {}", p.scope)
-        };
-        let when = if p.until_at > now {
-            format!(
-                "for {}",
-                humantime::format_duration(Duration::from_secs(((p.until_at - now) / 1000) as u64))
-            )
-        } else if p.probe_row_id.is_some() {
-            "probing".to_string()
-        } else {
-            "expired; next row probes".to_string()
-        };
-        println!("paused: {} {what} {when}: {}", p.queue, clip(&p.reason, 80));
-    }
-    Ok(())
 }

@@ -99,8 +99,16 @@ impl RebillClient {
             chrono::Utc::now().timestamp(),
         );
         let request = self.http.post(s.endpoint.clone()).form(&form);
+        let signature = form.last().map(|(_, v)| v.clone()).unwrap_or_default();
         match http::send(request).await {
-            Ok(reply) => classify(&reply, &s.rules, s.pauses, chrono::Utc::now()),
+            Ok(reply) => {
+                let mut attempted = classify(&reply, &s.rules, s.pauses, chrono::Utc::now());
+                // A gateway that echoes the request must not put the signature in a log line.
+                if !signature.is_empty() {
+                    attempted.message = attempted.message.replace(&signature, "***");
+                }
+                attempted
+            }
             Err(TransportError::TooLarge) => {
                 Attempted::transient(None, "answer body larger than 1 MiB; ignored")
             }
@@ -180,7 +188,7 @@ pub fn classify(
         _ => {
             let haystack = format!("{} {}", answer.code, answer.message);
             first_match(rules, &haystack, pauses)
-                .unwrap_or_else(|| default_rule(&haystack, pauses, now))
+                .unwrap_or_else(|| default_rule(&answer.code, &answer.message, pauses, now))
         }
     };
     let message = if answer.message.is_empty() {
@@ -210,37 +218,62 @@ const SELLER_MUST_ACT: &[&str] = &[
     "备案",
 ];
 const RETRY_CAP: &[&str] = &["E9613", "20次"];
-const BAD_CREDENTIALS: &[&str] = &[
-    "签名", "sign", "appid", "070601", "070301", "70601", "70301",
-];
-const QUOTA: &[&str] = &["070201", "070204", "70201", "70204", "额度", "调用量"];
-const DAILY_QUOTA: &[&str] = &["070201", "70201", "日调用量", "今日", "当日", "每日"];
+const BAD_CREDENTIALS: &[&str] = &["签名", "sign", "appid"];
+const BAD_CREDENTIAL_CODES: &[&str] = &["070601", "070301"];
+const QUOTA: &[&str] = &["额度", "调用量"];
+const QUOTA_CODES: &[&str] = &["070201", "070204"];
+const DAILY_QUOTA: &[&str] = &["日调用量", "今日", "当日", "每日"];
+const DAILY_QUOTA_CODES: &[&str] = &["070201"];
 
 fn contains_any(text: &str, needles: &[&str]) -> bool {
     let lower = text.to_lowercase();
     needles.iter().any(|n| lower.contains(&n.to_lowercase()))
 }
 
+/// True when `text` holds `code` as a code of its own, not as part of a longer run of
+/// letters or digits (an order number in a message must not look like 070601).
+fn contains_code(text: &str, code: &str) -> bool {
+    let glued = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    text.match_indices(code).any(|(i, _)| {
+        let before = text.get(..i).and_then(|t| t.chars().next_back());
+        let after = text.get(i + code.len()..).and_then(|t| t.chars().next());
+        !glued(before) && !glued(after)
+    })
+}
+
+/// The answer's `code` is one of `codes` (leading zeros ignored: the gateway may send
+/// 070601 as the number 70601), or the message quotes one of them.
+fn has_code(code: &str, message: &str, codes: &[&str]) -> bool {
+    codes.iter().any(|c| {
+        code.trim_start_matches('0') == c.trim_start_matches('0') || contains_code(message, c)
+    })
+}
+
 /// The built-in message rules of SPEC §1, in order: the seller rules come before the quota
 /// rules because 授信额度 (the seller's credit line) also contains 额度.
-fn default_rule(text: &str, pauses: PauseDefaults, now: chrono::DateTime<chrono::Utc>) -> Action {
-    if contains_any(text, ALREADY_ISSUED) {
+fn default_rule(
+    code: &str,
+    message: &str,
+    pauses: PauseDefaults,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Action {
+    if contains_any(message, ALREADY_ISSUED) {
         Action::Done(Outcome::Issued)
-    } else if contains_any(text, IN_PROGRESS) {
+    } else if contains_any(message, IN_PROGRESS) {
         Action::Done(Outcome::InProgress)
-    } else if contains_any(text, SELLER_MUST_ACT) {
+    } else if contains_any(message, SELLER_MUST_ACT) {
         Action::PauseSeller(pauses.seller)
-    } else if contains_any(text, RETRY_CAP) {
+    } else if contains_any(message, RETRY_CAP) || code == "E9613" {
         Action::Retry {
             after: Some(Duration::from_secs(24 * 3600)),
         }
-    } else if contains_any(text, BAD_CREDENTIALS) {
+    } else if contains_any(message, BAD_CREDENTIALS)
+        || has_code(code, message, BAD_CREDENTIAL_CODES)
+    {
         Action::PauseQueue(pauses.queue)
-    } else if contains_any(text, QUOTA) {
-        if contains_any(text, DAILY_QUOTA) {
-            Action::PauseQueue(
-                until_next_china_day(now).max(pauses.queue.min(Duration::from_secs(60))),
-            )
+    } else if contains_any(message, QUOTA) || has_code(code, message, QUOTA_CODES) {
+        if contains_any(message, DAILY_QUOTA) || has_code(code, message, DAILY_QUOTA_CODES) {
+            Action::PauseQueue(until_next_china_day(now))
         } else {
             Action::PauseQueue(pauses.queue)
         }
@@ -384,6 +417,22 @@ mod tests {
         assert_eq!(
             action_of(r#"{"code":9,"message":"系统繁忙"}"#),
             Action::Retry { after: None }
+        );
+    }
+
+    #[test]
+    fn codes_inside_other_numbers_are_not_codes() {
+        assert_eq!(
+            action_of(r#"{"code":1,"message":"订单 2024070301123 不存在"}"#),
+            Action::Retry { after: None }
+        );
+        assert_eq!(
+            action_of(r#"{"code":1,"message":"错误码 070601"}"#),
+            Action::PauseQueue(PAUSES.queue)
+        );
+        assert_eq!(
+            action_of(r#"{"code":70204,"message":"x"}"#),
+            Action::PauseQueue(PAUSES.queue)
         );
     }
 

@@ -14,6 +14,8 @@ pub struct NewRebill {
     pub tax_num: String,
     /// Attempt limit for this row (None = config default).
     pub max_attempts: Option<u32>,
+    /// Not before this time, ms (None = due now).
+    pub not_before: Option<i64>,
 }
 
 /// A new invoice-title submission, in the protocol's terms.
@@ -142,12 +144,17 @@ pub struct RowSummary {
 }
 
 impl Store {
-    /// `INSERT OR IGNORE` a rebilling job (the documented idempotent insert).
+    /// Inserts a rebilling job unless an active row for the same order exists. Uses
+    /// `ON CONFLICT DO NOTHING` rather than `INSERT OR IGNORE`: both skip the duplicate, but
+    /// OR IGNORE would also silently skip a row that fails a CHECK constraint.
     pub async fn enqueue_rebill(&self, job: &NewRebill) -> Result<Enqueued, StoreError> {
-        let done = sqlx::query("INSERT OR IGNORE INTO rebill_orders (orderno, tax_num, max_attempts) VALUES (?1, ?2, ?3)")
+        let done = sqlx::query("INSERT INTO rebill_orders (orderno, tax_num, max_attempts, next_attempt_at) \
+             VALUES (?1, ?2, ?3, COALESCE(?4, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER))) \
+             ON CONFLICT DO NOTHING")
             .bind(&job.orderno)
             .bind(&job.tax_num)
             .bind(job.max_attempts.map(i64::from))
+            .bind(job.not_before)
             .execute(self.pool())
             .await
             .map_err(StoreError::classify)?;
@@ -238,7 +245,7 @@ impl Store {
     ) -> Result<Vec<RowSummary>, StoreError> {
         let (key, invoice) = match queue {
             QueueName::Rebill => ("tax_num", "invoice_no, invoice_down_url"),
-            QueueName::Title => ("ttqqlsh", "NULL AS invoice_no, NULL AS invoice_down_url"),
+            QueueName::Title => ("ttqqlsh", "invoice_no, invoice_down_url"),
         };
         let sql = format!(
             "SELECT id, {order} AS \"order\", {key} AS key, status, outcome, attempts, next_attempt_at, last_code, \
@@ -361,6 +368,7 @@ mod tests {
             orderno: "A1".into(),
             tax_num: "91310117568051222X".into(),
             max_attempts: None,
+            not_before: None,
         };
         assert!(matches!(
             store.enqueue_rebill(&job).await.expect("insert"),

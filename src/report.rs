@@ -1,0 +1,110 @@
+//! What `status`, `list` and the sandbox print: plain-text tables of rows, counts and pauses.
+
+use std::time::Duration;
+
+use crate::store::admin::RowSummary;
+use crate::store::{now_ms, QueueName, Store};
+
+fn clip(text: &str, width: usize) -> String {
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if flat.chars().count() <= width {
+        flat
+    } else {
+        let mut out: String = flat.chars().take(width.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+/// The rows as a plain-text table.
+pub fn rows_table(queue: QueueName, rows: &[RowSummary]) -> String {
+    let key = match queue {
+        QueueName::Rebill => "tax_num",
+        QueueName::Title => "ttqqlsh",
+    };
+    let mut out = format!(
+        "{:>5}  {:<22} {:<20} {:<9} {:<11} {:>3}  {:<6} {:<22} {}\n",
+        "id", "order", key, "status", "outcome", "att", "code", "invoice_no", "last_message"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:>5}  {:<22} {:<20} {:<9} {:<11} {:>3}  {:<6} {:<22} {}\n",
+            r.id,
+            clip(&r.order, 22),
+            clip(r.key.as_deref().unwrap_or("-"), 20),
+            r.status,
+            r.outcome.as_deref().unwrap_or("-"),
+            r.attempts,
+            clip(r.last_code.as_deref().unwrap_or("-"), 6),
+            r.invoice_no.as_deref().unwrap_or("-"),
+            clip(r.last_message.as_deref().unwrap_or(""), 70)
+        ));
+    }
+    if rows.is_empty() {
+        out.push_str("(no rows)\n");
+    }
+    out
+}
+
+/// Prints per-queue counts, the oldest pending age and pauses (`invoice-worker status`).
+pub async fn print_status(store: &Store, json: bool) -> anyhow::Result<()> {
+    let now = now_ms();
+    let mut counts = Vec::new();
+    for queue in QueueName::ALL {
+        counts.push(store.counts(queue, now).await?);
+    }
+    let pauses = store.pauses().await?;
+    if json {
+        let value = serde_json::json!({ "queues": counts, "pauses": pauses, "now_ms": now });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!(
+        "{:<7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10}  oldest due pending",
+        "queue", "pending", "running", "done", "failed", "rejected", "cancelled"
+    );
+    for c in &counts {
+        let age = c
+            .oldest_pending_age_ms
+            .map(|ms| {
+                humantime::format_duration(Duration::from_secs((ms / 1000) as u64)).to_string()
+            })
+            .unwrap_or_else(|| "-".to_string());
+        println!(
+            "{:<7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10}  {}",
+            c.queue,
+            c.count("pending"),
+            c.count("running"),
+            c.count("done"),
+            c.count("failed"),
+            c.count("rejected"),
+            c.count("cancelled"),
+            age
+        );
+    }
+    if pauses.is_empty() {
+        println!("no pauses");
+    }
+    for p in pauses {
+        let what = if p.scope == "*" {
+            "whole queue".to_string()
+        } else {
+            format!("seller {}", p.scope)
+        };
+        let when = if p.until_at > now {
+            format!(
+                "for {}",
+                humantime::format_duration(Duration::from_secs(((p.until_at - now) / 1000) as u64))
+            )
+        } else if p.probe_row_id.is_some() {
+            "probing".to_string()
+        } else {
+            "expired; next row probes".to_string()
+        };
+        println!("paused: {} {what} {when}: {}", p.queue, clip(&p.reason, 80));
+    }
+    Ok(())
+}
