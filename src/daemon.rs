@@ -20,7 +20,7 @@ use crate::queue::housekeeping;
 use crate::queue::rules::PauseDefaults;
 use crate::queue::worker::{spawn_commit_watcher, Handler, Worker, WorkerSettings};
 use crate::store::watch::CommitWatcher;
-use crate::store::{now_ms, QueueName, Store};
+use crate::store::{QueueName, Store};
 
 /// How often queue depths are pushed to systemd's `STATUS=` and the gauges.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
@@ -201,7 +201,19 @@ pub async fn run_with_store(
         }
         None => None,
     };
-    let scheduler = start_housekeeping(config, &store).await?;
+    let housekeeper = if config.housekeeping.enabled {
+        let next = housekeeping::Schedule::new(&config.housekeeping.schedule)
+            .await
+            .with_context(|| format!("housekeeping.schedule {:?}", config.housekeeping.schedule))?;
+        Some(tokio::spawn(housekeeping::run_on_schedule(
+            next,
+            store.clone(),
+            config.housekeeping.clone(),
+            internal_stop.clone(),
+        )))
+    } else {
+        None
+    };
 
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
     tracing::info!(instance = %instance, database = %config.database.path.display(), "invoice-worker running");
@@ -227,8 +239,8 @@ pub async fn run_with_store(
         }
     }
     internal_stop.cancel();
-    if let Some(mut scheduler) = scheduler {
-        let _ = scheduler.shutdown().await;
+    if let Some(task) = housekeeper {
+        let _ = task.await;
     }
     let _ = supervisor.await;
     let _ = checkpointer.await;
@@ -360,44 +372,4 @@ async fn keep_wal_small(store: Store, stop: CancellationToken) {
             Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
         }
     }
-}
-
-async fn start_housekeeping(
-    config: &Config,
-    store: &Store,
-) -> anyhow::Result<Option<tokio_cron_scheduler::JobScheduler>> {
-    use tokio_cron_scheduler::{Job, JobScheduler};
-    let hk = config.housekeeping.clone();
-    if !hk.enabled {
-        return Ok(None);
-    }
-    let scheduler = JobScheduler::new()
-        .await
-        .context("starting the housekeeping scheduler")?;
-    let store = store.clone();
-    let schedule = hk.schedule.clone();
-    let job = Job::new_async(schedule.as_str(), move |_id, _scheduler| {
-        let store = store.clone();
-        let hk = hk.clone();
-        Box::pin(async move {
-            match housekeeping::run_once(&store, &hk, now_ms()).await {
-                Ok(report) => tracing::info!(
-                    done_deleted = report.done_deleted,
-                    failed_deleted = report.failed_deleted,
-                    "housekeeping done"
-                ),
-                Err(e) => tracing::error!(error = %e, "housekeeping failed"),
-            }
-        })
-    })
-    .with_context(|| format!("housekeeping.schedule {schedule:?}"))?;
-    scheduler
-        .add(job)
-        .await
-        .context("scheduling housekeeping")?;
-    scheduler
-        .start()
-        .await
-        .context("starting the housekeeping scheduler")?;
-    Ok(Some(scheduler))
 }

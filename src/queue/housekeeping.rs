@@ -3,8 +3,75 @@
 
 use std::time::Duration;
 
+use tokio_cron_scheduler::{Job, JobSchedulerError};
+use tokio_util::sync::CancellationToken;
+
 use crate::config::HousekeepingConfig;
-use crate::store::{QueueName, Store, StoreError};
+use crate::store::{now_ms, QueueName, Store, StoreError};
+
+/// When housekeeping runs next, from a cron expression. tokio-cron-scheduler parses the
+/// expression and computes the next time (a `Job`'s next tick); its `JobScheduler` is not
+/// run, because its ticker wakes every 500 ms, which alone would cost an idle daemon more
+/// than half a percent of a core. The caller sleeps until the computed time instead.
+pub struct Schedule {
+    expression: String,
+}
+
+impl Schedule {
+    /// Validates `expression` ("sec min hour day month weekday", UTC).
+    pub async fn new(expression: &str) -> Result<Schedule, JobSchedulerError> {
+        let schedule = Schedule {
+            expression: expression.to_string(),
+        };
+        schedule.next_tick()?;
+        Ok(schedule)
+    }
+
+    fn next_tick(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>, JobSchedulerError> {
+        let mut job = Job::new_async(self.expression.as_str(), |_, _| Box::pin(async {}))?;
+        Ok(job.job_data()?.next_tick_utc())
+    }
+
+    /// Time until the next run (an hour when the expression has no future time).
+    pub async fn until_next(&mut self) -> Result<Duration, JobSchedulerError> {
+        Ok(match self.next_tick()? {
+            Some(at) => (at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO),
+            None => Duration::from_secs(3600),
+        })
+    }
+}
+
+/// Runs housekeeping at every time of `schedule` until `stop`.
+pub async fn run_on_schedule(
+    mut schedule: Schedule,
+    store: Store,
+    cfg: HousekeepingConfig,
+    stop: CancellationToken,
+) {
+    loop {
+        let wait = match schedule.until_next().await {
+            Ok(wait) => wait,
+            Err(e) => {
+                tracing::error!(error = %e, "housekeeping schedule failed; trying again in an hour");
+                Duration::from_secs(3600)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+        match run_once(&store, &cfg, now_ms()).await {
+            Ok(report) => tracing::info!(
+                done_deleted = report.done_deleted,
+                failed_deleted = report.failed_deleted,
+                "housekeeping done"
+            ),
+            Err(e) => tracing::error!(error = %e, "housekeeping failed"),
+        }
+        // Never twice for the same scheduled second.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+}
 
 /// What one housekeeping pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -63,6 +130,53 @@ async fn prune(
 mod tests {
     use super::*;
     use crate::store::test_support::temp_store;
+
+    #[tokio::test]
+    async fn schedule_gives_the_time_to_the_next_run() {
+        let mut every_second = Schedule::new("* * * * * *").await.expect("valid");
+        assert!(every_second.until_next().await.expect("next") <= Duration::from_secs(1));
+        let mut daily = Schedule::new("0 17 19 * * *").await.expect("valid");
+        let wait = daily.until_next().await.expect("next");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(86_400),
+            "{wait:?}"
+        );
+        assert!(Schedule::new("every day").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn runs_on_schedule_until_stopped() {
+        let (_d, store) = temp_store().await;
+        sqlx::query("INSERT INTO rebill_orders (orderno, tax_num, status, finished_at) VALUES ('old', 'T', 'done', 0)")
+            .execute(store.pool())
+            .await
+            .expect("insert");
+        let stop = CancellationToken::new();
+        let schedule = Schedule::new("* * * * * *").await.expect("valid");
+        let task = tokio::spawn(run_on_schedule(
+            schedule,
+            store.clone(),
+            HousekeepingConfig::default(),
+            stop.clone(),
+        ));
+        let started = std::time::Instant::now();
+        loop {
+            let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM rebill_orders")
+                .fetch_one(store.pool())
+                .await
+                .expect("count");
+            if n == 0 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "housekeeping did not run"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        task.await.expect("stops");
+    }
 
     const DAY: i64 = 86_400_000;
 
