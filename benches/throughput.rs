@@ -245,23 +245,15 @@ fn bench_config(
     rate: u32,
     claim_batch: u32,
 ) -> BenchResult<Config> {
-    let mut c = Config::default();
-    c.database.path = db.to_path_buf();
+    let mut c = invoice_worker::sim::config_for(sim, opts, db);
     c.worker.lease = Duration::from_secs(30);
     c.worker.claim_batch = claim_batch;
     c.worker.shutdown_grace = Duration::from_secs(5);
     c.retry.base_delay = Duration::from_millis(100);
     c.retry.max_delay = Duration::from_millis(400);
-    c.housekeeping.enabled = false;
-    c.rebill.endpoint = sim.rebill_url();
-    c.rebill.appid = Some(opts.rebill_appid.clone());
-    c.rebill.app_secret = Some(Secret::new(opts.rebill_secret.clone()));
     c.rebill.limits.timeout = Duration::from_secs(5);
     c.rebill.limits.rate_per_second = rate;
     c.rebill.limits.max_in_flight = max_in_flight;
-    c.title.base_url = Some(sim.title_base_url());
-    c.title.client_id = Some(opts.title_client_id.clone());
-    c.title.client_secret = Some(Secret::new(opts.title_client_secret.clone()));
     c.title.sqm = Some("TEST-SQM".into());
     c.title.limits.timeout = Duration::from_secs(5);
     c.validate()?;

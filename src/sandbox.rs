@@ -8,7 +8,6 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DataType};
-use crate::secret::Secret;
 use crate::sim::{RebillBehavior, SimOptions, Simulator, TitleBehavior};
 use crate::store::admin::{NewRebill, NewTitle};
 use crate::store::{now_ms, QueueName, Store};
@@ -77,20 +76,11 @@ pub async fn run() -> anyhow::Result<()> {
 }
 
 fn sandbox_config(sim: &Simulator, dir: &std::path::Path) -> anyhow::Result<Config> {
-    let defaults = SimOptions::default();
-    let mut c = Config::default();
-    c.database.path = dir.join("sandbox.db");
+    let mut c = crate::sim::config_for(sim, &SimOptions::default(), &dir.join("sandbox.db"));
     c.retry.base_delay = Duration::from_millis(200);
     c.retry.max_delay = Duration::from_secs(1);
     c.worker.lease = Duration::from_secs(10);
-    c.housekeeping.enabled = false;
-    c.rebill.endpoint = sim.rebill_url();
-    c.rebill.appid = Some(defaults.rebill_appid);
-    c.rebill.app_secret = Some(Secret::new(defaults.rebill_secret));
     c.rebill.limits.timeout = Duration::from_secs(2);
-    c.title.base_url = Some(sim.title_base_url());
-    c.title.client_id = Some(defaults.title_client_id);
-    c.title.client_secret = Some(Secret::new(defaults.title_client_secret));
     c.title.sqm = Some("SANDBOX-SQM".to_string());
     c.title.ttqqlsh_prefix = "SBX".to_string();
     c.title.data_type = DataType::Json;

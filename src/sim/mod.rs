@@ -38,6 +38,26 @@ use md5::{Digest, Md5};
 
 pub use rebill::issued_invoice;
 
+/// A configuration that points both queues at `sim` with the credentials `opts` gave it,
+/// on the database `db`, housekeeping off. Callers adjust timings and limits.
+pub fn config_for(
+    sim: &Simulator,
+    opts: &SimOptions,
+    db: &std::path::Path,
+) -> crate::config::Config {
+    use crate::secret::Secret;
+    let mut c = crate::config::Config::default();
+    c.database.path = db.to_path_buf();
+    c.housekeeping.enabled = false;
+    c.rebill.endpoint = sim.rebill_url();
+    c.rebill.appid = Some(opts.rebill_appid.clone());
+    c.rebill.app_secret = Some(Secret::new(opts.rebill_secret.clone()));
+    c.title.base_url = Some(sim.title_base_url());
+    c.title.client_id = Some(opts.title_client_id.clone());
+    c.title.client_secret = Some(Secret::new(opts.title_client_secret.clone()));
+    c
+}
+
 /// Settings of a [`Simulator`].
 #[derive(Debug, Clone)]
 pub struct SimOptions {

@@ -154,19 +154,7 @@ impl Store {
             "UPDATE {} SET lease_expires_at = ?1 WHERE id = ?2 AND claim_token = ?3 AND status = 'running'",
             queue.table()
         );
-        let (_turn, mut tx) = self.begin_write().await?;
-        let mut renewed = 0;
-        for (id, token) in held {
-            renewed += sqlx::query(&sql)
-                .bind(lease_until)
-                .bind(id)
-                .bind(token)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        }
-        tx.commit().await?;
-        Ok(renewed)
+        self.update_held(&sql, held, lease_until).await
     }
 
     /// Returns rows whose lease expired (their daemon died) to `pending`, or to `failed`
@@ -212,11 +200,22 @@ impl Store {
              WHERE id = ?2 AND claim_token = ?3 AND status = 'running'",
             queue.table()
         );
+        self.update_held(&sql, held, now).await
+    }
+
+    /// Runs `sql` (`?1` = `value`, `?2` = id, `?3` = claim token) for every held row in one
+    /// write transaction; returns how many rows it changed.
+    async fn update_held(
+        &self,
+        sql: &str,
+        held: &[(i64, String)],
+        value: i64,
+    ) -> Result<u64, StoreError> {
         let (_turn, mut tx) = self.begin_write().await?;
-        let mut released = 0;
+        let mut changed = 0;
         for (id, token) in held {
-            released += sqlx::query(&sql)
-                .bind(now)
+            changed += sqlx::query(sql)
+                .bind(value)
                 .bind(id)
                 .bind(token)
                 .execute(&mut *tx)
@@ -224,7 +223,7 @@ impl Store {
                 .rows_affected();
         }
         tx.commit().await?;
-        Ok(released)
+        Ok(changed)
     }
 
     /// When the next pending row of `queue` becomes due (ms), if any is due after `now`.

@@ -8,7 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use invoice_worker::config::Config;
-use invoice_worker::secret::Secret;
 use invoice_worker::sim::{SimOptions, Simulator};
 use invoice_worker::store::Store;
 use tokio_util::sync::CancellationToken;
@@ -108,23 +107,15 @@ impl RunningDaemon {
 
 /// A config tuned for tests: short delays, loopback simulator, credentials that match it.
 pub fn fast_config(sim: &Simulator, opts: &SimOptions, db: &Path) -> Config {
-    let mut c = Config::default();
-    c.database.path = db.to_path_buf();
+    let mut c = invoice_worker::sim::config_for(sim, opts, db);
     c.worker.lease = Duration::from_secs(3);
     c.worker.poll_interval = Duration::from_millis(20);
     c.worker.shutdown_grace = Duration::from_secs(5);
     c.retry.base_delay = Duration::from_millis(100);
     c.retry.max_delay = Duration::from_millis(400);
-    c.housekeeping.enabled = false;
-    c.rebill.endpoint = sim.rebill_url();
-    c.rebill.appid = Some(opts.rebill_appid.clone());
-    c.rebill.app_secret = Some(Secret::new(opts.rebill_secret.clone()));
     c.rebill.limits.timeout = Duration::from_secs(2);
     c.rebill.limits.rate_per_second = 1000;
     c.rebill.limits.max_in_flight = 16;
-    c.title.base_url = Some(sim.title_base_url());
-    c.title.client_id = Some(opts.title_client_id.clone());
-    c.title.client_secret = Some(Secret::new(opts.title_client_secret.clone()));
     c.title.sqm = Some("TEST-SQM".into());
     c.title.limits.timeout = Duration::from_secs(2);
     c.title.limits.rate_per_second = 1000;
