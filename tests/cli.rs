@@ -150,3 +150,22 @@ async fn refusals_exit_2_with_the_reason() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_holding_a_secret_readable_by_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new().await;
+    let config = w.write_config();
+    let name = config.display().to_string();
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let out = run(&config, &["check-config"], None);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stderr = text(&out.stderr);
+        assert_eq!(
+            stderr.contains("readable by other users") && stderr.contains(&name),
+            warned,
+            "mode {mode:o}: {stderr}"
+        );
+    }
+}
