@@ -354,14 +354,14 @@ async fn attempt<H: Handler>(
 /// Emits one attempt line at a level chosen at run time, with the queue's own names for
 /// the order and seller fields (tracing needs both to be known at compile time).
 macro_rules! attempt_event {
-    ($level:expr, $queue:expr, $order:expr, $seller:expr, $($rest:tt)*) => {
+    ($level:expr, $queue:expr, $label:expr, $order:expr, $seller:expr, $($rest:tt)*) => {
         match ($level, $queue) {
             (tracing::Level::ERROR, QueueName::Rebill) => tracing::error!(queue = "rebill", orderno = %$order, tax_num = %$seller, $($rest)*),
             (tracing::Level::WARN, QueueName::Rebill) => tracing::warn!(queue = "rebill", orderno = %$order, tax_num = %$seller, $($rest)*),
             (_, QueueName::Rebill) => tracing::info!(queue = "rebill", orderno = %$order, tax_num = %$seller, $($rest)*),
-            (tracing::Level::ERROR, QueueName::Title) => tracing::error!(queue = "title", ttqqlsh = %$order, sqm = %$seller, $($rest)*),
-            (tracing::Level::WARN, QueueName::Title) => tracing::warn!(queue = "title", ttqqlsh = %$order, sqm = %$seller, $($rest)*),
-            (_, QueueName::Title) => tracing::info!(queue = "title", ttqqlsh = %$order, sqm = %$seller, $($rest)*),
+            (tracing::Level::ERROR, QueueName::Title) => tracing::error!(queue = "title", ttqqlsh = %$label, order_no = %$order, sqm = %$seller, $($rest)*),
+            (tracing::Level::WARN, QueueName::Title) => tracing::warn!(queue = "title", ttqqlsh = %$label, order_no = %$order, sqm = %$seller, $($rest)*),
+            (_, QueueName::Title) => tracing::info!(queue = "title", ttqqlsh = %$label, order_no = %$order, sqm = %$seller, $($rest)*),
         }
     };
 }
@@ -373,7 +373,8 @@ fn log_attempt<R: QueueRow>(
     completion: &crate::store::complete::Completion,
     elapsed: Duration,
 ) {
-    let order = claimed.row.label();
+    let label = claimed.row.label();
+    let order = claimed.row.order();
     let seller = claimed.row.seller();
     let row_id = claimed.meta.id;
     let attempt = claimed.meta.attempts;
@@ -400,6 +401,7 @@ fn log_attempt<R: QueueRow>(
     attempt_event!(
         level,
         queue,
+        label,
         order,
         seller,
         row_id,

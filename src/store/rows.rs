@@ -13,6 +13,8 @@ pub trait QueueRow: for<'r> FromRow<'r, SqliteRow> + Send + Sync + Unpin + Clone
     fn seller(&self) -> String;
     /// What identifies the row to a person in logs (orderno, serial).
     fn label(&self) -> String;
+    /// The order the row is about (orderno, ORDER_NO).
+    fn order(&self) -> &str;
 }
 
 /// The bookkeeping columns every claimed row carries.
@@ -57,6 +59,9 @@ impl QueueRow for RebillRow {
     }
     fn label(&self) -> String {
         self.orderno.clone()
+    }
+    fn order(&self) -> &str {
+        &self.orderno
     }
 }
 
@@ -123,6 +128,9 @@ impl QueueRow for TitleRow {
             Some(sqm) if !sqm.is_empty() => sqm.to_string(),
             _ => DEFAULT_SELLER.to_string(),
         }
+    }
+    fn order(&self) -> &str {
+        &self.order_no
     }
     fn label(&self) -> String {
         self.ttqqlsh
