@@ -47,16 +47,7 @@ fn fail(code: i64, message: &str) -> RebillBehavior {
 }
 
 async fn wait_final(w: &World, ids: &[i64]) {
-    wait_until(Duration::from_secs(20), "rows to finish", || async {
-        for id in ids {
-            let s = w.status_of("rebill_orders", *id).await;
-            if s == "pending" || s == "running" {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
+    w.wait_finished("rebill_orders", ids).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

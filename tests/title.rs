@@ -41,16 +41,7 @@ fn title(order_no: &str, gmf_mc: &str) -> NewTitle {
 }
 
 async fn wait_final(w: &World, ids: &[i64]) {
-    wait_until(Duration::from_secs(20), "title rows to finish", || async {
-        for id in ids {
-            let s = w.status_of("title_submissions", *id).await;
-            if s == "pending" || s == "running" {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
+    w.wait_finished("title_submissions", ids).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

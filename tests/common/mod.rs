@@ -71,6 +71,20 @@ impl World {
         status
     }
 
+    /// Waits until none of `ids` in `table` is pending or running.
+    pub async fn wait_finished(&self, table: &str, ids: &[i64]) {
+        wait_until(Duration::from_secs(20), "rows to finish", || async {
+            for id in ids {
+                let s = self.status_of(table, *id).await;
+                if s == "pending" || s == "running" {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
+
     pub async fn insert_rebill(&self, orderno: &str, tax_num: &str) -> i64 {
         sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, ?2)")
             .bind(orderno)
