@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 /// The embedded migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -139,6 +137,7 @@ impl Store {
     /// busy timeout. Does not migrate.
     pub async fn open(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
         create_private_file(path)?;
+        ensure_wal(path, busy_timeout).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
@@ -227,11 +226,50 @@ impl Store {
     }
 }
 
+/// Switches the file to WAL once, on a connection of its own, before any pool connection
+/// opens. WAL is a property of the file, so the pool's connections need not ask for it;
+/// when several connections ask at once on a new file, SQLite answers "database is locked"
+/// to all but one without calling the busy handler. Another process doing the same at the
+/// same moment is waited for, up to the busy timeout.
+async fn ensure_wal(path: &Path, busy_timeout: Duration) -> Result<(), StoreError> {
+    use sqlx::{ConnectOptions, Connection};
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let attempt = async {
+            let mut conn = connect_options(path, busy_timeout).connect().await?;
+            let result = sqlx::query_as::<_, (String,)>("PRAGMA journal_mode = WAL")
+                .fetch_one(&mut conn)
+                .await;
+            conn.close().await?;
+            result
+        };
+        match attempt.await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_busy(&e) && started.elapsed() < busy_timeout => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// True for SQLITE_BUSY and its extended codes.
+fn is_busy(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| c & 0xff == 5),
+        _ => false,
+    }
+}
+
 fn connect_options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
         // NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
         // loss can lose the last transactions, which then are simply retried.
         .synchronous(SqliteSynchronous::Normal)
@@ -309,5 +347,21 @@ mod tests {
             .expect("pragma");
         assert_eq!(journal, "wal");
         store.migrate().await.expect("migrations are idempotent");
+    }
+
+    /// Several connections asking for WAL at once on a new file used to make all but one
+    /// fail with "database is locked" (the busy handler is not called for that lock).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stores_opened_at_once_on_a_new_file_all_open() {
+        for round in 0..100 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("q.db");
+            let open = || super::Store::open(&path, std::time::Duration::from_secs(5));
+            let (a, b, c) = tokio::join!(open(), open(), open());
+            for store in [a, b, c] {
+                let store = store.unwrap_or_else(|e| panic!("round {round}: {e}"));
+                store.close().await;
+            }
+        }
     }
 }
