@@ -18,8 +18,7 @@ use crate::queue::backoff::Backoff;
 use crate::queue::heartbeat::Heartbeat;
 use crate::queue::housekeeping;
 use crate::queue::rules::PauseDefaults;
-use crate::queue::worker::{spawn_commit_watcher, Handler, Worker, WorkerSettings};
-use crate::store::watch::CommitWatcher;
+use crate::queue::worker::{Handler, Worker, WorkerSettings};
 use crate::store::{QueueName, Store};
 
 /// How often queue depths are pushed to systemd's `STATUS=` and the gauges.
@@ -146,11 +145,11 @@ pub async fn run_with_store(
 ) -> anyhow::Result<()> {
     let instance = instance_name();
     let internal_stop = CancellationToken::new();
-    let watcher = CommitWatcher::new(&store)
+    let commits = store
+        .watch_commits(config.worker.poll_interval, internal_stop.clone())
         .await
         .context("opening the commit watcher connection")?;
-    let (wake, watcher_task) =
-        spawn_commit_watcher(watcher, config.worker.poll_interval, internal_stop.clone());
+    let wake = commits.wake.clone();
 
     if config.http.listen.is_some() {
         // Installed before the workers start so their first attempts are counted.
@@ -217,7 +216,11 @@ pub async fn run_with_store(
 
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
     tracing::info!(instance = %instance, database = %config.database.path.display(), "invoice-worker running");
-    let checkpointer = tokio::spawn(keep_wal_small(store.clone(), internal_stop.clone()));
+    let checkpointer = tokio::spawn(keep_wal_small(
+        store.clone(),
+        commits.wake.clone(),
+        internal_stop.clone(),
+    ));
     let supervisor = tokio::spawn(supervise(
         store.clone(),
         health,
@@ -244,7 +247,7 @@ pub async fn run_with_store(
     }
     let _ = supervisor.await;
     let _ = checkpointer.await;
-    let _ = watcher_task.await;
+    let _ = commits.task.await;
     if let Some(task) = http_task {
         let _ = task.await;
     }
@@ -352,13 +355,22 @@ async fn supervise(
     let _ = status.await;
 }
 
-/// Checkpoints the WAL from its own task whenever it grew, so no writer's commit pays for
-/// a checkpoint (connections run with `wal_autocheckpoint = 0`). PASSIVE never blocks
-/// writers or readers; an idle daemon only stats the file.
-async fn keep_wal_small(store: Store, stop: CancellationToken) {
+/// Checkpoints the WAL from its own task after commits, at most every half second, so no
+/// writer's commit pays for a checkpoint (connections run with `wal_autocheckpoint = 0`).
+/// PASSIVE never blocks writers or readers. It waits for the commit watcher, so an idle
+/// daemon never wakes for it.
+async fn keep_wal_small(
+    store: Store,
+    mut commits: tokio::sync::watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
     const EVERY: Duration = Duration::from_millis(500);
     let mut checkpointed_at = 0u64;
     loop {
+        tokio::select! {
+            changed = commits.changed() => if changed.is_err() { return },
+            _ = stop.cancelled() => return,
+        }
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
             _ = stop.cancelled() => return,

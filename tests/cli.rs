@@ -70,7 +70,7 @@ async fn enqueue_title_from_flags_file_and_stdin() {
     assert!(text(&out.stdout).contains("CLI-1"));
 
     let json = r#"{"ORDER_NO":"CLI-2","INVOICETYPE":"2","ATTACH":"661234","GMF_MC":"文件公司","GMF_NSRSBH":"91310115MA1K3BTP2B","GMF_DH":"13800138000","SQM":"ROW-SQM"}"#;
-    let file = w.dir.path().join("title.json");
+    let file = w.dir().join("title.json");
     std::fs::write(&file, json).expect("write json");
     let out = run(
         &config,

@@ -154,14 +154,14 @@ async fn run_until_done(
     env: &[(&str, &str)],
     id: i64,
 ) -> String {
-    let mut daemon = Daemon::start_env(config, w.dir.path().join(log), env);
+    let mut daemon = Daemon::start_env(config, w.dir().join(log), env);
     wait_done(w, &[id], Duration::from_secs(20)).await;
     daemon.stop(STOP_LIMIT, "SIGTERM")
 }
 
 /// The world's config as TOML for the binary, with `edit` applied and `extra` appended.
 fn write_toml(w: &World, name: &str, edit: impl Fn(String) -> String, extra: &str) -> PathBuf {
-    let path = w.dir.path().join(name);
+    let path = w.dir().join(name);
     let text = edit(config_toml(&w.config, &SimOptions::default())) + extra;
     std::fs::write(&path, text).expect("write config");
     path
@@ -294,10 +294,10 @@ async fn binary_speaks_the_systemd_notify_protocol() {
     let w = World::new().await;
     let ids = insert_rebills(&w, "NOTIFY-", 3, TAX).await;
     let config = write_toml(&w, "worker.toml", |t| t, "");
-    let mut manager = Manager::bind(w.dir.path());
+    let mut manager = Manager::bind(w.dir());
     let mut daemon = start_as_systemd(
         &config,
-        w.dir.path().join("daemon.log"),
+        w.dir().join("daemon.log"),
         &manager.path,
         1_000_000,
     );
@@ -374,12 +374,12 @@ async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
         |t| t.replacen("[database]\n", "[database]\nbusy_timeout = \"60s\"\n", 1),
         "",
     );
-    let mut manager = Manager::bind(w.dir.path());
+    let mut manager = Manager::bind(w.dir());
     // WATCHDOG_USEC without WATCHDOG_PID: libsystemd reads that as "this process" too.
     let notify = manager.path.to_str().expect("utf-8 path").to_string();
     let mut daemon = Daemon::start_env(
         &config,
-        w.dir.path().join("daemon.log"),
+        w.dir().join("daemon.log"),
         &[
             ("NOTIFY_SOCKET", notify.as_str()),
             ("WATCHDOG_USEC", "1000000"),

@@ -31,7 +31,7 @@ fn write_toml(world: &World, name: &str, edits: &[(&str, &str)], extra: &str) ->
         text = text.replace(from, to);
     }
     text.push_str(extra);
-    let path = world.dir.path().join(name);
+    let path = world.dir().join(name);
     std::fs::write(&path, text).expect("write config");
     path
 }
@@ -47,7 +47,7 @@ async fn world_with_latency(latency: Duration) -> World {
 
 /// Starts the daemon on `config`, logging to `log` in the world's directory.
 fn start_daemon(world: &World, config: &Path, log: &str) -> Daemon {
-    Daemon::start(config, world.dir.path().join(log))
+    Daemon::start(config, world.dir().join(log))
 }
 
 /// Two daemons on the same config (logs `{prefix}-a.log` and `{prefix}-b.log`), both up.
@@ -448,7 +448,7 @@ async fn sigterm_past_grace_returns_rows_to_pending_with_attempt_refunded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_stops_an_idle_daemon_whose_queues_lack_credentials() {
     let world = World::new().await;
-    let dir = world.dir.path();
+    let dir = world.dir();
     // No credentials at all (and none from the environment, which `Daemon` scrubs): both
     // queues are disabled with a log line; the daemon still runs.
     let config = dir.join("no-credentials.toml");
@@ -906,7 +906,7 @@ async fn other_processes_insert_while_it_drains() {
                         "--config",
                         &cfg,
                     ])
-                    .current_dir(world.dir.path())
+                    .current_dir(world.dir())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
                     .spawn()
@@ -961,7 +961,7 @@ async fn other_processes_insert_while_it_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_exit_codes_check_config_and_operator_commands() {
     let world = World::new().await;
-    let dir = world.dir.path();
+    let dir = world.dir();
     let cfg_path = world.write_config();
     let cfg = cfg_path.to_string_lossy().into_owned();
 
@@ -1456,7 +1456,7 @@ async fn secrets_never_reach_the_logs() {
     let proxy = TokenProxy::start(world.sim.addr()).await;
     let sim_base = world.sim.title_base_url();
     let proxy_base = format!("http://{}/Entoauth", proxy.addr);
-    let dir = world.dir.path().to_path_buf();
+    let dir = world.dir().to_path_buf();
     let title_via_proxy = (sim_base.as_str(), proxy_base.as_str());
     let debug_text = "\n[log]\nlevel = \"debug\"\nformat = \"text\"\n";
     let debug_json = "\n[log]\nlevel = \"debug\"\nformat = \"json\"\n";

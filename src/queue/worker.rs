@@ -465,31 +465,3 @@ async fn lease_keeper(
         }
     }
 }
-
-/// Watches the database for commits by other connections and ticks `wake` when it sees one.
-/// One watcher serves every worker of the process.
-pub fn spawn_commit_watcher(
-    mut watcher: crate::store::watch::CommitWatcher,
-    poll_interval: Duration,
-    stop: CancellationToken,
-) -> (watch::Receiver<u64>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = watch::channel(0u64);
-    let handle = tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(poll_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = stop.cancelled() => return,
-            }
-            match watcher.changed().await {
-                Ok(true) => {
-                    tx.send_modify(|v| *v = v.wrapping_add(1));
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "commit watcher query failed"),
-            }
-        }
-    });
-    (rx, handle)
-}

@@ -7,6 +7,7 @@ pub mod claim;
 pub mod complete;
 pub mod housekeeping;
 pub mod rows;
+pub mod scratch;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -163,10 +164,24 @@ impl Store {
         Ok(store)
     }
 
-    /// Applies the embedded migrations (idempotent).
+    /// Applies the embedded migrations (idempotent). Two processes migrating the same new
+    /// file at once (two daemons, a daemon and the CLI) both see a migration missing; the
+    /// loser's transaction fails on the winner's row and rolls back, and looking again
+    /// finds everything applied. So such a failure is retried a few times.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        let mut pause = Duration::from_millis(10);
+        for _ in 0..6 {
+            match MIGRATOR.run(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(e) if lost_a_migration_race(&e) => {
+                    tokio::time::sleep(pause + Duration::from_millis(rand::random_range(0..10)))
+                        .await;
+                    pause *= 2;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(MIGRATOR.run(&self.pool).await?)
     }
 
     /// The underlying pool (tests and benchmarks insert through it).
@@ -255,15 +270,29 @@ async fn ensure_wal(path: &Path, busy_timeout: Duration) -> Result<(), StoreErro
     }
 }
 
+/// True when a migration failed because another connection applied it meanwhile: a
+/// duplicate row in `_sqlx_migrations`, a table that now exists, or a busy database.
+fn lost_a_migration_race(error: &sqlx::migrate::MigrateError) -> bool {
+    use sqlx::migrate::MigrateError;
+    let sqlx::Error::Database(db) = (match error {
+        MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => e,
+        _ => return false,
+    }) else {
+        return false;
+    };
+    db.is_unique_violation() || db.message().contains("already exists") || is_busy_code(&**db)
+}
+
 /// True for SQLITE_BUSY and its extended codes.
 fn is_busy(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Database(db) => db
-            .code()
-            .and_then(|c| c.parse::<i32>().ok())
-            .is_some_and(|c| c & 0xff == 5),
-        _ => false,
-    }
+    matches!(error, sqlx::Error::Database(db) if is_busy_code(&**db))
+}
+
+/// SQLITE_BUSY (5) in the primary byte of an extended result code.
+fn is_busy_code(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.code()
+        .and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| c & 0xff == 5)
 }
 
 fn connect_options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions {
@@ -318,13 +347,14 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
 pub(crate) mod test_support {
     use super::*;
 
-    /// A migrated store on a fresh file in a temporary directory.
-    pub async fn temp_store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_and_migrate(&dir.path().join("q.db"), Duration::from_secs(5))
+    /// A migrated store on a fresh file in a temporary directory; the guard closes the store
+    /// before the directory goes.
+    pub async fn temp_store() -> (super::scratch::ScratchDatabase, Store) {
+        let db = super::scratch::ScratchDatabase::new(Duration::from_secs(5))
             .await
             .expect("open store");
-        (dir, store)
+        let store = db.store().clone();
+        (db, store)
     }
 }
 

@@ -1,65 +1,231 @@
-//! Noticing commits made by other connections (other processes' inserts) cheaply.
+//! Noticing commits made by other connections (other processes' inserts) at once, while an
+//! idle daemon does nothing at all.
+//!
+//! Every commit in WAL mode writes the database's `-wal` file, so the kernel's file
+//! notifications (inotify, through the `notify` crate, watching the database's directory)
+//! say the moment one happened. `PRAGMA data_version` on a connection of its own then
+//! confirms that some other connection committed (it ignores a checkpoint, which writes the
+//! database file but changes no data). File systems that cannot report changes made on
+//! other hosts (NFS, SMB, FUSE) get a slow poll of `data_version` instead, logged once at
+//! start. The wake-up sits behind the store: another backend brings its own.
 
-use std::path::PathBuf;
-use std::time::SystemTime;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::SqliteConnection;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
 
 use super::{Store, StoreError};
 
-/// How many cheap file checks pass between two `PRAGMA data_version` queries.
-const PRAGMA_EVERY: u32 = 40;
-
-/// Notices commits by other connections. Every commit in WAL mode writes the `-wal` file,
-/// so comparing its size and modification time (one `stat`, no trip to SQLite's thread)
-/// catches them; `PRAGMA data_version`, which changes whenever another connection commits,
-/// is asked now and then as well, in case a file system's timestamps are too coarse.
-pub struct CommitWatcher {
-    conn: SqliteConnection,
-    files: [PathBuf; 2],
-    last_files: [Option<(u64, SystemTime)>; 2],
-    last_version: Option<i64>,
-    calls: u32,
+/// How the watcher learns of commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchMode {
+    /// Kernel file notifications on the database's directory.
+    Notifications,
+    /// `PRAGMA data_version` every so often (no notifications on this file system).
+    Polling(Duration),
 }
 
-impl CommitWatcher {
-    /// Opens the dedicated connection used for `data_version`.
-    pub async fn new(store: &Store) -> Result<CommitWatcher, StoreError> {
-        let db = store.path().to_path_buf();
-        let mut wal = db.clone().into_os_string();
-        wal.push("-wal");
-        Ok(CommitWatcher {
-            conn: store.dedicated_connection().await?,
-            files: [PathBuf::from(wal), db],
-            last_files: [None, None],
-            last_version: None,
-            calls: 0,
-        })
-    }
+/// A running commit watcher: `wake` ticks after every commit of another connection.
+pub struct CommitWatch {
+    /// Ticks (its value changes) when another connection committed.
+    pub wake: watch::Receiver<u64>,
+    /// How commits are noticed.
+    pub mode: WatchMode,
+    /// The watcher task; it ends when `stop` is cancelled.
+    pub task: tokio::task::JoinHandle<()>,
+}
 
-    /// True when some other connection committed since the previous call (and on the
-    /// first call).
-    pub async fn changed(&mut self) -> Result<bool, StoreError> {
-        let mut changed = false;
-        for (file, last) in self.files.iter().zip(self.last_files.iter_mut()) {
-            // A blocking stat is a few microseconds: cheaper than handing it to a thread.
-            let now = std::fs::metadata(file)
-                .ok()
-                .and_then(|m| Some((m.len(), m.modified().ok()?)));
-            if now != *last {
-                *last = now;
-                changed = true;
+/// File system magic numbers (statfs `f_type`) whose files may change on another host
+/// without this kernel knowing: inotify cannot be trusted there.
+const REMOTE_FILE_SYSTEMS: &[i64] = &[
+    0x6969,              // NFS
+    0x517B,              // SMB
+    0xFF53_4D42,         // CIFS
+    0xFE53_4D42,         // SMB2
+    0x6573_5546,         // FUSE
+    0x0102_1997,         // 9P (v9fs)
+    0x7461_636f,         // OCFS2
+    0x0116_1970,         // GFS2
+    0x0BD0_0BD0,         // Lustre
+    0x0000_47504653_i64, // GPFS
+];
+
+/// Whether `dir` is on a file system whose changes inotify reports reliably.
+fn notifications_are_reliable(dir: &Path) -> Result<(), String> {
+    match nix::sys::statfs::statfs(dir) {
+        Ok(fs) => {
+            // `f_type` is a C long: i64 on the 64-bit Linux this daemon runs on.
+            #[allow(clippy::useless_conversion)]
+            let kind = i64::from(fs.filesystem_type().0);
+            if REMOTE_FILE_SYSTEMS.contains(&kind) {
+                Err(format!(
+                    "file system type {kind:#x} is shared over the network"
+                ))
+            } else {
+                Ok(())
             }
         }
-        self.calls = self.calls.wrapping_add(1);
-        if changed || self.calls.is_multiple_of(PRAGMA_EVERY) || self.last_version.is_none() {
-            let (version,): (i64,) = sqlx::query_as("PRAGMA data_version")
-                .fetch_one(&mut self.conn)
-                .await?;
-            changed |= self.last_version != Some(version);
-            self.last_version = Some(version);
+        Err(e) => Err(format!("cannot stat the file system: {e}")),
+    }
+}
+
+/// The directory watch: pings `changed` when the `-wal` file (or the database file, for a
+/// writer in another journal mode) is written or created.
+fn watch_directory(db: &Path, changed: Arc<Notify>) -> Result<notify::RecommendedWatcher, String> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let dir = match db.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => dir.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    notifications_are_reliable(&dir)?;
+    let names: Vec<std::ffi::OsString> = {
+        let file = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        let mut wal = file.clone();
+        wal.push("-wal");
+        vec![file, wal]
+    };
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        match event {
+            Ok(event) => {
+                let relevant = matches!(
+                    event.kind,
+                    EventKind::Modify(_) | EventKind::Create(_) | EventKind::Any
+                ) && event.paths.iter().any(|p| {
+                    p.file_name()
+                        .is_some_and(|n| names.iter().any(|want| want == n))
+                });
+                if relevant || event.need_rescan() {
+                    changed.notify_one();
+                }
+            }
+            // An overflowed event queue lost events: look, to be safe.
+            Err(_) => changed.notify_one(),
         }
-        Ok(changed)
+    })
+    .map_err(|e| format!("cannot create a file watcher: {e}"))?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+    Ok(watcher)
+}
+
+/// The watcher task: waits for a notification (or the poll), confirms a commit with
+/// `data_version` and ticks `tx`. `watcher` is kept alive for as long as the task runs.
+async fn follow(
+    mut conn: SqliteConnection,
+    mut last: i64,
+    mode: WatchMode,
+    changed: Arc<Notify>,
+    tx: watch::Sender<u64>,
+    stop: CancellationToken,
+    watcher: Option<notify::RecommendedWatcher>,
+) {
+    let _watcher = watcher;
+    loop {
+        match mode {
+            WatchMode::Notifications => {
+                tokio::select! {
+                    _ = changed.notified() => {}
+                    _ = stop.cancelled() => return,
+                }
+                // The last write of a commit reaches the -wal file a moment before the commit
+                // becomes visible (SQLite then updates the shared-memory index, which the
+                // kernel does not report): look again shortly before concluding that the
+                // write was not a commit (a checkpoint, a rolled-back transaction).
+                for delay_ms in CONFIRM_DELAYS_MS {
+                    if delay_ms > 0 {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
+                            _ = changed.notified() => {}
+                            _ = stop.cancelled() => return,
+                        }
+                    }
+                    match check(&mut conn, &mut last, &tx, &stop).await {
+                        Some(true) => break,
+                        Some(false) => {}
+                        None => return,
+                    }
+                }
+            }
+            WatchMode::Polling(every) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.cancelled() => return,
+                }
+                if check(&mut conn, &mut last, &tx, &stop).await.is_none() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// How long after a file notification `data_version` is asked again, in ms.
+const CONFIRM_DELAYS_MS: [u64; 6] = [0, 1, 3, 10, 30, 100];
+
+/// Asks `data_version`; ticks `tx` when it moved. `Some(true)` when it moved (or the query
+/// failed: the loops are woken to find out for themselves), `None` when stopped meanwhile.
+async fn check(
+    conn: &mut SqliteConnection,
+    last: &mut i64,
+    tx: &watch::Sender<u64>,
+    stop: &CancellationToken,
+) -> Option<bool> {
+    match data_version(conn).await {
+        Ok(version) if version != *last => {
+            *last = version;
+            tx.send_modify(|v| *v = v.wrapping_add(1));
+            Some(true)
+        }
+        Ok(_) => Some(false),
+        Err(e) => {
+            tracing::warn!(error = %e, "commit watcher query failed");
+            tx.send_modify(|v| *v = v.wrapping_add(1));
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => Some(true),
+                _ = stop.cancelled() => None,
+            }
+        }
+    }
+}
+
+/// `PRAGMA data_version` on the watcher's own connection.
+async fn data_version(conn: &mut SqliteConnection) -> Result<i64, StoreError> {
+    let (version,): (i64,) = sqlx::query_as("PRAGMA data_version")
+        .fetch_one(conn)
+        .await?;
+    Ok(version)
+}
+
+impl Store {
+    /// Starts watching for commits by other connections; `fallback_poll` is the poll
+    /// interval on file systems without reliable notifications. One watcher serves every
+    /// worker of the process.
+    pub async fn watch_commits(
+        &self,
+        fallback_poll: Duration,
+        stop: CancellationToken,
+    ) -> Result<CommitWatch, StoreError> {
+        let mut conn = self.dedicated_connection().await?;
+        let last = data_version(&mut conn).await?;
+        let changed = Arc::new(Notify::new());
+        let (watcher, mode) = match watch_directory(self.path(), changed.clone()) {
+            Ok(watcher) => {
+                tracing::info!(database = %self.path().display(), "noticing new rows through file notifications");
+                (Some(watcher), WatchMode::Notifications)
+            }
+            Err(why) => {
+                tracing::warn!(database = %self.path().display(), %why, poll = ?fallback_poll,
+                    "file notifications unavailable; polling the database for new rows instead");
+                (None, WatchMode::Polling(fallback_poll))
+            }
+        };
+        let (tx, wake) = watch::channel(0u64);
+        let task = tokio::spawn(follow(conn, last, mode, changed, tx, stop, watcher));
+        Ok(CommitWatch { wake, mode, task })
     }
 }
 
@@ -67,21 +233,91 @@ impl CommitWatcher {
 mod tests {
     use super::*;
     use crate::store::test_support::temp_store;
+    use std::time::Instant;
 
-    #[tokio::test]
-    async fn sees_commits_of_other_connections() {
-        let (_dir, store) = temp_store().await;
-        let mut watcher = CommitWatcher::new(&store).await.expect("watcher");
-        assert!(
-            watcher.changed().await.expect("check"),
-            "first call reports a change"
-        );
-        assert!(!watcher.changed().await.expect("check"));
-        sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES ('w1', 'T')")
-            .execute(store.pool())
+    async fn insert_from_another_process_like_connection(path: &Path, orderno: &str) {
+        use sqlx::{ConnectOptions, Connection};
+        let mut writer = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("writer connection");
+        sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, 'T')")
+            .bind(orderno)
+            .execute(&mut writer)
             .await
             .expect("insert");
-        assert!(watcher.changed().await.expect("check"));
-        assert!(!watcher.changed().await.expect("check"));
+        writer.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn notices_another_connections_commit_within_milliseconds() {
+        let (_dir, store) = temp_store().await;
+        let stop = CancellationToken::new();
+        let mut watch = store
+            .watch_commits(Duration::from_secs(60), stop.clone())
+            .await
+            .expect("watcher");
+        assert_eq!(watch.mode, WatchMode::Notifications);
+        for i in 0..20 {
+            watch.wake.mark_unchanged();
+            let committed = Instant::now();
+            insert_from_another_process_like_connection(store.path(), &format!("w{i}")).await;
+            tokio::time::timeout(Duration::from_secs(2), watch.wake.changed())
+                .await
+                .expect("woken long before the 60 s poll")
+                .expect("watcher alive");
+            assert!(committed.elapsed() < Duration::from_millis(500));
+        }
+        stop.cancel();
+        watch.task.await.expect("watcher stops");
+    }
+
+    #[tokio::test]
+    async fn polls_when_notifications_are_unavailable() {
+        // A directory that does not exist cannot be watched: the store falls back to polling.
+        assert!(
+            watch_directory(Path::new("/nonexistent-dir/q.db"), Arc::new(Notify::new())).is_err()
+        );
+        let (_dir, store) = temp_store().await;
+        let mut conn = store.dedicated_connection().await.expect("connection");
+        let last = data_version(&mut conn).await.expect("version");
+        let (tx, mut wake) = watch::channel(0u64);
+        let stop = CancellationToken::new();
+        let poll = WatchMode::Polling(Duration::from_millis(20));
+        let task = tokio::spawn(follow(
+            conn,
+            last,
+            poll,
+            Arc::new(Notify::new()),
+            tx,
+            stop.clone(),
+            None,
+        ));
+        insert_from_another_process_like_connection(store.path(), "p1").await;
+        tokio::time::timeout(Duration::from_secs(2), wake.changed())
+            .await
+            .expect("the poll sees the commit")
+            .expect("watcher alive");
+        stop.cancel();
+        task.await.expect("watcher stops");
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_alone_wakes_nobody() {
+        let (_dir, store) = temp_store().await;
+        insert_from_another_process_like_connection(store.path(), "c1").await;
+        let stop = CancellationToken::new();
+        let mut watch = store
+            .watch_commits(Duration::from_secs(60), stop.clone())
+            .await
+            .expect("watcher");
+        watch.wake.mark_unchanged();
+        store.checkpoint().await.expect("checkpoint");
+        let woken = tokio::time::timeout(Duration::from_millis(300), watch.wake.changed()).await;
+        assert!(woken.is_err(), "a checkpoint changes no data");
+        stop.cancel();
+        watch.task.await.expect("watcher stops");
     }
 }

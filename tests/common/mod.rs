@@ -9,18 +9,20 @@ use std::time::{Duration, Instant};
 
 use invoice_worker::config::Config;
 use invoice_worker::sim::{SimOptions, Simulator};
+use invoice_worker::store::scratch::ScratchDatabase;
 use invoice_worker::store::Store;
 use tokio_util::sync::CancellationToken;
 
 /// The seller tax number most tests use.
 pub const TAX: &str = "91310117568051222X";
 
-/// One test's world: a temp directory, a simulator, a migrated store and a config.
+/// One test's world: a scratch database (closed before its directory goes), a simulator,
+/// the store and a config.
 pub struct World {
-    pub dir: tempfile::TempDir,
     pub sim: Simulator,
     pub store: Store,
     pub config: Config,
+    db: ScratchDatabase,
 }
 
 impl World {
@@ -29,18 +31,22 @@ impl World {
     }
 
     pub async fn with_options(opts: SimOptions) -> World {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sim = Simulator::start(opts.clone()).await.expect("simulator");
-        let config = fast_config(&sim, &opts, &dir.path().join("queue.db"));
-        let store = Store::open_and_migrate(&config.database.path, config.database.busy_timeout)
+        let db = ScratchDatabase::new(Duration::from_secs(5))
             .await
             .expect("store");
+        let sim = Simulator::start(opts.clone()).await.expect("simulator");
+        let config = fast_config(&sim, &opts, &db.path());
         World {
-            dir,
             sim,
-            store,
+            store: db.store().clone(),
             config,
+            db,
         }
+    }
+
+    /// The test's temporary directory (the database is `queue.db` in it).
+    pub fn dir(&self) -> &Path {
+        self.db.dir()
     }
 
     /// Starts the daemon in this process; cancel the token (or call `stop`) to end it.
@@ -55,7 +61,7 @@ impl World {
 
     /// Writes the config as TOML (secrets inline) for the real binary.
     pub fn write_config(&self) -> PathBuf {
-        let path = self.dir.path().join("worker.toml");
+        let path = self.dir().join("worker.toml");
         std::fs::write(&path, config_toml(&self.config, &SimOptions::default()))
             .expect("write config");
         path
