@@ -101,7 +101,9 @@ pub struct WorkerConfig {
     /// third of it while the call is in flight.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
-    /// How often the database is checked for commits by other processes.
+    /// How often the database is polled for commits by other processes, on file systems
+    /// without reliable change notifications (NFS, SMB, FUSE); elsewhere inotify tells at
+    /// once and nothing is polled.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// Most rows claimed in one transaction.
@@ -115,7 +117,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             lease: Duration::from_secs(30),
-            poll_interval: Duration::from_millis(50),
+            poll_interval: Duration::from_millis(250),
             claim_batch: 64,
             shutdown_grace: Duration::from_secs(30),
         }

@@ -63,8 +63,13 @@ pub struct WorkerSettings {
     pub backoff: Backoff,
 }
 
-/// How long an idle loop sleeps at most before looking again (and beating its heartbeat).
+/// How often an idle loop beats its heartbeat (the watchdog and `/healthz` judge it by that).
 const IDLE_TICK: Duration = Duration::from_secs(2);
+
+/// How long an idle loop goes without asking the database when nothing woke it: commits
+/// are announced by the store's commit watcher and due times are known, so this look is
+/// only a safety net; rows held by a pause are looked at every [`IDLE_TICK`].
+const SAFETY_LOOK: Duration = Duration::from_secs(30);
 
 /// One queue's worker.
 pub struct Worker<H: Handler> {
@@ -73,6 +78,8 @@ pub struct Worker<H: Handler> {
     settings: WorkerSettings,
     heartbeat: Heartbeat,
     wake: watch::Receiver<u64>,
+    /// False once the commit watcher is gone, so the idle wait stops asking it.
+    watching: bool,
 }
 
 /// Rows this worker holds, so that shutdown can put unfinished ones back.
@@ -92,6 +99,7 @@ impl<H: Handler> Worker<H> {
             settings,
             heartbeat: Heartbeat::new(),
             wake,
+            watching: true,
         }
     }
 
@@ -179,11 +187,9 @@ impl<H: Handler> Worker<H> {
             };
             if batch.rows.is_empty() {
                 drop(permits);
-                let nap = self.idle_nap(queue, batch.queue_paused).await;
-                tokio::select! {
-                    _ = self.wake.changed() => {}
-                    _ = tokio::time::sleep(nap) => {}
-                    _ = shutdown.cancelled() => break,
+                let nap = self.idle_nap(queue, batch.held_by_pause).await;
+                if !self.wait_idle(nap, &shutdown).await {
+                    break;
                 }
                 continue;
             }
@@ -238,15 +244,39 @@ impl<H: Handler> Worker<H> {
         Ok(())
     }
 
-    /// How long to sleep when nothing was due: until the next row is due, at most a tick.
-    async fn idle_nap(&self, queue: QueueName, paused: bool) -> Duration {
-        if paused {
+    /// How long to sleep when nothing could be claimed: until the next row is due, at most
+    /// [`SAFETY_LOOK`]; a tick while due rows are held by a pause.
+    async fn idle_nap(&self, queue: QueueName, held_by_pause: bool) -> Duration {
+        if held_by_pause {
             return IDLE_TICK;
         }
         let now = now_ms();
         match self.store.next_due_after(queue, now).await {
-            Ok(Some(at)) => Duration::from_millis((at - now).max(0) as u64).min(IDLE_TICK),
-            _ => IDLE_TICK,
+            Ok(Some(at)) => Duration::from_millis((at - now).max(0) as u64).min(SAFETY_LOOK),
+            Ok(None) => SAFETY_LOOK,
+            Err(_) => IDLE_TICK,
+        }
+    }
+
+    /// Sleeps for `nap` or until a commit wakes the loop, beating the heartbeat every
+    /// [`IDLE_TICK`] meanwhile; false when shutdown came first.
+    async fn wait_idle(&mut self, nap: Duration, shutdown: &CancellationToken) -> bool {
+        let until = tokio::time::Instant::now() + nap;
+        loop {
+            let tick = (tokio::time::Instant::now() + IDLE_TICK).min(until);
+            tokio::select! {
+                changed = self.wake.changed(), if self.watching => match changed {
+                    Ok(()) => return true,
+                    // The commit watcher is gone (it only ends at shutdown): ticks only.
+                    Err(_) => self.watching = false,
+                },
+                _ = tokio::time::sleep_until(tick) => {}
+                _ = shutdown.cancelled() => return false,
+            }
+            self.heartbeat.beat();
+            if tick >= until {
+                return true;
+            }
         }
     }
 }

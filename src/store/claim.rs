@@ -31,8 +31,10 @@ pub struct ClaimParams<'a> {
 pub struct ClaimBatch<R> {
     /// The rows now held by this worker.
     pub rows: Vec<Claimed<R>>,
-    /// Set when the whole queue is paused (or a probe is in flight) and nothing was claimed.
-    pub queue_paused: bool,
+    /// Set when due rows exist that this claim could not take: the whole queue is paused
+    /// (or its probe is in flight), or the due rows' sellers are paused. Their pause ends
+    /// by time, which no commit announces, so an idle worker looks again soon.
+    pub held_by_pause: bool,
 }
 
 fn claim_update(queue: QueueName, filter: &str) -> String {
@@ -83,7 +85,7 @@ impl Store {
         if !any_due {
             return Ok(ClaimBatch {
                 rows: Vec::new(),
-                queue_paused: false,
+                held_by_pause: false,
             });
         }
         let (_turn, mut tx) = self.begin_write().await?;
@@ -95,7 +97,7 @@ impl Store {
                 tx.commit().await?;
                 return Ok(ClaimBatch {
                     rows,
-                    queue_paused: true,
+                    held_by_pause: true,
                 });
             }
             QueuePause::Expired => {
@@ -108,7 +110,7 @@ impl Store {
                 tx.commit().await?;
                 return Ok(ClaimBatch {
                     rows: probe,
-                    queue_paused: true,
+                    held_by_pause: true,
                 });
             }
             QueuePause::None => {}
@@ -135,8 +137,8 @@ impl Store {
         }
         tx.commit().await?;
         Ok(ClaimBatch {
+            held_by_pause: rows.is_empty(),
             rows,
-            queue_paused: false,
         })
     }
 
