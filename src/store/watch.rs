@@ -2,19 +2,20 @@
 //! idle daemon does nothing at all.
 //!
 //! Every commit in WAL mode writes the database's `-wal` file, so the kernel's file
-//! notifications (inotify, through the `notify` crate, watching the database's directory)
-//! say the moment one happened. `PRAGMA data_version` on a connection of its own then
+//! notifications (inotify on the database's directory) say the moment one happened. The
+//! watch is one-shot and re-armed after each wake-up, at most every [`PACE`]: SQLite writes
+//! the WAL a page at a time, and a watch left armed while the daemon drains would deliver
+//! thousands of events a second for nobody (the workers are busy, not waiting). `PRAGMA data_version` on a connection of its own then
 //! confirms that some other connection committed (it ignores a checkpoint, which writes the
 //! database file but changes no data). File systems that cannot report changes made on
 //! other hosts (NFS, SMB, FUSE) get a slow poll of `data_version` instead, logged once at
 //! start. The wake-up sits behind the store: another backend brings its own.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::SqliteConnection;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Store, StoreError};
@@ -72,76 +73,116 @@ fn notifications_are_reliable(dir: &Path) -> Result<(), String> {
     }
 }
 
-/// The directory watch: pings `changed` when the `-wal` file (or the database file, for a
-/// writer in another journal mode) is written or created.
-fn watch_directory(db: &Path, changed: Arc<Notify>) -> Result<notify::RecommendedWatcher, String> {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let dir = match db.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(dir) => dir.to_path_buf(),
-        None => PathBuf::from("."),
-    };
-    notifications_are_reliable(&dir)?;
-    let names: Vec<std::ffi::OsString> = {
+/// A one-shot inotify watch on the database's directory for writes to the `-wal` file (or
+/// to the database file, for a writer in another journal mode).
+struct DirWatch {
+    events: inotify::EventStream<[u8; 4096]>,
+    dir: PathBuf,
+    names: [std::ffi::OsString; 2],
+}
+
+impl DirWatch {
+    /// Sets up the watch (not yet armed).
+    fn new(db: &Path) -> Result<DirWatch, String> {
+        let dir = match db.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(dir) => dir.to_path_buf(),
+            None => PathBuf::from("."),
+        };
+        notifications_are_reliable(&dir)?;
         let file = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         let mut wal = file.clone();
         wal.push("-wal");
-        vec![file, wal]
-    };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        match event {
-            Ok(event) => {
-                let relevant = matches!(
-                    event.kind,
-                    EventKind::Modify(_) | EventKind::Create(_) | EventKind::Any
-                ) && event.paths.iter().any(|p| {
-                    p.file_name()
-                        .is_some_and(|n| names.iter().any(|want| want == n))
-                });
-                if relevant || event.need_rescan() {
-                    changed.notify_one();
-                }
+        let inotify = inotify::Inotify::init().map_err(|e| format!("cannot use inotify: {e}"))?;
+        let events = inotify
+            .into_event_stream([0u8; 4096])
+            .map_err(|e| format!("cannot read inotify events: {e}"))?;
+        let watch = DirWatch {
+            events,
+            dir,
+            names: [file, wal],
+        };
+        watch.arm()?;
+        Ok(watch)
+    }
+
+    /// Arms the watch for the next write; the kernel disarms it after one event.
+    fn arm(&self) -> Result<(), String> {
+        use inotify::WatchMask;
+        self.events
+            .watches()
+            .add(
+                &self.dir,
+                WatchMask::MODIFY | WatchMask::CREATE | WatchMask::ONESHOT,
+            )
+            .map(|_| ())
+            .map_err(|e| format!("cannot watch {}: {e}", self.dir.display()))
+    }
+
+    /// Waits for a write to one of the database's files. Events about other files in the
+    /// directory re-arm the watch and go on waiting.
+    async fn written(&mut self) -> Result<(), String> {
+        use futures::StreamExt;
+        loop {
+            let event = match self.events.next().await {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => return Err(format!("inotify read failed: {e}")),
+                None => return Err("inotify stream ended".to_string()),
+            };
+            // A lost event (queue overflow) might have been ours.
+            let ours = event.mask.contains(inotify::EventMask::Q_OVERFLOW)
+                || event
+                    .name
+                    .as_ref()
+                    .is_some_and(|n| self.names.iter().any(|want| want == n));
+            if ours {
+                return Ok(());
             }
-            // An overflowed event queue lost events: look, to be safe.
-            Err(_) => changed.notify_one(),
+            if event.mask.contains(inotify::EventMask::IGNORED) {
+                // The one-shot watch went off on another file: look again.
+                self.arm()?;
+            }
         }
-    })
-    .map_err(|e| format!("cannot create a file watcher: {e}"))?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
-    Ok(watcher)
+    }
 }
 
-/// The watcher task: waits for a notification (or the poll), confirms a commit with
-/// `data_version` and ticks `tx`. `watcher` is kept alive for as long as the task runs.
+/// The watcher task: waits for a write (or the poll), confirms a commit with
+/// `data_version` and ticks `tx`.
 async fn follow(
     mut conn: SqliteConnection,
     mut last: i64,
-    mode: WatchMode,
-    changed: Arc<Notify>,
+    mut mode: Mode,
     tx: watch::Sender<u64>,
     stop: CancellationToken,
-    watcher: Option<notify::RecommendedWatcher>,
 ) {
-    let _watcher = watcher;
     loop {
-        match mode {
-            WatchMode::Notifications => {
-                tokio::select! {
-                    _ = changed.notified() => {}
+        match &mut mode {
+            Mode::Notifications(dir) => {
+                // Armed before looking, so a commit between the look and the wait is seen.
+                if let Err(why) = dir.arm() {
+                    tracing::warn!(%why, "file notifications failed; polling the database instead");
+                    mode = Mode::Polling(FALLBACK_AFTER_FAILURE);
+                    continue;
+                }
+                if check(&mut conn, &mut last, &tx, &stop).await.is_none() {
+                    return;
+                }
+                let written = tokio::select! {
+                    written = dir.written() => written,
                     _ = stop.cancelled() => return,
+                };
+                if let Err(why) = written {
+                    tracing::warn!(%why, "file notifications failed; polling the database instead");
+                    mode = Mode::Polling(FALLBACK_AFTER_FAILURE);
+                    continue;
                 }
                 // The last write of a commit reaches the -wal file a moment before the commit
                 // becomes visible (SQLite then updates the shared-memory index, which the
                 // kernel does not report): look again shortly before concluding that the
                 // write was not a commit (a checkpoint, a rolled-back transaction).
                 for delay_ms in CONFIRM_DELAYS_MS {
-                    if delay_ms > 0 {
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
-                            _ = changed.notified() => {}
-                            _ = stop.cancelled() => return,
-                        }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
+                        _ = stop.cancelled() => return,
                     }
                     match check(&mut conn, &mut last, &tx, &stop).await {
                         Some(true) => break,
@@ -149,10 +190,14 @@ async fn follow(
                         None => return,
                     }
                 }
-            }
-            WatchMode::Polling(every) => {
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
+                    _ = tokio::time::sleep(PACE) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+            Mode::Polling(every) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(*every) => {}
                     _ = stop.cancelled() => return,
                 }
                 if check(&mut conn, &mut last, &tx, &stop).await.is_none() {
@@ -163,7 +208,20 @@ async fn follow(
     }
 }
 
-/// How long after a file notification `data_version` is asked again, in ms.
+/// How the watcher task learns of writes.
+enum Mode {
+    Notifications(Box<DirWatch>),
+    Polling(Duration),
+}
+
+/// The shortest time between two wake-ups from notifications. A second commit within it is
+/// announced at its end: the workers are busy with the first one meanwhile.
+const PACE: Duration = Duration::from_millis(5);
+
+/// The poll interval after notifications failed at run time.
+const FALLBACK_AFTER_FAILURE: Duration = Duration::from_millis(250);
+
+/// How long after a file notification `data_version` is asked (again), in ms.
 const CONFIRM_DELAYS_MS: [u64; 6] = [0, 1, 3, 10, 30, 100];
 
 /// Asks `data_version`; ticks `tx` when it moved. `Some(true)` when it moved (or the query
@@ -211,20 +269,22 @@ impl Store {
     ) -> Result<CommitWatch, StoreError> {
         let mut conn = self.dedicated_connection().await?;
         let last = data_version(&mut conn).await?;
-        let changed = Arc::new(Notify::new());
-        let (watcher, mode) = match watch_directory(self.path(), changed.clone()) {
-            Ok(watcher) => {
+        let (task_mode, mode) = match DirWatch::new(self.path()) {
+            Ok(dir) => {
                 tracing::info!(database = %self.path().display(), "noticing new rows through file notifications");
-                (Some(watcher), WatchMode::Notifications)
+                (Mode::Notifications(Box::new(dir)), WatchMode::Notifications)
             }
             Err(why) => {
                 tracing::warn!(database = %self.path().display(), %why, poll = ?fallback_poll,
                     "file notifications unavailable; polling the database for new rows instead");
-                (None, WatchMode::Polling(fallback_poll))
+                (
+                    Mode::Polling(fallback_poll),
+                    WatchMode::Polling(fallback_poll),
+                )
             }
         };
         let (tx, wake) = watch::channel(0u64);
-        let task = tokio::spawn(follow(conn, last, mode, changed, tx, stop, watcher));
+        let task = tokio::spawn(follow(conn, last, task_mode, tx, stop));
         Ok(CommitWatch { wake, mode, task })
     }
 }
@@ -277,24 +337,14 @@ mod tests {
     #[tokio::test]
     async fn polls_when_notifications_are_unavailable() {
         // A directory that does not exist cannot be watched: the store falls back to polling.
-        assert!(
-            watch_directory(Path::new("/nonexistent-dir/q.db"), Arc::new(Notify::new())).is_err()
-        );
+        assert!(DirWatch::new(Path::new("/nonexistent-dir/q.db")).is_err());
         let (_dir, store) = temp_store().await;
         let mut conn = store.dedicated_connection().await.expect("connection");
         let last = data_version(&mut conn).await.expect("version");
         let (tx, mut wake) = watch::channel(0u64);
         let stop = CancellationToken::new();
-        let poll = WatchMode::Polling(Duration::from_millis(20));
-        let task = tokio::spawn(follow(
-            conn,
-            last,
-            poll,
-            Arc::new(Notify::new()),
-            tx,
-            stop.clone(),
-            None,
-        ));
+        let poll = Mode::Polling(Duration::from_millis(20));
+        let task = tokio::spawn(follow(conn, last, poll, tx, stop.clone()));
         insert_from_another_process_like_connection(store.path(), "p1").await;
         tokio::time::timeout(Duration::from_secs(2), wake.changed())
             .await
