@@ -15,7 +15,7 @@ use crate::jobs::rebill::RebillJob;
 use crate::jobs::title::{TitleDefaults, TitleJob};
 use crate::ops::{self, Health};
 use crate::queue::backoff::Backoff;
-use crate::queue::heartbeat::Heartbeat;
+use crate::queue::heartbeat::{Heartbeat, WriteHealth};
 use crate::queue::housekeeping;
 use crate::queue::rules::PauseDefaults;
 use crate::queue::worker::{Handler, Worker, WorkerSettings};
@@ -133,7 +133,13 @@ pub async fn run_until_stopped(config: &Config, shutdown: CancellationToken) -> 
         .await
         .with_context(|| format!("opening database {}", config.database.path.display()))?;
     let result = run_with_store(config, store.clone(), shutdown).await;
-    store.close().await;
+    // Bounded: a store that cannot write must not keep a stopping daemon alive.
+    if tokio::time::timeout(Duration::from_secs(5), store.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("database connections did not close within 5 s; exiting anyway");
+    }
     result
 }
 
@@ -156,12 +162,13 @@ pub async fn run_with_store(
         let _ = ops::metrics_handle();
     }
     let mut loops: Vec<(QueueName, Heartbeat)> = Vec::new();
+    let mut writers: Vec<(QueueName, WriteHealth)> = Vec::new();
     let mut workers = Vec::new();
     if let Some(job) = rebill_job(config)? {
         let settings = settings_of(config, &instance, &config.rebill.limits);
         workers.push(spawn_worker(
             Worker::new(store.clone(), Arc::new(job), settings, wake.clone()),
-            &mut loops,
+            (&mut loops, &mut writers),
             &shutdown,
         ));
     }
@@ -169,7 +176,7 @@ pub async fn run_with_store(
         let settings = settings_of(config, &instance, &config.title.limits);
         workers.push(spawn_worker(
             Worker::new(store.clone(), Arc::new(job), settings, wake.clone()),
-            &mut loops,
+            (&mut loops, &mut writers),
             &shutdown,
         ));
     }
@@ -182,6 +189,7 @@ pub async fn run_with_store(
     let health = Health {
         store: store.clone(),
         loops,
+        writers,
         max_age: Duration::from_secs(10),
     };
     let http_task = match config.http.listen {
@@ -255,15 +263,20 @@ pub async fn run_with_store(
     failure.map_or(Ok(()), Err)
 }
 
+/// What the watchdog and `/healthz` watch: each loop's heartbeat and write health.
+type Watched<'a> = (
+    &'a mut Vec<(QueueName, Heartbeat)>,
+    &'a mut Vec<(QueueName, WriteHealth)>,
+);
+
 fn spawn_worker<H: Handler>(
     worker: Worker<H>,
-    loops: &mut Vec<(QueueName, Heartbeat)>,
+    (loops, writers): Watched<'_>,
     shutdown: &CancellationToken,
 ) -> tokio::task::JoinHandle<Result<(), crate::store::StoreError>> {
-    loops.push((
-        <H::Row as crate::store::rows::QueueRow>::QUEUE,
-        worker.heartbeat(),
-    ));
+    let queue = <H::Row as crate::store::rows::QueueRow>::QUEUE;
+    loops.push((queue, worker.heartbeat()));
+    writers.push((queue, worker.write_health()));
     tokio::spawn(worker.run(shutdown.clone()))
 }
 

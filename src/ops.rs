@@ -12,7 +12,7 @@ use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::queue::heartbeat::Heartbeat;
+use crate::queue::heartbeat::{Heartbeat, WriteHealth};
 use crate::store::{now_ms, QueueName, Store};
 
 /// How long `/healthz` waits for the database to answer `SELECT 1`.
@@ -126,6 +126,8 @@ pub struct Health {
     pub store: Store,
     /// (queue, claim-loop heartbeat) for every running worker.
     pub loops: Vec<(QueueName, Heartbeat)>,
+    /// (queue, completer write health) for every running worker.
+    pub writers: Vec<(QueueName, WriteHealth)>,
     /// How old a heartbeat may be before the loop counts as stuck.
     pub max_age: Duration,
 }
@@ -146,14 +148,24 @@ impl Health {
         self.loops_fresh()
     }
 
-    /// `Ok` when every loop ticked within `max_age` (the watchdog's test).
+    /// `Ok` when every loop ticked within `max_age` (a loop whose claims fail does not
+    /// tick) and no completer has failed to write results for longer (the watchdog's test).
     pub fn loops_fresh(&self) -> Result<(), String> {
         for (queue, beat) in &self.loops {
             if !beat.is_fresh(self.max_age) {
                 return Err(format!(
-                    "{} loop has not ticked for {} ms",
+                    "{} loop has not ticked for {} ms (stuck, or its claims fail)",
                     queue.as_str(),
                     beat.age_ms()
+                ));
+            }
+        }
+        for (queue, writes) in &self.writers {
+            if let Some(failing) = writes.failing_for().filter(|f| *f > self.max_age) {
+                return Err(format!(
+                    "{} results cannot be written for {} ms (a full disk?)",
+                    queue.as_str(),
+                    failing.as_millis()
                 ));
             }
         }

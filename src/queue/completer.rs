@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::heartbeat::WriteHealth;
 use crate::store::complete::{Completion, FinalStatus};
 use crate::store::{QueueName, Store, StoreError};
 
@@ -15,13 +16,19 @@ const MAX_BATCH: usize = 512;
 /// written is retried (the rows stay `running` under their lease meanwhile); a single
 /// result the database refuses is recorded as `failed` with the reason, so one bad value
 /// cannot stall the queue.
-pub async fn run(store: Store, queue: QueueName, mut rx: mpsc::Receiver<Completion>) {
+pub async fn run(
+    store: Store,
+    queue: QueueName,
+    mut rx: mpsc::Receiver<Completion>,
+    health: WriteHealth,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let mut delay = Duration::from_millis(50);
         loop {
             match store.complete(queue, &batch).await {
                 Ok(applied) => {
+                    health.ok();
                     report_lost(queue, &batch, &applied);
                     break;
                 }
@@ -31,6 +38,7 @@ pub async fn run(store: Store, queue: QueueName, mut rx: mpsc::Receiver<Completi
                     break;
                 }
                 Err(e) => {
+                    health.failed();
                     tracing::error!(queue = queue.as_str(), rows = batch.len(), error = %e, "cannot write results; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -144,7 +152,7 @@ mod tests {
             .unwrap();
         }
         drop(tx);
-        run(store.clone(), QueueName::Rebill, rx).await;
+        run(store.clone(), QueueName::Rebill, rx, WriteHealth::default()).await;
         let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
             "SELECT orderno, status, last_message FROM rebill_orders ORDER BY orderno",
         )

@@ -24,7 +24,7 @@ use crate::store::{now_ms, QueueName, Store, StoreError};
 use super::action::{Action, Attempted};
 use super::backoff::Backoff;
 use super::decide::{plan, Processed};
-use super::heartbeat::Heartbeat;
+use super::heartbeat::{Heartbeat, WriteHealth};
 
 /// What a queue plugs into the generic loop: how to handle one claimed row.
 pub trait Handler: Send + Sync + 'static {
@@ -63,6 +63,10 @@ pub struct WorkerSettings {
     pub backoff: Backoff,
 }
 
+/// How long a stopping worker waits for its last results (and the release of unfinished
+/// rows) to be written.
+const STOP_WRITE_LIMIT: Duration = Duration::from_secs(5);
+
 /// How often an idle loop beats its heartbeat (the watchdog and `/healthz` judge it by that).
 const IDLE_TICK: Duration = Duration::from_secs(2);
 
@@ -80,6 +84,8 @@ pub struct Worker<H: Handler> {
     wake: watch::Receiver<u64>,
     /// False once the commit watcher is gone, so the idle wait stops asking it.
     watching: bool,
+    /// Whether the completer manages to write results.
+    writes: WriteHealth,
 }
 
 /// Rows this worker holds, so that shutdown can put unfinished ones back.
@@ -100,6 +106,7 @@ impl<H: Handler> Worker<H> {
             heartbeat: Heartbeat::new(),
             wake,
             watching: true,
+            writes: WriteHealth::default(),
         }
     }
 
@@ -108,12 +115,26 @@ impl<H: Handler> Worker<H> {
         self.heartbeat.clone()
     }
 
+    /// Whether results are being written (watchdog and health).
+    pub fn write_health(&self) -> WriteHealth {
+        self.writes.clone()
+    }
+
     /// Runs until `shutdown` is cancelled, then drains as described in the module doc.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         let queue = H::Row::QUEUE;
         let s = self.settings.clone();
         let (tx, rx) = mpsc::channel(4096);
-        let completer = tokio::spawn(super::completer::run(self.store.clone(), queue, rx));
+        let mut completer = tokio::spawn(super::completer::run(
+            self.store.clone(),
+            queue,
+            rx,
+            self.writes.clone(),
+        ));
+        // Set while claims fail: the heartbeat then stops, so `/healthz` and the watchdog
+        // see a store that cannot take the work (a full disk, say) instead of a loop that
+        // merely goes round.
+        let mut claims_failing = false;
         let leases_stop = CancellationToken::new();
         let held: Held = Arc::default();
         let leases = tokio::spawn(lease_keeper(
@@ -137,7 +158,9 @@ impl<H: Handler> Worker<H> {
             "worker started"
         );
         loop {
-            self.heartbeat.beat();
+            if !claims_failing {
+                self.heartbeat.beat();
+            }
             while tasks.try_join_next().is_some() {}
             if shutdown.is_cancelled() {
                 break;
@@ -175,9 +198,16 @@ impl<H: Handler> Worker<H> {
                 claimed_by: &s.instance,
             };
             let batch = match self.store.claim::<H::Row>(&params).await {
-                Ok(batch) => batch,
+                Ok(batch) => {
+                    if claims_failing {
+                        tracing::info!(queue = queue.as_str(), "claims work again");
+                    }
+                    claims_failing = false;
+                    batch
+                }
                 Err(e) => {
                     tracing::error!(queue = queue.as_str(), error = %e, "claim failed; retrying shortly");
+                    claims_failing = true;
                     drop(permits);
                     tokio::select! {
                         _ = tokio::time::sleep(IDLE_TICK) => continue,
@@ -228,16 +258,37 @@ impl<H: Handler> Worker<H> {
         }
         drop(tx);
         // Results of finished calls are written before unfinished rows are put back, so a
-        // finished row is never released by mistake (release is guarded by the token).
-        let _ = completer.await;
+        // finished row is never released by mistake (release is guarded by the token). A
+        // store that cannot write (a full disk) must not hold the exit up: what is not
+        // written within the limit is left to the lease, and the rows are sent again.
+        if tokio::time::timeout(STOP_WRITE_LIMIT, &mut completer)
+            .await
+            .is_err()
+        {
+            completer.abort();
+            tracing::warn!(
+                queue = queue.as_str(),
+                limit = ?STOP_WRITE_LIMIT,
+                "results could not be written before exiting; their rows return to pending when their lease expires"
+            );
+        }
         let leftover: Vec<(i64, String)> = lock(&held).drain().collect();
-        let released = self.store.release(queue, &leftover, now_ms()).await?;
-        if released > 0 {
-            tracing::info!(
+        match tokio::time::timeout(
+            STOP_WRITE_LIMIT,
+            self.store.release(queue, &leftover, now_ms()),
+        )
+        .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(released)) => tracing::info!(
                 queue = queue.as_str(),
                 released,
                 "unfinished rows returned to pending; their attempt was not counted"
-            );
+            ),
+            Ok(Err(e)) => tracing::warn!(queue = queue.as_str(), error = %e, rows = leftover.len(),
+                "cannot return unfinished rows; they return to pending when their lease expires"),
+            Err(_) => tracing::warn!(queue = queue.as_str(), rows = leftover.len(),
+                "returning unfinished rows timed out; they return to pending when their lease expires"),
         }
         leases_stop.cancel();
         let _ = leases.await;

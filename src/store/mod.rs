@@ -15,6 +15,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::Connection as _;
 
 /// The embedded migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -144,6 +145,12 @@ impl Store {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            // A connection whose transaction state is unknown is closed, not reused. On a full
+            // disk SQLite rolls a transaction back by itself; the ROLLBACK that follows then
+            // fails and sqlx still counts the connection as inside a transaction, so every
+            // later BEGIN on it would fail ("non-zero transaction depth") for ever.
+            .after_release(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
+            .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .connect_with(connect_options(path, busy_timeout))
             .await?;
         Ok(Store {

@@ -163,7 +163,12 @@ async fn follow(
                     mode = Mode::Polling(FALLBACK_AFTER_FAILURE);
                     continue;
                 }
-                if check(&mut conn, &mut last, &tx, &stop).await.is_none() {
+                // A commit whose writes fell while the watch was disarmed may become visible
+                // just after this look: look again shortly, as after a notification.
+                if confirm(&mut conn, &mut last, &tx, &stop, &ARMED_DELAYS_MS)
+                    .await
+                    .is_none()
+                {
                     return;
                 }
                 let written = tokio::select! {
@@ -179,16 +184,11 @@ async fn follow(
                 // becomes visible (SQLite then updates the shared-memory index, which the
                 // kernel does not report): look again shortly before concluding that the
                 // write was not a commit (a checkpoint, a rolled-back transaction).
-                for delay_ms in CONFIRM_DELAYS_MS {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                    match check(&mut conn, &mut last, &tx, &stop).await {
-                        Some(true) => break,
-                        Some(false) => {}
-                        None => return,
-                    }
+                if confirm(&mut conn, &mut last, &tx, &stop, &CONFIRM_DELAYS_MS)
+                    .await
+                    .is_none()
+                {
+                    return;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(PACE) => {}
@@ -223,6 +223,30 @@ const FALLBACK_AFTER_FAILURE: Duration = Duration::from_millis(250);
 
 /// How long after a file notification `data_version` is asked (again), in ms.
 const CONFIRM_DELAYS_MS: [u64; 6] = [0, 1, 3, 10, 30, 100];
+
+/// How long after arming the watch `data_version` is asked (again), in ms.
+const ARMED_DELAYS_MS: [u64; 4] = [0, 1, 3, 10];
+
+/// Asks `data_version` after each of `delays_ms` until it moved: `Some(true)` if it did,
+/// `Some(false)` if not, `None` when stopped meanwhile.
+async fn confirm(
+    conn: &mut SqliteConnection,
+    last: &mut i64,
+    tx: &watch::Sender<u64>,
+    stop: &CancellationToken,
+    delays_ms: &[u64],
+) -> Option<bool> {
+    for delay_ms in delays_ms {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(*delay_ms)) => {}
+            _ = stop.cancelled() => return None,
+        }
+        if check(conn, last, tx, stop).await? {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
 
 /// Asks `data_version`; ticks `tx` when it moved. `Some(true)` when it moved (or the query
 /// failed: the loops are woken to find out for themselves), `None` when stopped meanwhile.
