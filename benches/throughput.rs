@@ -33,6 +33,7 @@ use invoice_worker::sim::{SimOptions, Simulator};
 use invoice_worker::store::claim::{claim_sql, ClaimParams};
 use invoice_worker::store::complete::{Completion, FinalStatus};
 use invoice_worker::store::rows::RebillRow;
+use invoice_worker::store::scratch::ScratchDatabase;
 use invoice_worker::store::{now_ms, QueueName, Store};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
@@ -411,6 +412,8 @@ struct Drain {
     elapsed: Duration,
     rate: f64,
     cpu: CpuUse,
+    /// The largest `-wal` file seen while draining, bytes.
+    max_wal: u64,
 }
 
 /// Drains `n` rows through the in-process daemon; returns the time until all are done.
@@ -422,11 +425,11 @@ async fn drain(
     claim_batch: u32,
     label: &str,
 ) -> BenchResult<Drain> {
-    let dir = tempfile::tempdir()?;
-    let db = dir.path().join("queue.db");
+    let scratch = ScratchDatabase::new(Duration::from_secs(5)).await?;
+    let db = scratch.path();
+    let store = scratch.store().clone();
     let sim = Simulator::start(opts.clone()).await?;
     let config = bench_config(&sim, &opts, &db, max_in_flight, rate, claim_batch)?;
-    let store = Store::open_and_migrate(&db, config.database.busy_timeout).await?;
     let t_insert = Instant::now();
     insert_pending(&store, "BENCH-", n).await?;
     let insert_time = t_insert.elapsed();
@@ -447,8 +450,10 @@ async fn drain(
     // In-flight rows and distinct claim tokens among them: rows per claim transaction.
     let (mut running_sum, mut claims_sum, mut claim_samples) = (0i64, 0i64, 0u32);
     let limit = Duration::from_secs(600);
+    let mut max_wal = 0u64;
     let elapsed = loop {
         tokio::time::sleep(Duration::from_millis(5)).await;
+        max_wal = max_wal.max(store.wal_size());
         // O(log n): the status index answers whether anything is still pending or running.
         let open = count(
             &mut obs,
@@ -534,14 +539,19 @@ async fn drain(
         }
         println!("  [{label}] rows/s in each ~1 s window:{line}");
     }
+    println!(
+        "  [{label}] largest -wal file seen while draining: {:.1} MiB",
+        max_wal as f64 / (1024.0 * 1024.0)
+    );
     obs.close().await?;
-    store.close().await;
+    scratch.close().await;
     sim.shutdown();
     Ok(Drain {
         rows: n,
         elapsed,
         rate: rate_all,
         cpu,
+        max_wal,
     })
 }
 
@@ -674,6 +684,16 @@ async fn section_e2e(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
         "e2e large / small rate (best, median)",
         format!("{:.1} %, {:.1} %", ratio_best * 100.0, ratio_median * 100.0),
         format!(">= 90 % ({})", verdict(ratio_best >= 0.9)),
+    );
+    let max_wal = large.runs.iter().map(|d| d.max_wal).max().unwrap_or(0);
+    summary.add(
+        1,
+        format!("largest -wal file during the N={} drains", large.rows),
+        format!("{:.1} MiB", max_wal as f64 / (1024.0 * 1024.0)),
+        format!(
+            "< 16 MiB ({})",
+            verdict(max_wal < invoice_worker::store::DEFAULT_WAL_LIMIT)
+        ),
     );
     let cpu_rows: u64 = large.runs.iter().map(|d| d.rows).sum();
     let cpu_us =
@@ -970,9 +990,8 @@ async fn store_loop(
     complete_batch: usize,
     with: CompleteWith,
 ) -> BenchResult<(f64, f64, f64, f64)> {
-    let dir = tempfile::tempdir()?;
-    let db = dir.path().join("queue.db");
-    let store = Store::open_and_migrate(&db, Duration::from_secs(10)).await?;
+    let scratch = ScratchDatabase::new(Duration::from_secs(10)).await?;
+    let store = scratch.store().clone();
     insert_pending(&store, "STORE-", n).await?;
     let cpu = CpuWindow::start();
     let t0 = Instant::now();
@@ -1013,7 +1032,7 @@ async fn store_loop(
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = cpu.finish();
-    store.close().await;
+    scratch.close().await;
     if rows != n {
         return Err(format!("store loop completed {rows} of {n} rows").into());
     }

@@ -330,7 +330,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 async fn open(config: &Config) -> Result<Store, CliError> {
-    Store::open_and_migrate(&config.database.path, config.database.busy_timeout)
+    Store::open_configured(&config.database)
         .await
         .with_context(|| format!("opening database {}", config.database.path.display()))
         .map_err(CliError::Runtime)

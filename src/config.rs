@@ -82,6 +82,8 @@ pub struct DatabaseConfig {
     /// How long a statement waits for another connection's write lock.
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
+    /// The size the `-wal` file is kept under (`"16MiB"`, `"64 MB"`, or bytes).
+    pub wal_limit: bytesize::ByteSize,
 }
 
 impl Default for DatabaseConfig {
@@ -89,6 +91,7 @@ impl Default for DatabaseConfig {
         DatabaseConfig {
             path: PathBuf::from("invoice-worker.db"),
             busy_timeout: Duration::from_secs(5),
+            wal_limit: bytesize::ByteSize::b(crate::store::DEFAULT_WAL_LIMIT),
         }
     }
 }
@@ -445,6 +448,12 @@ impl Config {
         let d = &self.database;
         if d.path.as_os_str().is_empty() {
             return Err(invalid("database.path", "must not be empty"));
+        }
+        if d.wal_limit.as_u64() < 1024 * 1024 {
+            return Err(invalid(
+                "database.wal_limit",
+                format!("{} is below the 1 MiB minimum", d.wal_limit),
+            ));
         }
         let w = &self.worker;
         if w.lease < Duration::from_secs(1) {

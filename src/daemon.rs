@@ -129,7 +129,7 @@ fn title_job(config: &Config, store: &Store) -> anyhow::Result<Option<TitleJob>>
 /// Runs the daemon until `shutdown` is cancelled, then drains and returns. Migrations run
 /// first; systemd hears READY=1 once the loops run.
 pub async fn run_until_stopped(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let store = Store::open_and_migrate(&config.database.path, config.database.busy_timeout)
+    let store = Store::open_configured(&config.database)
         .await
         .with_context(|| format!("opening database {}", config.database.path.display()))?;
     let result = run_with_store(config, store.clone(), shutdown).await;
@@ -368,33 +368,49 @@ async fn supervise(
     let _ = status.await;
 }
 
-/// Checkpoints the WAL from its own task after commits, at most every half second, so no
-/// writer's commit pays for a checkpoint (connections run with `wal_autocheckpoint = 0`).
-/// PASSIVE never blocks writers or readers. It waits for the commit watcher, so an idle
-/// daemon never wakes for it.
+/// Keeps the `-wal` file small from a task of its own (connections run with
+/// `wal_autocheckpoint = 0`, so no writer's commit pays for a checkpoint). Woken by the
+/// commit watcher (at most every 5 ms), it checkpoints in this process's turn to write, so
+/// the next write restarts the WAL from its beginning instead of appending: every half
+/// second, or at once when the file reached an eighth of the limit (a busy daemon writes
+/// several megabytes a second). Above a quarter of the limit (a reader of another
+/// connection on an older snapshot can keep the WAL from restarting) it truncates the
+/// file, and once the daemon has been quiet for a second it truncates what is left. An
+/// idle daemon never wakes for it.
 async fn keep_wal_small(
     store: Store,
     mut commits: tokio::sync::watch::Receiver<u64>,
     stop: CancellationToken,
 ) {
     const EVERY: Duration = Duration::from_millis(500);
-    let mut checkpointed_at = 0u64;
+    const QUIET: Duration = Duration::from_secs(1);
+    let limit = store.wal_limit();
+    let mut last = std::time::Instant::now();
+    // Whether the WAL may hold frames since it was last truncated.
+    let mut dirty = true;
     loop {
-        tokio::select! {
-            changed = commits.changed() => if changed.is_err() { return },
+        let committed = tokio::select! {
+            changed = commits.changed() => if changed.is_err() { return } else { true },
+            _ = tokio::time::sleep(QUIET), if dirty => false,
             _ = stop.cancelled() => return,
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(EVERY) => {}
-            _ = stop.cancelled() => return,
-        }
-        let size = store.wal_size();
-        if size == checkpointed_at {
+        };
+        if !committed {
+            if store.wal_size() > 0 {
+                if let Err(e) = store.checkpoint_between_writes(true).await {
+                    tracing::warn!(error = %e, "WAL checkpoint failed");
+                    continue;
+                }
+            }
+            dirty = false;
             continue;
         }
-        match store.checkpoint().await {
-            Ok(()) => checkpointed_at = store.wal_size(),
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+        dirty = true;
+        let size = store.wal_size();
+        if size >= limit / 8 || last.elapsed() >= EVERY {
+            if let Err(e) = store.checkpoint_between_writes(size > limit / 4).await {
+                tracing::warn!(error = %e, wal_bytes = size, "WAL checkpoint failed");
+            }
+            last = std::time::Instant::now();
         }
     }
 }

@@ -39,6 +39,21 @@ impl Store {
         Ok(())
     }
 
+    /// Checkpoints the WAL in this process's turn to write, so that none of this process's
+    /// commits lands between the checkpoint and the next write (which may then restart the
+    /// WAL from its beginning instead of appending). `truncate` also cuts the file to zero
+    /// bytes; it waits (busy timeout) for readers of other processes on an older snapshot.
+    pub async fn checkpoint_between_writes(&self, truncate: bool) -> Result<(), StoreError> {
+        let sql = if truncate {
+            "PRAGMA wal_checkpoint(TRUNCATE)"
+        } else {
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        };
+        let _turn = self.write_turn().await;
+        sqlx::query(sql).execute(self.pool()).await?;
+        Ok(())
+    }
+
     /// Lets SQLite refresh its query-planner statistics where useful.
     pub async fn optimize(&self) -> Result<(), StoreError> {
         sqlx::query("PRAGMA optimize").execute(self.pool()).await?;

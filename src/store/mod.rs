@@ -17,6 +17,9 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::Connection as _;
 
+/// The default size the `-wal` file is kept under: 16 MiB.
+pub const DEFAULT_WAL_LIMIT: u64 = 16 * 1024 * 1024;
+
 /// The embedded migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -127,6 +130,7 @@ pub struct Store {
     pool: SqlitePool,
     path: PathBuf,
     busy_timeout: Duration,
+    wal_limit: u64,
     /// Serialises this process's write transactions. SQLite allows one writer at a time;
     /// without the gate, writers of this process meet SQLite's busy handler, which sleeps in
     /// steps of milliseconds and leaves the lock idle. Queued here they hand over at once.
@@ -136,8 +140,28 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating with mode 0600 if missing) the database file, in WAL mode with a
-    /// busy timeout. Does not migrate.
+    /// busy timeout and the default WAL size limit. Does not migrate.
     pub async fn open(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
+        Store::open_limited(path, busy_timeout, DEFAULT_WAL_LIMIT).await
+    }
+
+    /// Opens and migrates the database `[database]` describes.
+    pub async fn open_configured(
+        database: &crate::config::DatabaseConfig,
+    ) -> Result<Store, StoreError> {
+        let limit = database.wal_limit.as_u64();
+        let store = Store::open_limited(&database.path, database.busy_timeout, limit).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Like [`Store::open`], keeping the `-wal` file under `wal_limit` bytes (see
+    /// `keep_wal_small` in the daemon).
+    pub async fn open_limited(
+        path: &Path,
+        busy_timeout: Duration,
+        wal_limit: u64,
+    ) -> Result<Store, StoreError> {
         create_private_file(path)?;
         ensure_wal(path, busy_timeout).await?;
         let pool = SqlitePoolOptions::new()
@@ -151,12 +175,17 @@ impl Store {
             // later BEGIN on it would fail ("non-zero transaction depth") for ever.
             .after_release(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
-            .connect_with(connect_options(path, busy_timeout))
+            .connect_with(
+                connect_options(path, busy_timeout)
+                    // A WAL reset after a checkpoint truncates the file back to this size.
+                    .pragma("journal_size_limit", wal_limit.to_string()),
+            )
             .await?;
         Ok(Store {
             pool,
             path: path.to_path_buf(),
             busy_timeout,
+            wal_limit,
             write_gate: std::sync::Arc::default(),
         })
     }
@@ -222,6 +251,11 @@ impl Store {
         let mut wal = self.path.clone().into_os_string();
         wal.push("-wal");
         std::fs::metadata(wal).map_or(0, |m| m.len())
+    }
+
+    /// The size the `-wal` file is kept under, in bytes.
+    pub fn wal_limit(&self) -> u64 {
+        self.wal_limit
     }
 
     /// The database file.
