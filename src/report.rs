@@ -10,6 +10,8 @@ fn clip(text: &str, width: usize) -> String {
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
+    // An RLO or a zero-width space from another system must not garble the table.
+    let flat = crate::validate::invisible::escape_for_log(&flat).into_owned();
     if flat.chars().count() <= width {
         flat
     } else {
@@ -40,7 +42,10 @@ pub fn rows_table(queue: QueueName, rows: &[RowSummary]) -> String {
             r.attempts,
             clip(r.last_code.as_deref().unwrap_or("-"), 6),
             r.invoice_no.as_deref().unwrap_or("-"),
-            clip(r.last_message.as_deref().unwrap_or(""), 70)
+            match &r.problem {
+                Some(problem) => format!("(!) {}", clip(problem, 66)),
+                None => clip(r.last_message.as_deref().unwrap_or(""), 70),
+            }
         ));
     }
     if rows.is_empty() {

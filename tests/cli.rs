@@ -169,3 +169,63 @@ async fn a_config_holding_a_secret_readable_by_others_is_warned_about() {
         );
     }
 }
+
+/// Rows that other systems wrote with values of the wrong type (around the CHECKs) never
+/// fail a listing: each is shown with the bad value described, and the rest are listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_shows_badly_typed_rows_and_lists_the_rest() {
+    let w = World::new().await;
+    let config = w.write_config();
+    w.insert_rebill("GOOD-1", common::TAX).await;
+    {
+        use sqlx::{ConnectOptions, Connection};
+        let mut other = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&w.config.database.path)
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("writer");
+        for sql in [
+            "PRAGMA ignore_check_constraints = ON",
+            "INSERT INTO rebill_orders (orderno, tax_num, next_attempt_at) VALUES ('SOON-1', '91310117568051222X', 'soon')",
+            "INSERT INTO rebill_orders (orderno, tax_num, status, last_message) VALUES (X'DEADBEEF', '91310117568051222X', 'rejected', 'orderno: value of the wrong type')",
+        ] {
+            sqlx::query(sql).execute(&mut other).await.expect(sql);
+        }
+        other.close().await.expect("close");
+    }
+    for args in [
+        vec!["list"],
+        vec!["list", "--json"],
+        vec!["list", "--status", "pending"],
+        vec!["list", "--status", "rejected"],
+        vec!["list", "--status", "rejected", "--json"],
+    ] {
+        let out = run(&config, &args, None);
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: exit {:?}: {}",
+            out.status,
+            text(&out.stderr)
+        );
+        let pending = !args.contains(&"rejected");
+        if pending {
+            assert!(
+                stdout.contains("GOOD-1"),
+                "{args:?} lists the sound row: {stdout}"
+            );
+            assert!(stdout.contains("SOON-1"), "{args:?}: {stdout}");
+            assert!(
+                stdout.contains("next_attempt_at holds text 'soon'"),
+                "{args:?} describes the bad value: {stdout}"
+            );
+        }
+        if args.contains(&"rejected") || args == ["list"] || args == ["list", "--json"] {
+            assert!(
+                stdout.contains("X'DEADBEEF'"),
+                "{args:?} shows the BLOB order number described: {stdout}"
+            );
+        }
+    }
+}

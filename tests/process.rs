@@ -1072,6 +1072,34 @@ async fn daemon_starts_cleanly_while_four_processes_write() {
     );
 }
 
+/// An order number holding U+202E (right-to-left override) is rejected naming the code
+/// point, and the daemon's log shows it escaped: the character never reaches the log raw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invisible_characters_reach_the_log_escaped() {
+    let world = World::new().await;
+    let id = world.insert_rebill("A2024\u{202E}001", TAX).await;
+    let config = write_toml(&world, "rlo.toml", &[], "");
+    let mut daemon = start_daemon(&world, &config, "rlo.log");
+    daemon.wait_running().await;
+    wait_until(Duration::from_secs(20), "the row rejected", || async {
+        world.status_of("rebill_orders", id).await == "rejected"
+    })
+    .await;
+    let log = daemon.stop(Duration::from_secs(10), "daemon");
+    assert!(
+        !log.contains('\u{202E}'),
+        "the RLO reached the log raw:\n{log}"
+    );
+    assert!(
+        log.contains("A2024\\u{202e}001"),
+        "the order number is logged escaped:\n{log}"
+    );
+    assert!(
+        log.contains("U+202E"),
+        "the reason names the code point:\n{log}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. Command line: exit codes, check-config, operator commands
 // ---------------------------------------------------------------------------------------

@@ -614,3 +614,65 @@ async fn the_wal_stays_small_while_draining_and_shrinks_when_idle() {
         "largest -wal file {largest} bytes"
     );
 }
+
+/// A pending row no claim could ever take (a text `next_attempt_at`, written around the
+/// CHECKs) becomes `rejected` naming the column, and an order number with an invisible
+/// format character (U+202E, U+200F) is refused naming the code point, never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unschedulable_and_invisible_rows_are_rejected_with_the_reason() {
+    let w = World::new().await;
+    {
+        use sqlx::{ConnectOptions, Connection};
+        let mut other = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&w.config.database.path)
+            .busy_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("writer");
+        sqlx::query("PRAGMA ignore_check_constraints = ON")
+            .execute(&mut other)
+            .await
+            .expect("pragma");
+        sqlx::query(
+            "INSERT INTO rebill_orders (orderno, tax_num, next_attempt_at) VALUES ('SOON', ?1, 'soon')",
+        )
+        .bind(TAX)
+        .execute(&mut other)
+        .await
+        .expect("insert");
+        other.close().await.expect("close");
+    }
+    let soon = w
+        .count("SELECT id FROM rebill_orders WHERE orderno = 'SOON'")
+        .await;
+    let rlo = w.insert_rebill("A2024\u{202E}001", TAX).await;
+    let rlm = w.insert_rebill("A2024\u{200F}002", TAX).await;
+    let good = w.insert_rebill("GOOD", TAX).await;
+    let daemon = w.start();
+    wait_final(&w, &[soon, rlo, rlm, good]).await;
+    daemon.stop().await;
+    let r = row(&w, soon).await;
+    assert_eq!(r.status, "rejected");
+    let message = r.last_message.unwrap_or_default();
+    assert!(
+        message.contains("next_attempt_at") && message.contains("'soon'"),
+        "{message}"
+    );
+    for (id, code) in [(rlo, "U+202E"), (rlm, "U+200F")] {
+        let r = row(&w, id).await;
+        assert_eq!(r.status, "rejected");
+        let message = r.last_message.unwrap_or_default();
+        assert!(
+            message.starts_with("orderno:") && message.contains(code),
+            "{message}"
+        );
+    }
+    assert_eq!(row(&w, good).await.status, "done");
+    let sent: Vec<String> = w
+        .sim
+        .rebill_requests()
+        .into_iter()
+        .map(|r| r.orderno)
+        .collect();
+    assert_eq!(sent, ["GOOD"], "only the sound row was sent");
+}

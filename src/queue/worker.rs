@@ -25,6 +25,7 @@ use super::action::{Action, Attempted};
 use super::backoff::Backoff;
 use super::decide::{plan, Processed};
 use super::heartbeat::{Heartbeat, WriteHealth};
+use crate::validate::invisible::escape_for_log;
 
 /// What a queue plugs into the generic loop: how to handle one claimed row.
 pub trait Handler: Send + Sync + 'static {
@@ -454,14 +455,19 @@ fn log_attempt<R: QueueRow>(
     completion: &crate::store::complete::Completion,
     elapsed: Duration,
 ) {
+    // Values written by other systems (and server messages) may hold characters that
+    // reorder or hide the rest of the line (U+202E): shown escaped.
     let label = claimed.row.label();
-    let order = claimed.row.order();
+    let label = escape_for_log(&label);
+    let order = escape_for_log(claimed.row.order());
     let seller = claimed.row.seller();
+    let seller = escape_for_log(&seller);
     let row_id = claimed.meta.id;
     let attempt = claimed.meta.attempts;
     let duration_ms = elapsed.as_millis() as u64;
     let status = completion.status.as_str();
-    let reason = completion.last_message.as_deref().unwrap_or("");
+    let reason = escape_for_log(completion.last_message.as_deref().unwrap_or(""));
+    let reason = reason.as_ref();
     let (action, level, http_status, code) = match processed {
         Processed::Rejected(_) => ("rejected", tracing::Level::WARN, -1, ""),
         Processed::Attempted(a) => {
@@ -531,6 +537,17 @@ async fn lease_keeper(
             .await
         {
             tracing::error!(queue = queue.as_str(), error = %e, "lease renewal failed");
+        }
+        match store.reject_unschedulable(queue, now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                queue = queue.as_str(),
+                rejected = n,
+                "rows whose next_attempt_at is not an integer rejected (they could never fall due)"
+            ),
+            Err(e) => {
+                tracing::error!(queue = queue.as_str(), error = %e, "checking for unschedulable rows failed")
+            }
         }
         match store
             .rescue_expired(queue, now, s.backoff.max_attempts)

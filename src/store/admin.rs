@@ -141,6 +141,30 @@ pub struct RowSummary {
     pub invoice_down_url: Option<String>,
     /// Last change, ms.
     pub updated_at: i64,
+    /// Values of the wrong type in this row, described (None when the row is sound).
+    pub problem: Option<String>,
+}
+
+/// A column read for display whatever it holds: text as it is, a number as text, a BLOB
+/// described by its first bytes in hex.
+fn shown(col: &str) -> String {
+    format!(
+        "CASE typeof({col}) WHEN 'blob' THEN '(BLOB ' || substr(quote({col}), 1, 42) || ')' \
+         ELSE CAST({col} AS TEXT) END"
+    )
+}
+
+/// An integer column read for display: 0 when it holds something else (see [`wrong_type`]).
+fn shown_int(col: &str) -> String {
+    format!("CASE typeof({col}) WHEN 'integer' THEN {col} ELSE 0 END")
+}
+
+/// A note (ending in `; `) when `col`'s type is not one of `allowed` (SQL string list).
+fn wrong_type(col: &str, allowed: &str) -> String {
+    format!(
+        "CASE WHEN typeof({col}) NOT IN ({allowed}) THEN '{col} holds ' || typeof({col}) || ' ' \
+         || substr(quote({col}), 1, 42) || '; ' ELSE '' END"
+    )
 }
 
 impl Store {
@@ -236,21 +260,46 @@ impl Store {
         })
     }
 
-    /// Rows of a queue, newest first, optionally of one status.
+    /// Rows of a queue, newest first, optionally of one status. A value of the wrong type
+    /// (written around the CHECKs, or the BLOB order number of a row the daemon rejected)
+    /// never fails the listing: it is shown described, and the row's `problem` says so.
     pub async fn list(
         &self,
         queue: QueueName,
         status: Option<&str>,
         limit: u32,
     ) -> Result<Vec<RowSummary>, StoreError> {
-        let (key, invoice) = match queue {
-            QueueName::Rebill => ("tax_num", "invoice_no, invoice_down_url"),
-            QueueName::Title => ("ttqqlsh", "invoice_no, invoice_down_url"),
+        let order = queue.order_column();
+        let key = match queue {
+            QueueName::Rebill => "tax_num",
+            QueueName::Title => "ttqqlsh",
         };
+        let problems = [
+            wrong_type(order, "'text'"),
+            wrong_type(key, "'text', 'null'"),
+            wrong_type("attempts", "'integer'"),
+            wrong_type("next_attempt_at", "'integer'"),
+            wrong_type("updated_at", "'integer'"),
+        ]
+        .join(" || ");
         let sql = format!(
-            "SELECT id, {order} AS \"order\", {key} AS key, status, outcome, attempts, next_attempt_at, last_code, \
-             last_message, {invoice}, updated_at FROM {t} WHERE (?1 IS NULL OR status = ?1) ORDER BY id DESC LIMIT ?2",
-            order = queue.order_column(),
+            "SELECT id, {order_shown} AS \"order\", {key_shown} AS key, {status} AS status, \
+             {outcome} AS outcome, {attempts} AS attempts, {next} AS next_attempt_at, \
+             {code} AS last_code, {message} AS last_message, {invoice} AS invoice_no, \
+             {url} AS invoice_down_url, {updated} AS updated_at, \
+             NULLIF(RTRIM({problems}, '; '), '') AS problem \
+             FROM {t} WHERE (?1 IS NULL OR status = ?1) ORDER BY id DESC LIMIT ?2",
+            order_shown = shown(order),
+            key_shown = shown(key),
+            status = shown("status"),
+            outcome = shown("outcome"),
+            attempts = shown_int("attempts"),
+            next = shown_int("next_attempt_at"),
+            code = shown("last_code"),
+            message = shown("last_message"),
+            invoice = shown("invoice_no"),
+            url = shown("invoice_down_url"),
+            updated = shown_int("updated_at"),
             t = queue.table()
         );
         Ok(sqlx::query_as(&sql)

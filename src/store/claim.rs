@@ -185,6 +185,31 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Rejects pending rows that can never fall due because `next_attempt_at` is not an
+    /// integer (text such as `'soon'` or a BLOB, written around the CHECKs or by an old
+    /// schema: such a value sorts after every number, so no claim ever takes the row).
+    /// Served by the due index: text and BLOB values sort after all numbers, so the range
+    /// `>= ''` holds exactly them. Returns how many rows were rejected.
+    pub async fn reject_unschedulable(
+        &self,
+        queue: QueueName,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let sql = format!(
+            "UPDATE {t} SET status = 'rejected', updated_at = ?1, finished_at = ?1, \
+               claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, \
+               last_message = 'next_attempt_at: ' || typeof(next_attempt_at) || ' value ' || \
+                 substr(quote(next_attempt_at), 1, 42) || \
+                 ' is not an INTEGER of Unix epoch milliseconds, so the row can never fall due' \
+             WHERE id IN (SELECT id FROM {t} INDEXED BY {t}_due \
+                          WHERE status = 'pending' AND next_attempt_at >= '')",
+            t = queue.table()
+        );
+        let _turn = self.write_turn().await;
+        let done = sqlx::query(&sql).bind(now).execute(self.pool()).await?;
+        Ok(done.rows_affected())
+    }
+
     /// Puts rows this worker holds back to `pending` without using up their attempt
     /// (graceful shutdown). Rows whose claim was lost meanwhile are left alone.
     pub async fn release(

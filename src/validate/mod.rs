@@ -1,6 +1,7 @@
 //! Checks a row must pass before it is sent; a failure names the field and the rule, and
 //! the row becomes `rejected` with that text.
 
+pub mod invisible;
 pub mod rebill;
 pub mod title;
 pub mod uscc;

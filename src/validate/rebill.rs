@@ -1,6 +1,6 @@
 //! Checks on a `rebill_orders` row before it is sent.
 
-use super::Rejection;
+use super::{invisible, Rejection};
 
 /// Longest order number accepted (Nuonuo's orderNo is at most 64 characters).
 pub const MAX_ORDERNO_CHARS: usize = 64;
@@ -17,6 +17,9 @@ pub fn check(orderno: &str, tax_num: &str) -> Result<(), Rejection> {
             format!("{chars} characters, at most {MAX_ORDERNO_CHARS} allowed"),
         ));
     }
+    if let Some((position, c)) = invisible::first_invisible(orderno) {
+        return Err(Rejection::new("orderno", invisible::describe(c, position)));
+    }
     if let Some(c) = orderno
         .chars()
         .find(|c| c.is_whitespace() || c.is_control())
@@ -31,6 +34,9 @@ pub fn check(orderno: &str, tax_num: &str) -> Result<(), Rejection> {
 
 /// A seller tax number: 15 to 20 characters, digits and capital letters only.
 pub fn check_tax_num(tax_num: &str) -> Result<(), Rejection> {
+    if let Some((position, c)) = invisible::first_invisible(tax_num) {
+        return Err(Rejection::new("tax_num", invisible::describe(c, position)));
+    }
     let len = tax_num.chars().count();
     if !(15..=20).contains(&len) {
         return Err(Rejection::new(
@@ -80,6 +86,22 @@ mod tests {
             .reason
             .contains("65 characters"));
         assert_eq!(check(&"x".repeat(64), TAX), Ok(()));
+    }
+
+    #[test]
+    fn invisible_characters_are_refused_naming_the_code_point() {
+        let err = check("A2024\u{202E}001", TAX).unwrap_err();
+        assert_eq!(err.field, "orderno");
+        assert!(err.reason.contains("U+202E"), "{err}");
+        assert!(
+            !err.reason.contains('\u{202E}'),
+            "the character itself is not quoted"
+        );
+        let err = check("A1", "9131011756805\u{200F}1222X").unwrap_err();
+        assert_eq!(err.field, "tax_num");
+        assert!(err.reason.contains("U+200F"), "{err}");
+        let err = check("A\u{E000}", TAX).unwrap_err();
+        assert!(err.reason.contains("private-use"), "{err}");
     }
 
     #[test]

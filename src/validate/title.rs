@@ -51,6 +51,14 @@ fn check_text(
             ));
         }
     }
+    if strict {
+        if let Some((position, c)) = super::invisible::first_invisible(value) {
+            return Err(Rejection::new(
+                field,
+                super::invisible::describe(c, position),
+            ));
+        }
+    }
     if let Some((pos, c)) = control_char(value, strict) {
         return Err(Rejection::new(
             field,
