@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::claim::ClaimParams;
-use crate::store::rows::{Claimed, QueueRow};
+use crate::store::rows::{ClaimMeta, Claimed, QueueRow};
 use crate::store::{now_ms, QueueName, Store, StoreError};
 
 use super::action::{Action, Attempted};
@@ -224,12 +224,16 @@ impl<H: Handler> Worker<H> {
                 }
                 continue;
             }
+            let claimed_at = Instant::now();
             for (claimed, permit) in batch.rows.into_iter().zip(permits) {
                 lock(&held).insert(claimed.meta.id, claimed.meta.claim_token.clone());
                 tasks.spawn(attempt(
                     AttemptContext {
                         handler: self.handler.clone(),
+                        store: self.store.clone(),
                         backoff: s.backoff.clone(),
+                        lease: s.lease,
+                        claimed_at,
                         limiter: limiter.clone(),
                         hold_until: hold_until.clone(),
                         held: held.clone(),
@@ -351,6 +355,27 @@ async fn wait_for_turn<H: Handler>(ctx: &AttemptContext<H>) -> bool {
     }
 }
 
+/// Renews the lease of one claimed row right before it is sent; false when the claim was
+/// lost (or cannot be confirmed), logged and counted.
+async fn still_held<H: Handler>(ctx: &AttemptContext<H>, meta: &ClaimMeta) -> bool {
+    let held = [(meta.id, meta.claim_token.clone())];
+    let until = now_ms() + ctx.lease.as_millis() as i64;
+    let why = match ctx.store.renew_leases(ctx.queue, &held, until).await {
+        Ok(1) => return true,
+        Ok(_) => "its lease expired while it waited (this process was frozen or starved) and it belongs to another claim now",
+        Err(_) => "its lease could not be confirmed (the database did not answer)",
+    };
+    tracing::warn!(
+        queue = ctx.queue.as_str(),
+        row_id = meta.id,
+        waited_ms = ctx.claimed_at.elapsed().as_millis() as u64,
+        "row not sent: {why}"
+    );
+    metrics::counter!("invoice_worker_lost_claims_total", "queue" => ctx.queue.as_str())
+        .increment(1);
+    false
+}
+
 fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<i64, String>> {
     // A poisoned map only means a task panicked mid-insert; the data is still usable.
     held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -358,7 +383,11 @@ fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<i64, String>> {
 
 struct AttemptContext<H: Handler> {
     handler: Arc<H>,
+    store: Store,
     backoff: Backoff,
+    lease: Duration,
+    /// When the row was claimed: a row that waited long for its turn checks its lease first.
+    claimed_at: Instant,
     limiter: Arc<DefaultDirectRateLimiter>,
     hold_until: Arc<AtomicI64>,
     held: Held,
@@ -376,6 +405,14 @@ async fn attempt<H: Handler>(
     // A row still waiting for its turn when shutdown comes is not sent: it stays in `held`
     // and goes back to pending with its attempt refunded.
     if !wait_for_turn(&ctx).await {
+        return;
+    }
+    // A row that waited for its turn (the rate limit, a frozen or starved process) may have
+    // lost its lease meanwhile, and another daemon may be sending it now: check, and renew,
+    // before sending. A lost or unverifiable lease means the row is not sent; the lease
+    // brings it back to whoever holds it now.
+    if ctx.claimed_at.elapsed() > ctx.lease / 3 && !still_held(&ctx, &claimed.meta).await {
+        lock(&ctx.held).remove(&claimed.meta.id);
         return;
     }
     let started = Instant::now();
