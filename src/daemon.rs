@@ -368,6 +368,16 @@ async fn supervise(
     let _ = status.await;
 }
 
+/// A checkpoint that met other processes' writers is simply tried at the next chance; only
+/// other failures are worth a warning.
+fn report_checkpoint_failure(error: &crate::store::StoreError, wal_bytes: u64) {
+    if error.is_busy() {
+        tracing::debug!(%error, wal_bytes, "WAL checkpoint postponed: the database is busy");
+    } else {
+        tracing::warn!(%error, wal_bytes, "WAL checkpoint failed");
+    }
+}
+
 /// Keeps the `-wal` file small from a task of its own (connections run with
 /// `wal_autocheckpoint = 0`, so no writer's commit pays for a checkpoint). Woken by the
 /// commit watcher (at most every 5 ms), it checkpoints in this process's turn to write, so
@@ -397,7 +407,7 @@ async fn keep_wal_small(
         if !committed {
             if store.wal_size() > 0 {
                 if let Err(e) = store.checkpoint_between_writes(true).await {
-                    tracing::warn!(error = %e, "WAL checkpoint failed");
+                    report_checkpoint_failure(&e, store.wal_size());
                     continue;
                 }
             }
@@ -408,7 +418,7 @@ async fn keep_wal_small(
         let size = store.wal_size();
         if size >= limit / 8 || last.elapsed() >= EVERY {
             if let Err(e) = store.checkpoint_between_writes(size > limit / 4).await {
-                tracing::warn!(error = %e, wal_bytes = size, "WAL checkpoint failed");
+                report_checkpoint_failure(&e, size);
             }
             last = std::time::Instant::now();
         }

@@ -958,9 +958,14 @@ async fn other_processes_insert_while_it_drains() {
 /// one row per transaction, a millisecond apart, until `stop` exists, then printing `inserted=N errors=M` and
 /// every error. None when python3 is missing (a loud skip outside CI, a failure in CI).
 fn python_writer(db: &Path, prefix: &str, stop: &Path) -> Option<Child> {
+    python_writer_paced(db, prefix, stop, 0.001)
+}
+
+/// [`python_writer`] with `pause` seconds between inserts (0: back to back).
+fn python_writer_paced(db: &Path, prefix: &str, stop: &Path, pause: f64) -> Option<Child> {
     const SCRIPT: &str = r#"
 import os, sqlite3, sys, time
-db, prefix, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+db, prefix, stop, pause = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 conn = sqlite3.connect(db, timeout=5, isolation_level=None)
 inserted, errors = 0, []
 while not os.path.exists(stop):
@@ -974,7 +979,8 @@ while not os.path.exists(stop):
     # with sleeps, it does not queue): even without the daemon, four tight loops see
     # "database is locked" now and then. A millisecond apart, four writers still insert
     # about 2,000 rows a second.
-    time.sleep(0.001)
+    if pause > 0:
+        time.sleep(pause)
 print("inserted=%d errors=%d" % (inserted, len(errors)))
 for e in errors[:20]:
     print(e)
@@ -985,6 +991,7 @@ for e in errors[:20]:
         .arg(db)
         .arg(prefix)
         .arg(stop)
+        .arg(pause.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1070,6 +1077,100 @@ async fn daemon_starts_cleanly_while_four_processes_write() {
     eprintln!(
         "{STARTS} daemon starts while 4 writer processes inserted {inserted} rows: 0 failures"
     );
+}
+
+/// Four writer processes inserting back to back (no pause at all) while the daemon drains:
+/// they starve each other and the daemon now and then past the busy timeout (SQLite's busy
+/// handler polls, it does not queue), and the daemon takes that as a busy database to try
+/// again, never as a failure: no "database is locked" in its log, every row done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tight_loop_writers_never_make_the_daemon_log_a_lock_error() {
+    const ROWS: usize = 200;
+    let world = World::new().await;
+    let ordernos: Vec<String> = (0..ROWS).map(|i| format!("TIGHT-{i:03}")).collect();
+    insert_many(&world, &ordernos, TAX).await;
+    let config = write_toml(&world, "tight.toml", &[], "");
+    let stop = world.dir().join("tight-stop");
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        match python_writer_paced(&world.config.database.path, &format!("T{w}"), &stop, 0.0) {
+            Some(child) => writers.push(child),
+            None => return,
+        }
+    }
+    let mut daemon = start_daemon(&world, &config, "tight.log");
+    daemon.wait_running().await;
+    wait_until(Duration::from_secs(120), "the daemon's rows done", || async {
+        world
+            .count("SELECT COUNT(*) FROM rebill_orders WHERE orderno LIKE 'TIGHT-%' AND status = 'done'")
+            .await
+            == ROWS as i64
+    })
+    .await;
+    std::fs::write(&stop, b"").expect("stop file");
+    for writer in writers {
+        let out = writer.wait_with_output().expect("writer output");
+        eprintln!(
+            "tight-loop writer: {}",
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+        );
+    }
+    let log = daemon.stop(Duration::from_secs(30), "daemon");
+    let busy = busy_lines(&log);
+    assert!(busy.is_empty(), "the daemon logged lock errors: {busy:#?}");
+}
+
+/// Another process holding the write lock for longer than the daemon's busy timeout is
+/// waited out as a busy database: the daemon retries, logs no lock error, and drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_lock_held_past_the_busy_timeout_is_waited_out_quietly() {
+    use sqlx::{ConnectOptions, Connection};
+    let world = World::new().await;
+    let config = write_toml(
+        &world,
+        "held.toml",
+        &[("[database]\n", "[database]\nbusy_timeout = \"200ms\"\n")],
+        "",
+    );
+    let mut daemon = start_daemon(&world, &config, "held.log");
+    daemon.wait_running().await;
+    let mut holder = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&world.config.database.path)
+        .busy_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("holder");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES ('HELD-1', ?1)")
+        .bind(TAX)
+        .execute(&mut holder)
+        .await
+        .expect("insert");
+    sqlx::query("COMMIT")
+        .execute(&mut holder)
+        .await
+        .expect("commit");
+    // The row is due; now hold the lock for seven busy timeouts while the daemon claims.
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .expect("rollback");
+    holder.close().await.expect("close");
+    wait_done(&world, 1, 20, "the row done once the lock was released").await;
+    let log = daemon.stop(Duration::from_secs(10), "daemon");
+    let busy = busy_lines(&log);
+    assert!(busy.is_empty(), "the daemon logged lock errors: {busy:#?}");
 }
 
 /// An order number holding U+202E (right-to-left override) is rejected naming the code

@@ -37,6 +37,13 @@ pub async fn run(
                     one_by_one(&store, queue, &batch).await;
                     break;
                 }
+                Err(e) if e.is_busy() => {
+                    // Other processes' writers held the lock past the busy timeout: try
+                    // again at once (a stretch of it still shows in the health check).
+                    health.failed();
+                    tracing::debug!(queue = queue.as_str(), rows = batch.len(), error = %e, "results met a busy database; retrying");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 Err(e) => {
                     health.failed();
                     tracing::error!(queue = queue.as_str(), rows = batch.len(), error = %e, "cannot write results; retrying");

@@ -64,6 +64,12 @@ pub struct WorkerSettings {
     pub backoff: Backoff,
 }
 
+/// How soon a claim that met a busy database is tried again.
+const BUSY_RETRY: Duration = Duration::from_millis(20);
+
+/// How long claims may keep meeting a busy database before that counts as a failure.
+const BUSY_PATIENCE: Duration = Duration::from_secs(30);
+
 /// How long a stopping worker waits for its last results (and the release of unfinished
 /// rows) to be written.
 const STOP_WRITE_LIMIT: Duration = Duration::from_secs(5);
@@ -136,6 +142,8 @@ impl<H: Handler> Worker<H> {
         // see a store that cannot take the work (a full disk, say) instead of a loop that
         // merely goes round.
         let mut claims_failing = false;
+        // Since when claims meet a busy database (and whether the last one did).
+        let (mut busy_since, mut claim_was_busy) = (Instant::now(), false);
         let leases_stop = CancellationToken::new();
         let held: Held = Arc::default();
         let leases = tokio::spawn(lease_keeper(
@@ -198,13 +206,28 @@ impl<H: Handler> Worker<H> {
                 claim_token: &token,
                 claimed_by: &s.instance,
             };
-            let batch = match self.store.claim::<H::Row>(&params).await {
+            if !claim_was_busy {
+                busy_since = Instant::now();
+            }
+            let claimed = self.store.claim::<H::Row>(&params).await;
+            claim_was_busy = matches!(&claimed, Err(e) if e.is_busy());
+            let batch = match claimed {
                 Ok(batch) => {
                     if claims_failing {
                         tracing::info!(queue = queue.as_str(), "claims work again");
                     }
                     claims_failing = false;
                     batch
+                }
+                Err(e) if e.is_busy() && busy_since.elapsed() < BUSY_PATIENCE => {
+                    // Writers of other processes held the lock past the busy timeout: not
+                    // an error, just look again at once.
+                    tracing::debug!(queue = queue.as_str(), error = %e, "claim met a busy database; retrying");
+                    drop(permits);
+                    tokio::select! {
+                        _ = tokio::time::sleep(BUSY_RETRY) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
                 }
                 Err(e) => {
                     tracing::error!(queue = queue.as_str(), error = %e, "claim failed; retrying shortly");
@@ -548,6 +571,15 @@ fn log_attempt<R: QueueRow>(
     }
 }
 
+/// Logs a failed maintenance step; one that met a busy database is simply done next round.
+fn maintenance_failed(queue: QueueName, what: &str, error: &StoreError) {
+    if error.is_busy() {
+        tracing::debug!(queue = queue.as_str(), %error, "{what} postponed: the database is busy");
+    } else {
+        tracing::error!(queue = queue.as_str(), %error, "{what} failed");
+    }
+}
+
 /// Renews this daemon's leases every third of the lease and returns rows of dead daemons.
 async fn lease_keeper(
     store: Store,
@@ -573,7 +605,7 @@ async fn lease_keeper(
             .renew_leases(queue, &alive, now + s.lease.as_millis() as i64)
             .await
         {
-            tracing::error!(queue = queue.as_str(), error = %e, "lease renewal failed");
+            maintenance_failed(queue, "lease renewal", &e);
         }
         match store.reject_unschedulable(queue, now).await {
             Ok(0) => {}
@@ -582,9 +614,7 @@ async fn lease_keeper(
                 rejected = n,
                 "rows whose next_attempt_at is not an integer rejected (they could never fall due)"
             ),
-            Err(e) => {
-                tracing::error!(queue = queue.as_str(), error = %e, "checking for unschedulable rows failed")
-            }
+            Err(e) => maintenance_failed(queue, "checking for unschedulable rows", &e),
         }
         match store
             .rescue_expired(queue, now, s.backoff.max_attempts)
@@ -596,7 +626,7 @@ async fn lease_keeper(
                 rescued = n,
                 "rows whose lease expired (their daemon died) are claimable again"
             ),
-            Err(e) => tracing::error!(queue = queue.as_str(), error = %e, "lease rescue failed"),
+            Err(e) => maintenance_failed(queue, "lease rescue", &e),
         }
     }
 }

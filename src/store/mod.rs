@@ -105,6 +105,13 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True when another connection held the write lock for longer than the busy timeout
+    /// (writers of other processes inserting back to back can starve a waiter: SQLite's
+    /// busy handler polls with sleeps, it does not queue). Worth retrying at once.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, StoreError::Sqlx(e) if is_busy(e))
+    }
+
     /// Sorts constraint violations from other failures.
     pub(crate) fn classify(error: sqlx::Error) -> StoreError {
         if let sqlx::Error::Database(db) = &error {
@@ -223,6 +230,34 @@ impl Store {
     /// The underlying pool (tests and benchmarks insert through it).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Runs `sql` (a checkpoint) on one pooled connection in this process's turn to write,
+    /// waiting at most `busy` for other processes instead of the busy timeout: it holds up
+    /// this process's writers meanwhile.
+    pub(crate) async fn in_turn_briefly(
+        &self,
+        sql: &str,
+        busy: Duration,
+    ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query(&format!("PRAGMA busy_timeout = {}", busy.as_millis()))
+            .execute(&mut *conn)
+            .await?;
+        let result = sqlx::query(sql).execute(&mut *conn).await;
+        let restored = sqlx::query(&format!(
+            "PRAGMA busy_timeout = {}",
+            self.busy_timeout.as_millis()
+        ))
+        .execute(&mut *conn)
+        .await;
+        if restored.is_err() {
+            // Never hand a connection with the short timeout back to the pool.
+            conn.detach();
+        }
+        result?;
+        Ok(())
     }
 
     /// Waits for this process's turn to write (see `write_gate`).
