@@ -380,22 +380,24 @@ fn report_checkpoint_failure(error: &crate::store::StoreError, wal_bytes: u64) {
 
 /// Keeps the `-wal` file small from a task of its own (connections run with
 /// `wal_autocheckpoint = 0`, so no writer's commit pays for a checkpoint). Woken by the
-/// commit watcher (at most every 5 ms), it checkpoints in this process's turn to write, so
-/// the next write restarts the WAL from its beginning instead of appending: every half
-/// second, or at once when the file reached an eighth of the limit (a busy daemon writes
-/// several megabytes a second). Above a quarter of the limit (a reader of another
-/// connection on an older snapshot can keep the WAL from restarting) it truncates the
-/// file, and once the daemon has been quiet for a second it truncates what is left. An
-/// idle daemon never wakes for it.
+/// commit watcher:
+/// - half a second after commits it checkpoints PASSIVE, beside the writers: a checkpoint
+///   syncs the database file, which must neither hold writers up nor coincide with the
+///   claim and the send the commit itself started;
+/// - once the `-wal` file reached a quarter of the limit it checkpoints TRUNCATE in this
+///   process's turn to write: under steady load one of the daemon's own commits always lands
+///   during a PASSIVE checkpoint, so the WAL would never restart from its beginning;
+/// - after a quiet second it truncates what is left.
+///
+/// An idle daemon never wakes for it.
 async fn keep_wal_small(
     store: Store,
     mut commits: tokio::sync::watch::Receiver<u64>,
     stop: CancellationToken,
 ) {
-    const EVERY: Duration = Duration::from_millis(500);
+    const AFTER: Duration = Duration::from_millis(500);
     const QUIET: Duration = Duration::from_secs(1);
     let limit = store.wal_limit();
-    let mut last = std::time::Instant::now();
     // Whether the WAL may hold frames since it was last truncated.
     let mut dirty = true;
     loop {
@@ -404,23 +406,32 @@ async fn keep_wal_small(
             _ = tokio::time::sleep(QUIET), if dirty => false,
             _ = stop.cancelled() => return,
         };
-        if !committed {
-            if store.wal_size() > 0 {
-                if let Err(e) = store.checkpoint_between_writes(true).await {
-                    report_checkpoint_failure(&e, store.wal_size());
-                    continue;
+        if committed {
+            dirty = true;
+            // Wait AFTER, but cut the wait short when the file reaches a quarter of the
+            // limit meanwhile (a busy daemon writes tens of megabytes a second).
+            let until = tokio::time::Instant::now() + AFTER;
+            while store.wal_size() < limit / 4 {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    changed = commits.changed() => if changed.is_err() { return },
+                    _ = stop.cancelled() => return,
                 }
             }
-            dirty = false;
-            continue;
         }
-        dirty = true;
         let size = store.wal_size();
-        if size >= limit / 8 || last.elapsed() >= EVERY {
-            if let Err(e) = store.checkpoint_between_writes(size > limit / 4).await {
-                report_checkpoint_failure(&e, size);
+        let result = if !committed || size >= limit / 4 {
+            if size == 0 {
+                dirty = false;
+                continue;
             }
-            last = std::time::Instant::now();
+            store.checkpoint_between_writes(true).await
+        } else {
+            store.checkpoint().await
+        };
+        match result {
+            Ok(()) => dirty = committed,
+            Err(e) => report_checkpoint_failure(&e, size),
         }
     }
 }

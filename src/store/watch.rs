@@ -73,12 +73,13 @@ fn notifications_are_reliable(dir: &Path) -> Result<(), String> {
     }
 }
 
-/// A one-shot inotify watch on the database's directory for writes to the `-wal` file (or
-/// to the database file, for a writer in another journal mode).
+/// A one-shot inotify watch on the database's directory for writes to the `-wal` file. (Not
+/// the database file: in WAL mode every commit writes the WAL, while the database file is
+/// written by checkpoints, which change no data and would only wake the watcher.)
 struct DirWatch {
     events: inotify::EventStream<[u8; 4096]>,
     dir: PathBuf,
-    names: [std::ffi::OsString; 2],
+    wal: std::ffi::OsString,
 }
 
 impl DirWatch {
@@ -89,18 +90,13 @@ impl DirWatch {
             None => PathBuf::from("."),
         };
         notifications_are_reliable(&dir)?;
-        let file = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        let mut wal = file.clone();
+        let mut wal = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         wal.push("-wal");
         let inotify = inotify::Inotify::init().map_err(|e| format!("cannot use inotify: {e}"))?;
         let events = inotify
             .into_event_stream([0u8; 4096])
             .map_err(|e| format!("cannot read inotify events: {e}"))?;
-        let watch = DirWatch {
-            events,
-            dir,
-            names: [file, wal],
-        };
+        let watch = DirWatch { events, dir, wal };
         watch.arm()?;
         Ok(watch)
     }
@@ -130,10 +126,7 @@ impl DirWatch {
             };
             // A lost event (queue overflow) might have been ours.
             let ours = event.mask.contains(inotify::EventMask::Q_OVERFLOW)
-                || event
-                    .name
-                    .as_ref()
-                    .is_some_and(|n| self.names.iter().any(|want| want == n));
+                || event.name.as_ref().is_some_and(|n| *n == self.wal);
             if ours {
                 return Ok(());
             }
@@ -183,12 +176,27 @@ async fn follow(
                 // The last write of a commit reaches the -wal file a moment before the commit
                 // becomes visible (SQLite then updates the shared-memory index, which the
                 // kernel does not report): look again shortly before concluding that the
-                // write was not a commit (a checkpoint, a rolled-back transaction).
-                if confirm(&mut conn, &mut last, &tx, &stop, &CONFIRM_DELAYS_MS)
-                    .await
-                    .is_none()
-                {
-                    return;
+                // write was not a commit (a checkpoint, a rolled-back transaction). The
+                // watch is re-armed meanwhile, so a commit during those looks is seen at once.
+                for delay_ms in CONFIRM_DELAYS_MS {
+                    if let Err(why) = dir.arm() {
+                        tracing::warn!(%why, "file notifications failed; polling the database instead");
+                        mode = Mode::Polling(FALLBACK_AFTER_FAILURE);
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
+                        _ = dir.written() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    match check(&mut conn, &mut last, &tx, &stop).await {
+                        Some(true) => break,
+                        Some(false) => {}
+                        None => return,
+                    }
+                }
+                if matches!(mode, Mode::Polling(_)) {
+                    continue;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(PACE) => {}
