@@ -765,9 +765,9 @@ async fn section_latency(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()
 // ---------------------------------------------------------------------------------------
 
 /// A database with `finished` done rows and [`CLAIM_PENDING`] pending ones.
-async fn claim_db(dir: &Path, finished: u64) -> BenchResult<Store> {
-    let db = dir.join(format!("claim-{finished}.db"));
-    let store = Store::open_and_migrate(&db, Duration::from_secs(10)).await?;
+async fn claim_db(finished: u64) -> BenchResult<ScratchDatabase> {
+    let scratch = ScratchDatabase::new(Duration::from_secs(10)).await?;
+    let store = scratch.store().clone();
     let t = Instant::now();
     let now = now_ms();
     let mut tx = store.pool().begin().await?;
@@ -808,7 +808,7 @@ async fn claim_db(dir: &Path, finished: u64) -> BenchResult<Store> {
     .await?;
     let plan: Vec<String> = plan.into_iter().map(|(_, _, _, d)| d).collect();
     println!("  [{finished} finished] claim plan: {}", plan.join(" | "));
-    Ok(store)
+    Ok(scratch)
 }
 
 /// One claim of every pending row, timed; then the rows are put back (not timed).
@@ -862,10 +862,10 @@ async fn section_claim(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> 
     println!();
     println!("== 3. claim cost vs finished rows ==");
     let iterations = 400u32;
-    let dir = tempfile::tempdir()?;
     let (n_small, n_large) = (knobs.rows(1_000), knobs.rows(1_000_000));
-    let small = claim_db(dir.path(), n_small).await?;
-    let large = claim_db(dir.path(), n_large).await?;
+    let small_db = claim_db(n_small).await?;
+    let large_db = claim_db(n_large).await?;
+    let (small, large) = (small_db.store().clone(), large_db.store().clone());
     // Interleaved, so that load from elsewhere on the machine hits both alike.
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for i in 0..(iterations + 20) {
@@ -876,8 +876,8 @@ async fn section_claim(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> 
             b.push(tb);
         }
     }
-    small.close().await;
-    large.close().await;
+    small_db.close().await;
+    large_db.close().await;
     let (a, b) = (claim_stats(a), claim_stats(b));
     for (n, st) in [(n_small, &a), (n_large, &b)] {
         println!(
@@ -1108,9 +1108,8 @@ async fn section_components(knobs: &Knobs, summary: &mut Summary) -> BenchResult
     let (rate_one, _, complete_one_us, cpu_one) =
         store_loop(n, 64, 64, CompleteWith::OneStatement).await?;
     {
-        let dir = tempfile::tempdir()?;
-        let store =
-            Store::open_and_migrate(&dir.path().join("plan.db"), Duration::from_secs(10)).await?;
+        let scratch = ScratchDatabase::new(Duration::from_secs(10)).await?;
+        let store = scratch.store().clone();
         let plan: Vec<(i64, i64, i64, String)> =
             sqlx::query_as(&format!("EXPLAIN QUERY PLAN {WHAT_IF_COMPLETE_SQL}"))
                 .bind("[]")
@@ -1118,7 +1117,7 @@ async fn section_components(knobs: &Knobs, summary: &mut Summary) -> BenchResult
                 .await?;
         let plan: Vec<String> = plan.into_iter().map(|(_, _, _, d)| d).collect();
         println!("  what-if completion plan: {}", plan.join(" | "));
-        store.close().await;
+        scratch.close().await;
     }
     let (rate64_1, _, complete1_us, _) = store_loop(n, 64, 1, CompleteWith::Library).await?;
     let (rate8, claim8_us, _, _) = store_loop(n, 8, 8, CompleteWith::Library).await?;
@@ -1376,7 +1375,9 @@ async fn section_idle(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
     );
 
     // In-process: this process also holds the simulator and the benchmark's runtime.
-    let store = Store::open_and_migrate(&db, config.database.busy_timeout).await?;
+    let scratch = ScratchDatabase::new(config.database.busy_timeout).await?;
+    config.database.path = scratch.path();
+    let store = scratch.store().clone();
     let daemon = start_daemon(&config, &store);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let a = cpu_sample("self")?;
@@ -1384,7 +1385,7 @@ async fn section_idle(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
     let b = cpu_sample("self")?;
     let f = idle_figures("self", a, b)?;
     daemon.stop().await?;
-    store.close().await;
+    scratch.close().await;
     println!(
         "  in-process ({:.1} s window): CPU {:.3} % of a core (schedstat), {:.2} % (stat ticks); VmRSS {:.1} MiB (peak {:.1} MiB), {} threads — includes the simulator and benchmark runtime",
         window.as_secs_f64(),

@@ -178,13 +178,8 @@ async fn list_shows_badly_typed_rows_and_lists_the_rest() {
     let config = w.write_config();
     w.insert_rebill("GOOD-1", common::TAX).await;
     {
-        use sqlx::{ConnectOptions, Connection};
-        let mut other = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&w.config.database.path)
-            .busy_timeout(std::time::Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("writer");
+        use sqlx::Connection;
+        let mut other = common::other_connection(&w.config.database.path).await;
         for sql in [
             "PRAGMA ignore_check_constraints = ON",
             "INSERT INTO rebill_orders (orderno, tax_num, next_attempt_at) VALUES ('SOON-1', '91310117568051222X', 'soon')",

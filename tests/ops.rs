@@ -994,11 +994,7 @@ async fn a_full_disk_is_reported_survived_and_recovered_from() {
     assert!(!log.contains("panicked"), "{log}");
     disk.free();
     let (check,): (String,) = {
-        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&db)
-            .connect()
-            .await
-            .expect("connection");
+        let mut conn = common::other_connection(&db).await;
         sqlx::query_as("PRAGMA integrity_check")
             .fetch_one(&mut conn)
             .await

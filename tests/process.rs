@@ -1127,7 +1127,7 @@ async fn tight_loop_writers_never_make_the_daemon_log_a_lock_error() {
 /// waited out as a busy database: the daemon retries, logs no lock error, and drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_lock_held_past_the_busy_timeout_is_waited_out_quietly() {
-    use sqlx::{ConnectOptions, Connection};
+    use sqlx::Connection;
     let world = World::new().await;
     let config = write_toml(
         &world,
@@ -1137,12 +1137,7 @@ async fn a_write_lock_held_past_the_busy_timeout_is_waited_out_quietly() {
     );
     let mut daemon = start_daemon(&world, &config, "held.log");
     daemon.wait_running().await;
-    let mut holder = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&world.config.database.path)
-        .busy_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("holder");
+    let mut holder = common::other_connection(&world.config.database.path).await;
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut holder)
         .await

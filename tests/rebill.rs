@@ -622,13 +622,8 @@ async fn the_wal_stays_small_while_draining_and_shrinks_when_idle() {
 async fn unschedulable_and_invisible_rows_are_rejected_with_the_reason() {
     let w = World::new().await;
     {
-        use sqlx::{ConnectOptions, Connection};
-        let mut other = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&w.config.database.path)
-            .busy_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("writer");
+        use sqlx::Connection;
+        let mut other = common::other_connection(&w.config.database.path).await;
         sqlx::query("PRAGMA ignore_check_constraints = ON")
             .execute(&mut other)
             .await

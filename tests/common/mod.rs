@@ -193,6 +193,18 @@ enabled = false
     )
 }
 
+/// A connection of its own to the database at `db`, as another process's writer has (a
+/// busy timeout, no pool, none of the daemon's pragmas).
+pub async fn other_connection(db: &Path) -> sqlx::SqliteConnection {
+    use sqlx::ConnectOptions;
+    sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .busy_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("a connection of another writer")
+}
+
 /// Polls `check` until it is true or `limit` passes; panics with `what` on timeout.
 pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F)
 where
