@@ -671,3 +671,31 @@ async fn unschedulable_and_invisible_rows_are_rejected_with_the_reason() {
         .collect();
     assert_eq!(sent, ["GOOD"], "only the sound row was sent");
 }
+
+/// A paused seller's due rows do not hold up another seller's retry: the idle loop still
+/// wakes when that retry falls due (100 ms here), not only on its two-second tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_sellers_rows_do_not_delay_another_sellers_retry() {
+    let w = World::new().await;
+    let sms = "本次操作需登录电子发票服务平台,请先使用短信验证码登录";
+    w.sim.script_rebill("PAUSED-1", vec![fail(1, sms)]);
+    let paused = w.insert_rebill("PAUSED-1", OTHER_SELLER).await;
+    w.insert_rebill("PAUSED-2", OTHER_SELLER).await;
+    let daemon = w.start();
+    wait_until(Duration::from_secs(10), "the seller paused", || async {
+        row(&w, paused).await.last_message.is_some()
+    })
+    .await;
+    w.sim
+        .script_rebill("FLAKY", vec![fail(9, "系统繁忙"), RebillBehavior::Accepted]);
+    let inserted = std::time::Instant::now();
+    let flaky = w.insert_rebill("FLAKY", TAX).await;
+    wait_final(&w, &[flaky]).await;
+    let took = inserted.elapsed();
+    daemon.stop().await;
+    assert_eq!(row(&w, flaky).await.status, "done");
+    assert!(
+        took < Duration::from_millis(1000),
+        "a 100 ms retry took {took:?} while another seller was paused"
+    );
+}

@@ -324,15 +324,17 @@ impl<H: Handler> Worker<H> {
     }
 
     /// How long to sleep when nothing could be claimed: until the next row is due, at most
-    /// [`SAFETY_LOOK`]; a tick while due rows are held by a pause.
+    /// [`SAFETY_LOOK`], or at most a tick while due rows are held by a pause.
     async fn idle_nap(&self, queue: QueueName, held_by_pause: bool) -> Duration {
-        if held_by_pause {
-            return IDLE_TICK;
-        }
+        let cap = if held_by_pause {
+            IDLE_TICK
+        } else {
+            SAFETY_LOOK
+        };
         let now = now_ms();
         match self.store.next_due_after(queue, now).await {
-            Ok(Some(at)) => Duration::from_millis((at - now).max(0) as u64).min(SAFETY_LOOK),
-            Ok(None) => SAFETY_LOOK,
+            Ok(Some(at)) => Duration::from_millis((at - now).max(0) as u64).min(cap),
+            Ok(None) => cap,
             Err(_) => IDLE_TICK,
         }
     }
