@@ -938,13 +938,7 @@ async fn a_full_disk_is_reported_survived_and_recovered_from() {
         "recovery took {recovered:?}"
     );
     // Nothing marked done that the gateway did not accept.
-    let verified: std::collections::HashSet<String> = w
-        .sim
-        .rebill_requests()
-        .into_iter()
-        .filter(|r| r.verified)
-        .map(|r| r.orderno)
-        .collect();
+    let verified = w.verified_ordernos();
     for row in store
         .list(QueueName::Rebill, Some("done"), ROWS as u32 + 10)
         .await

@@ -201,13 +201,7 @@ async fn wait_in_flight(world: &World, ordernos: &[String]) {
         Duration::from_secs(15),
         "all delayed requests reached the simulator",
         || {
-            let seen: HashSet<String> = world
-                .sim
-                .rebill_requests()
-                .into_iter()
-                .filter(|r| r.verified)
-                .map(|r| r.orderno)
-                .collect();
+            let seen = world.verified_ordernos();
             let done = ordernos.iter().all(|o| seen.contains(o));
             async move { done }
         },

@@ -101,6 +101,16 @@ impl World {
             .last_insert_rowid()
     }
 
+    /// Order numbers of the rebill requests the simulator accepted as correctly signed.
+    pub fn verified_ordernos(&self) -> std::collections::HashSet<String> {
+        self.sim
+            .rebill_requests()
+            .into_iter()
+            .filter(|r| r.verified)
+            .map(|r| r.orderno)
+            .collect()
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         let (n,): (i64,) = sqlx::query_as(sql)
             .fetch_one(self.store.pool())
