@@ -1,12 +1,10 @@
 //! The real binary's `enqueue` commands: flags, JSON from a file and from stdin, and the
 //! database's refusals surfacing as exit code 2.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Output, Stdio};
 
-use common::{binary, World};
+use crate::common::{binary, World};
 
 fn run(config: &std::path::Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = binary()
@@ -92,7 +90,7 @@ async fn enqueue_title_from_flags_file_and_stdin() {
     let rows: Vec<TitleRow> = sqlx::query_as(
         "SELECT order_no, invoice_type, sqm, data_type, ttqqlsh FROM title_submissions ORDER BY id",
     )
-    .fetch_all(w.store.pool())
+    .fetch_all(&w.sql)
     .await
     .expect("rows");
     assert_eq!(rows.len(), 3);
@@ -136,7 +134,7 @@ async fn refusals_exit_2_with_the_reason() {
                 "enqueue",
                 "rebill",
                 "--tax-num",
-                common::TAX,
+                crate::common::TAX,
                 "--orderno",
                 "IDEM-1",
             ],
@@ -176,10 +174,10 @@ async fn a_config_holding_a_secret_readable_by_others_is_warned_about() {
 async fn list_shows_badly_typed_rows_and_lists_the_rest() {
     let w = World::new().await;
     let config = w.write_config();
-    w.insert_rebill("GOOD-1", common::TAX).await;
+    w.insert_rebill("GOOD-1", crate::common::TAX).await;
     {
         use sqlx::Connection;
-        let mut other = common::other_connection(&w.config.database.path).await;
+        let mut other = crate::common::other_connection(&w.config.database.path).await;
         for sql in [
             "PRAGMA ignore_check_constraints = ON",
             "INSERT INTO rebill_orders (orderno, tax_num, next_attempt_at) VALUES ('SOON-1', '91310117568051222X', 'soon')",

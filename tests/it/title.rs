@@ -1,11 +1,9 @@
 //! End-to-end tests of the title queue: the daemon in-process, a real SQLite file and the
 //! simulated 开票精灵 platform (TokenAction, OpenAction, thirdApi) over loopback HTTP.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{wait_until, World, TAX};
+use crate::common::{wait_until, World, TAX};
 use invoice_worker::config::DataType;
 use invoice_worker::sim::{RebillBehavior, SimOptions, TitleBehavior};
 use invoice_worker::store::admin::NewTitle;
@@ -23,7 +21,7 @@ struct Row {
 async fn row(w: &World, id: i64) -> Row {
     sqlx::query_as("SELECT status, outcome, attempts, ttqqlsh, last_code, last_message FROM title_submissions WHERE id = ?1")
         .bind(id)
-        .fetch_one(w.store.pool())
+        .fetch_one(&w.sql)
         .await
         .expect("row")
 }
@@ -61,7 +59,7 @@ async fn titles_are_sent_in_json_and_xml_with_escaping_intact() {
         w.store.enqueue_title(&xml).await.expect("insert"),
         w.store.enqueue_title(&special).await.expect("insert"),
     ];
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &ids).await;
     daemon.stop().await;
 
@@ -111,7 +109,7 @@ async fn config_default_format_applies_to_rows_without_one() {
         .enqueue_title(&title("T-DEFAULT", "默认格式公司"))
         .await
         .expect("insert");
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &[id]).await;
     daemon.stop().await;
     assert_eq!(w.sim.title_requests()[0].data_type, "1");
@@ -124,7 +122,7 @@ async fn token_expiry_mid_run_renews_once_and_resends() {
         ..SimOptions::default()
     })
     .await;
-    let daemon = w.start();
+    let daemon = w.start().await;
     let first = w
         .store
         .enqueue_title(&title("T-BEFORE", "之前公司"))
@@ -171,7 +169,7 @@ async fn a_timed_out_send_that_arrived_counts_as_sent_on_retry() {
         .enqueue_title(&title("T-LATE", "超时公司"))
         .await
         .expect("insert");
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &[id]).await;
     daemon.stop().await;
     let r = row(&w, id).await;
@@ -212,13 +210,13 @@ async fn a_duplicate_serial_on_the_first_attempt_fails() {
     let mut a = title("T-A", "甲公司");
     a.ttqqlsh = Some("IWDUP0000000000001".into());
     let id_a = w.store.enqueue_title(&a).await.expect("insert");
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &[id_a]).await;
     // Another system reuses the serial under a different order (the unique column lets a
     // finished row's serial be deleted and reused): the server says it is a duplicate.
     sqlx::query("DELETE FROM title_submissions WHERE id = ?1")
         .bind(id_a)
-        .execute(w.store.pool())
+        .execute(&w.sql)
         .await
         .expect("delete");
     let mut b = title("T-B", "乙公司");
@@ -272,7 +270,7 @@ async fn every_invalid_title_is_rejected_with_its_reason() {
     for (t, _) in &cases {
         ids.push(w.store.enqueue_title(t).await.expect("insert"));
     }
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &ids).await;
     daemon.stop().await;
     for ((t, reason), id) in cases.iter().zip(&ids) {
@@ -298,7 +296,7 @@ async fn lenient_tax_id_accepts_sandbox_codes() {
     let mut t = title("V-LENIENT", "公司");
     t.gmf_nsrsbh = Some("91110000600037341N".into());
     let id = w.store.enqueue_title(&t).await.expect("insert");
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &[id]).await;
     daemon.stop().await;
     assert_eq!(row(&w, id).await.status, "done");
@@ -327,7 +325,7 @@ async fn transient_failures_retry_with_the_same_serial() {
             .await
             .expect("insert"),
     ];
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &ids).await;
     daemon.stop().await;
     let r = row(&w, ids[0]).await;
@@ -357,7 +355,7 @@ async fn refused_client_credentials_pause_the_title_queue() {
                 .expect("insert"),
         );
     }
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_until(Duration::from_secs(10), "title queue pause", || async {
         w.store
             .pauses()
@@ -387,7 +385,7 @@ async fn refused_client_credentials_pause_the_title_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_queues_drain_at_once() {
     let w = World::new().await;
-    let mut tx = w.store.pool().begin().await.expect("tx");
+    let mut tx = w.sql.begin().await.expect("tx");
     for i in 0..200 {
         sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, ?2)")
             .bind(format!("BOTH-R-{i}"))
@@ -408,7 +406,7 @@ async fn both_queues_drain_at_once() {
         "BOTH-R-7",
         vec![RebillBehavior::Status(500), RebillBehavior::Accepted],
     );
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_until(Duration::from_secs(30), "both queues drained", || async {
         w.count("SELECT (SELECT COUNT(*) FROM rebill_orders WHERE status = 'done') + (SELECT COUNT(*) FROM title_submissions WHERE status = 'done')").await == 400
     })

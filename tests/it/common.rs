@@ -11,6 +11,7 @@ use invoice_worker::config::Config;
 use invoice_worker::sim::{SimOptions, Simulator};
 use invoice_worker::store::scratch::ScratchDatabase;
 use invoice_worker::store::Store;
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 use tokio_util::sync::CancellationToken;
 
 /// The seller tax number most tests use.
@@ -22,8 +23,16 @@ pub struct World {
     pub sim: Simulator,
     pub store: Store,
     pub config: Config,
+    /// A pool of its own on the database file, as the other systems that insert rows have:
+    /// the tests write and read the tables through it, never through the daemon's pool.
+    pub sql: SqlitePool,
     db: ScratchDatabase,
 }
+
+/// In-process daemons share the process-global metrics recorder: a test that reads the
+/// metrics of its in-process daemon runs alone among them (the real binary has its own).
+/// The lock is fair: a test must stop one in-process daemon before it starts the next.
+static IN_PROCESS_METRICS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 impl World {
     pub async fn new() -> World {
@@ -36,10 +45,12 @@ impl World {
             .expect("store");
         let sim = Simulator::start(opts.clone()).await.expect("simulator");
         let config = fast_config(&sim, &opts, &db.path());
+        let sql = writer_pool(&db.path()).await;
         World {
             sim,
             store: db.store().clone(),
             config,
+            sql,
             db,
         }
     }
@@ -50,13 +61,29 @@ impl World {
     }
 
     /// Starts the daemon in this process; cancel the token (or call `stop`) to end it.
-    pub fn start(&self) -> RunningDaemon {
+    pub async fn start(&self) -> RunningDaemon {
+        let metrics = MetricsTurn::Shared(IN_PROCESS_METRICS.read().await);
+        self.start_holding(metrics)
+    }
+
+    /// Starts the daemon in this process as the only in-process daemon writing metrics, for
+    /// a test that reads them.
+    pub async fn start_alone_with_metrics(&self) -> RunningDaemon {
+        let metrics = MetricsTurn::Alone(IN_PROCESS_METRICS.write().await);
+        self.start_holding(metrics)
+    }
+
+    fn start_holding(&self, metrics: MetricsTurn) -> RunningDaemon {
         let token = CancellationToken::new();
         let (config, store, stop) = (self.config.clone(), self.store.clone(), token.clone());
         let handle = tokio::spawn(async move {
             invoice_worker::daemon::run_with_store(&config, store, stop).await
         });
-        RunningDaemon { token, handle }
+        RunningDaemon {
+            token,
+            handle,
+            _metrics: metrics,
+        }
     }
 
     /// Writes the config as TOML (secrets inline) for the real binary.
@@ -71,7 +98,7 @@ impl World {
         let (status,): (String,) =
             sqlx::query_as(&format!("SELECT status FROM {table} WHERE id = ?1"))
                 .bind(id)
-                .fetch_one(self.store.pool())
+                .fetch_one(&self.sql)
                 .await
                 .expect("row");
         status
@@ -95,7 +122,7 @@ impl World {
         sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, ?2)")
             .bind(orderno)
             .bind(tax_num)
-            .execute(self.store.pool())
+            .execute(&self.sql)
             .await
             .expect("insert")
             .last_insert_rowid()
@@ -113,7 +140,7 @@ impl World {
 
     pub async fn count(&self, sql: &str) -> i64 {
         let (n,): (i64,) = sqlx::query_as(sql)
-            .fetch_one(self.store.pool())
+            .fetch_one(&self.sql)
             .await
             .expect("count");
         n
@@ -123,6 +150,13 @@ impl World {
 pub struct RunningDaemon {
     pub token: CancellationToken,
     pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _metrics: MetricsTurn,
+}
+
+/// The guard a running in-process daemon holds on the metrics recorder.
+enum MetricsTurn {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
 }
 
 impl RunningDaemon {
@@ -213,6 +247,19 @@ pub async fn other_connection(db: &Path) -> sqlx::SqliteConnection {
         .connect()
         .await
         .expect("a connection of another writer")
+}
+
+/// A small pool on the database at `db` opened the way another system's writer opens it.
+pub async fn writer_pool(db: &Path) -> SqlitePool {
+    SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(db)
+                .busy_timeout(Duration::from_secs(5)),
+        )
+        .await
+        .expect("a pool of another writer")
 }
 
 /// Polls `check` until it is true or `limit` passes; panics with `what` on timeout.

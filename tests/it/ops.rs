@@ -5,8 +5,6 @@
 //! The metrics recorder is process-global, so every test that scrapes an in-process daemon
 //! lives in this one binary and none assumes counters start at zero.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -15,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::{config_toml, wait_until, Daemon, World, TAX};
+use crate::common::{config_toml, wait_until, Daemon, World, TAX};
 use invoice_worker::sim::SimOptions;
 use invoice_worker::store::{now_ms, QueueName};
 use sqlx::ConnectOptions;
@@ -407,7 +405,7 @@ async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
         .bind(format!("STUCK-{i}"))
         .bind(TAX)
         .bind(due_at)
-        .execute(w.store.pool())
+        .execute(&w.sql)
         .await
         .expect("insert");
     }
@@ -460,7 +458,7 @@ async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
     });
     let ids: Vec<i64> =
         sqlx::query_as::<_, (i64,)>("SELECT id FROM rebill_orders WHERE orderno LIKE 'STUCK-%'")
-            .fetch_all(w.store.pool())
+            .fetch_all(&w.sql)
             .await
             .expect("ids")
             .into_iter()
@@ -492,7 +490,7 @@ async fn metrics_and_health_move_with_the_queues() {
     let mut w = World::new().await;
     let port = free_port();
     w.config.http.listen = Some(format!("127.0.0.1:{port}").parse().expect("socket address"));
-    let daemon = w.start();
+    let daemon = w.start_alone_with_metrics().await;
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
@@ -988,7 +986,7 @@ async fn a_full_disk_is_reported_survived_and_recovered_from() {
     assert!(!log.contains("panicked"), "{log}");
     disk.free();
     let (check,): (String,) = {
-        let mut conn = common::other_connection(&db).await;
+        let mut conn = crate::common::other_connection(&db).await;
         sqlx::query_as("PRAGMA integrity_check")
             .fetch_one(&mut conn)
             .await

@@ -1,11 +1,9 @@
 //! End-to-end tests of the rebilling queue: the daemon in-process, a real SQLite file and
 //! the simulated fw199 gateway over loopback HTTP.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{wait_until, World, TAX};
+use crate::common::{wait_until, World, TAX};
 use invoice_worker::secret::Secret;
 use invoice_worker::sim::{issued_invoice, RebillBehavior};
 use invoice_worker::store::claim::ClaimParams;
@@ -34,7 +32,7 @@ async fn row(w: &World, id: i64) -> Row {
          FROM rebill_orders WHERE id = ?1",
     )
     .bind(id)
-    .fetch_one(w.store.pool())
+    .fetch_one(&w.sql)
     .await
     .expect("row")
 }
@@ -101,7 +99,7 @@ async fn every_gateway_answer_reaches_its_outcome() {
         w.sim.script_rebill(orderno, script.clone());
         ids.push(w.insert_rebill(orderno, TAX).await);
     }
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &ids).await;
     daemon.stop().await;
 
@@ -147,7 +145,7 @@ async fn invalid_rows_are_rejected_and_never_sent() {
     for (orderno, tax, _) in &cases {
         ids.push(w.insert_rebill(orderno, tax).await);
     }
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &ids).await;
     daemon.stop().await;
     for ((orderno, _, reason), id) in cases.iter().zip(&ids) {
@@ -183,11 +181,11 @@ async fn sms_login_pauses_the_seller_then_one_row_probes() {
     let unrelated = w.insert_rebill("UNRELATED", TAX).await;
     // SMS-1 goes first, so its answer pauses the seller before the others are due.
     sqlx::query("UPDATE rebill_orders SET next_attempt_at = next_attempt_at + 300 WHERE orderno LIKE 'SMS-OTHER-%'")
-        .execute(w.store.pool())
+        .execute(&w.sql)
         .await
         .expect("update");
 
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &[unrelated]).await;
     // The seller is paused: its rows wait without using attempts.
     let pauses = w.store.pauses().await.expect("pauses");
@@ -246,7 +244,7 @@ async fn wrong_secret_pauses_the_queue_without_burning_attempts() {
     for i in 0..10 {
         ids.push(w.insert_rebill(&format!("Q-{i}"), TAX).await);
     }
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_until(Duration::from_secs(10), "queue pause", || async {
         w.store
             .pauses()
@@ -283,7 +281,7 @@ async fn wrong_secret_pauses_the_queue_without_burning_attempts() {
         .resume(QueueName::Rebill, "*")
         .await
         .expect("resume"));
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &ids).await;
     daemon.stop().await;
     assert_eq!(
@@ -302,11 +300,11 @@ async fn attempts_run_out_and_the_row_fails() {
         "INSERT INTO rebill_orders (orderno, tax_num, max_attempts) VALUES ('DOOMED', ?1, 3)",
     )
     .bind(TAX)
-    .execute(w.store.pool())
+    .execute(&w.sql)
     .await
     .expect("insert")
     .last_insert_rowid();
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &[id]).await;
     daemon.stop().await;
     let r = row(&w, id).await;
@@ -332,7 +330,7 @@ async fn retry_after_is_honoured() {
         ],
     );
     let id = w.insert_rebill("BUSY", TAX).await;
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &[id]).await;
     daemon.stop().await;
     let sends = w.sim.rebill_requests();
@@ -351,7 +349,7 @@ async fn daily_cap_pushes_the_next_attempt_a_day_out() {
     w.sim
         .script_rebill("CAP", vec![fail(1, "E9613 该订单今日重试已达20次")]);
     let id = w.insert_rebill("CAP", TAX).await;
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_until(Duration::from_secs(10), "first attempt", || async {
         row(&w, id).await.attempts == 1 && w.status_of("rebill_orders", id).await == "pending"
     })
@@ -359,7 +357,7 @@ async fn daily_cap_pushes_the_next_attempt_a_day_out() {
     daemon.stop().await;
     let (next,): (i64,) = sqlx::query_as("SELECT next_attempt_at FROM rebill_orders WHERE id = ?1")
         .bind(id)
-        .fetch_one(w.store.pool())
+        .fetch_one(&w.sql)
         .await
         .expect("row");
     let wait = next - now_ms();
@@ -461,7 +459,7 @@ async fn the_claim_query_uses_its_index() {
                 .bind(0i64)
                 .bind(64i64)
                 .bind(queue.as_str())
-                .fetch_all(w.store.pool())
+                .fetch_all(&w.sql)
                 .await
                 .expect("plan");
         let text: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
@@ -498,7 +496,7 @@ async fn rows_of_a_dead_daemon_are_rescued() {
         .await
         .expect("claim");
     let started = std::time::Instant::now();
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &[id]).await;
     daemon.stop().await;
     assert!(
@@ -520,7 +518,7 @@ async fn operator_rules_come_before_the_built_in_ones() {
     }];
     w.sim.script_rebill("MAINT", vec![fail(1, "系统维护中")]);
     let id = w.insert_rebill("MAINT", TAX).await;
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &[id]).await;
     daemon.stop().await;
     let r = row(&w, id).await;
@@ -531,7 +529,7 @@ async fn operator_rules_come_before_the_built_in_ones() {
 async fn an_unreadable_row_is_rejected_and_does_not_stop_the_queue() {
     let w = World::new().await;
     // Written around the CHECK constraints, as an old schema or a careless tool might.
-    let mut conn = w.store.pool().acquire().await.expect("conn");
+    let mut conn = w.sql.acquire().await.expect("conn");
     sqlx::query("PRAGMA ignore_check_constraints = ON")
         .execute(&mut *conn)
         .await
@@ -550,7 +548,7 @@ async fn an_unreadable_row_is_rejected_and_does_not_stop_the_queue() {
         .expect("pragma");
     drop(conn);
     let good = w.insert_rebill("GOOD", TAX).await;
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &[poison, good]).await;
     daemon.stop().await;
     assert_eq!(row(&w, good).await.status, "done");
@@ -575,10 +573,10 @@ async fn the_wal_stays_small_while_draining_and_shrinks_when_idle() {
     )
     .bind(ROWS)
     .bind(TAX)
-    .execute(w.store.pool())
+    .execute(&w.sql)
     .await
     .expect("insert");
-    let daemon = w.start();
+    let daemon = w.start().await;
     let mut largest = 0u64;
     let started = std::time::Instant::now();
     loop {
@@ -623,7 +621,7 @@ async fn unschedulable_and_invisible_rows_are_rejected_with_the_reason() {
     let w = World::new().await;
     {
         use sqlx::Connection;
-        let mut other = common::other_connection(&w.config.database.path).await;
+        let mut other = crate::common::other_connection(&w.config.database.path).await;
         sqlx::query("PRAGMA ignore_check_constraints = ON")
             .execute(&mut other)
             .await
@@ -643,7 +641,7 @@ async fn unschedulable_and_invisible_rows_are_rejected_with_the_reason() {
     let rlo = w.insert_rebill("A2024\u{202E}001", TAX).await;
     let rlm = w.insert_rebill("A2024\u{200F}002", TAX).await;
     let good = w.insert_rebill("GOOD", TAX).await;
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_final(&w, &[soon, rlo, rlm, good]).await;
     daemon.stop().await;
     let r = row(&w, soon).await;
@@ -681,7 +679,7 @@ async fn a_paused_sellers_rows_do_not_delay_another_sellers_retry() {
     w.sim.script_rebill("PAUSED-1", vec![fail(1, sms)]);
     let paused = w.insert_rebill("PAUSED-1", OTHER_SELLER).await;
     w.insert_rebill("PAUSED-2", OTHER_SELLER).await;
-    let daemon = w.start();
+    let daemon = w.start().await;
     wait_until(Duration::from_secs(10), "the seller paused", || async {
         row(&w, paused).await.last_message.is_some()
     })

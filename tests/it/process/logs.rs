@@ -1,0 +1,399 @@
+//! What reaches the logs: never a secret, never a raw invisible character.
+
+use super::*;
+
+/// An order number holding U+202E (right-to-left override) is rejected naming the code
+/// point, and the daemon's log shows it escaped: the character never reaches the log raw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invisible_characters_reach_the_log_escaped() {
+    let world = World::new().await;
+    let id = world.insert_rebill("A2024\u{202E}001", TAX).await;
+    let config = write_toml(&world, "rlo.toml", &[], "");
+    let mut daemon = start_daemon(&world, &config, "rlo.log");
+    daemon.wait_running().await;
+    wait_until(Duration::from_secs(20), "the row rejected", || async {
+        world.status_of("rebill_orders", id).await == "rejected"
+    })
+    .await;
+    let log = daemon.stop(Duration::from_secs(10), "daemon");
+    assert!(
+        !log.contains('\u{202E}'),
+        "the RLO reached the log raw:\n{log}"
+    );
+    assert!(
+        log.contains("A2024\\u{202e}001"),
+        "the order number is logged escaped:\n{log}"
+    );
+    assert!(
+        log.contains("U+202E"),
+        "the reason names the code point:\n{log}"
+    );
+}
+
+/// A transparent HTTP proxy in front of the simulator's title platform that records every
+/// access token TokenAction hands out (the simulator does not expose them).
+struct TokenProxy {
+    addr: SocketAddr,
+    tokens: Arc<Mutex<Vec<String>>>,
+}
+
+struct ProxyState {
+    client: reqwest::Client,
+    upstream: SocketAddr,
+    tokens: Arc<Mutex<Vec<String>>>,
+}
+
+impl TokenProxy {
+    async fn start(upstream: SocketAddr) -> TokenProxy {
+        let tokens = Arc::new(Mutex::new(Vec::new()));
+        let state = Arc::new(ProxyState {
+            client: reqwest::Client::new(),
+            upstream,
+            tokens: tokens.clone(),
+        });
+        let app = axum::Router::new()
+            .fallback(proxy_request)
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        TokenProxy { addr, tokens }
+    }
+
+    fn tokens(&self) -> Vec<String> {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+async fn proxy_request(
+    axum::extract::State(st): axum::extract::State<Arc<ProxyState>>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 16 << 20)
+        .await
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
+        .unwrap_or(reqwest::Method::GET);
+    let mut request = st
+        .client
+        .request(method, format!("http://{}{}", st.upstream, path))
+        .body(body);
+    if let Some(ct) = parts.headers.get("content-type") {
+        request = request.header("content-type", ct.as_bytes());
+    }
+    let Ok(resp) = request.send().await else {
+        return (
+            axum::http::StatusCode::BAD_GATEWAY,
+            "proxy: upstream failed",
+        )
+            .into_response();
+    };
+    let status = axum::http::StatusCode::from_u16(resp.status().as_u16())
+        .unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let bytes = resp.bytes().await.unwrap_or_default();
+    if parts.uri.path().ends_with("/TokenAction") {
+        let body = String::from_utf8_lossy(&bytes);
+        if let Some(rest) = body.split("<access_token>").nth(1) {
+            if let Some(token) = rest.split("</access_token>").next() {
+                st.tokens
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(token.to_string());
+            }
+        }
+    }
+    let mut response = (status, bytes.to_vec()).into_response();
+    if let Some(ct) = ct.and_then(|c| axum::http::HeaderValue::from_str(&c).ok()) {
+        response.headers_mut().insert("content-type", ct);
+    }
+    response
+}
+
+/// Inserts a valid title row with a phone number and bank account that must be masked.
+async fn insert_title(world: &World, order_no: &str, data_type: i64) -> i64 {
+    sqlx::query(
+        "INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc, gmf_dh, gmf_yhzh, gmf_yhmc, data_type) \
+         VALUES (?1, '1', '661234567890', '上海某某科技有限公司', '13812345678', '6222020200112233445', '招商银行上海分行', ?2)",
+    )
+    .bind(order_no)
+    .bind(data_type)
+    .execute(&world.sql)
+    .await
+    .expect("insert title")
+    .last_insert_rowid()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_logs() {
+    const WRONG_APP_SECRET: &str = "WRONG-app-secret-7731";
+    const WRONG_CLIENT_SECRET: &str = "WRONG-client-secret-8842";
+    const SELLER_SMS: &str = "9144030071526726XG";
+    let opts = SimOptions::default();
+    let world = World::new().await;
+    let proxy = TokenProxy::start(world.sim.addr()).await;
+    let sim_base = world.sim.title_base_url();
+    let proxy_base = format!("http://{}/Entoauth", proxy.addr);
+    let dir = world.dir().to_path_buf();
+    let title_via_proxy = (sim_base.as_str(), proxy_base.as_str());
+    let debug_text = "\n[log]\nlevel = \"debug\"\nformat = \"text\"\n";
+    let debug_json = "\n[log]\nlevel = \"debug\"\nformat = \"json\"\n";
+    let mut logs = Vec::new();
+
+    // Phase 1: text format; successes, an issued invoice, retried failures, a seller pause,
+    // titles in JSON and XML (one of them forcing a token renewal).
+    let good_text = write_toml(&world, "good-text.toml", &[title_via_proxy], debug_text);
+    world
+        .sim
+        .script_rebill("ISS-1", vec![RebillBehavior::Issued]);
+    world.sim.script_rebill(
+        "FAIL-1",
+        vec![
+            RebillBehavior::Fail {
+                code: 9999,
+                message: "系统繁忙,请稍后再试".into(),
+            },
+            RebillBehavior::Accepted,
+        ],
+    );
+    world.sim.script_rebill(
+        "ERR-1",
+        vec![
+            RebillBehavior::Status(500),
+            RebillBehavior::Html,
+            RebillBehavior::Accepted,
+        ],
+    );
+    world.sim.script_rebill(
+        "SMS-1",
+        vec![RebillBehavior::Fail {
+            code: 1,
+            message: "开票失败:需要短信验证码登录".into(),
+        }],
+    );
+    world.sim.script_title(
+        "T-RENEW",
+        vec![TitleBehavior::TokenExpired, TitleBehavior::Ok],
+    );
+    for o in ["OK-1", "OK-2", "ISS-1", "FAIL-1", "ERR-1"] {
+        world.insert_rebill(o, TAX).await;
+    }
+    world.insert_rebill("SMS-1", SELLER_SMS).await;
+    let titles = [
+        insert_title(&world, "T-JSON", 0).await,
+        insert_title(&world, "T-XML", 1).await,
+        insert_title(&world, "T-RENEW", 0).await,
+    ];
+    let mut daemon = start_daemon(&world, &good_text, "secrets-1.log");
+    let w = &world;
+    wait_until(
+        Duration::from_secs(20),
+        "phase 1 rows finished",
+        move || async move {
+            rebill_count(w, "done").await == 5
+                && w.count("SELECT COUNT(*) FROM title_submissions WHERE status = 'done'")
+                    .await
+                    == 3
+                && w.count(&format!(
+                    "SELECT COUNT(*) FROM pauses WHERE queue = 'rebill' AND scope = '{SELLER_SMS}'"
+                ))
+                .await
+                    == 1
+        },
+    )
+    .await;
+    logs.push((
+        "phase 1 (text, good credentials)",
+        daemon.stop(Duration::from_secs(10), "phase 1"),
+    ));
+    for id in titles {
+        assert_eq!(world.status_of("title_submissions", id).await, "done");
+    }
+
+    // Phase 2: JSON format; wrong app_secret and client_secret → both queues pause.
+    let wrong_json = write_toml(
+        &world,
+        "wrong-json.toml",
+        &[
+            title_via_proxy,
+            (
+                &format!("app_secret = \"{}\"", opts.rebill_secret),
+                &format!("app_secret = \"{WRONG_APP_SECRET}\""),
+            ),
+            (
+                &format!("client_secret = \"{}\"", opts.title_client_secret),
+                &format!("client_secret = \"{WRONG_CLIENT_SECRET}\""),
+            ),
+        ],
+        debug_json,
+    );
+    for o in ["SIG-1", "SIG-2", "SIG-3"] {
+        world.insert_rebill(o, TAX).await;
+    }
+    insert_title(&world, "T-SIG", 1).await;
+    let mut daemon = start_daemon(&world, &wrong_json, "secrets-2.log");
+    wait_until(
+        Duration::from_secs(20),
+        "both queues paused by the bad credentials",
+        move || async move {
+            w.count("SELECT COUNT(*) FROM pauses WHERE scope = '*'")
+                .await
+                == 2
+        },
+    )
+    .await;
+    logs.push((
+        "phase 2 (json, wrong credentials)",
+        daemon.stop(Duration::from_secs(10), "phase 2"),
+    ));
+    assert!(
+        world
+            .sim
+            .rebill_requests()
+            .iter()
+            .any(|r| r.answered == "RejectedSign"),
+        "the wrong app_secret never produced a signature rejection"
+    );
+    assert_eq!(
+        world.count("SELECT COUNT(*) FROM rebill_orders WHERE orderno LIKE 'SIG-%' AND status IN ('failed', 'done')").await,
+        0,
+        "a signature error must pause the queue, not finish rows"
+    );
+
+    // Phase 3: JSON format, good credentials, after lifting the pauses with the CLI.
+    let good_json = write_toml(&world, "good-json.toml", &[title_via_proxy], debug_json);
+    let gj = good_json.to_string_lossy().into_owned();
+    for queue in ["rebill", "title"] {
+        cli_ok(
+            &dir,
+            &["resume", "--queue", queue, "*", "--config", &gj],
+            &format!("resume {queue} '*'"),
+            &["resumed"],
+        );
+    }
+    let mut daemon = start_daemon(&world, &good_json, "secrets-3.log");
+    wait_until(
+        Duration::from_secs(20),
+        "phase 3 rows done",
+        move || async move {
+            w.count(
+                "SELECT COUNT(*) FROM rebill_orders WHERE orderno LIKE 'SIG-%' AND status = 'done'",
+            )
+            .await
+                == 3
+                && w.count("SELECT COUNT(*) FROM title_submissions WHERE status = 'done'")
+                    .await
+                    == 4
+        },
+    )
+    .await;
+    logs.push((
+        "phase 3 (json, good credentials)",
+        daemon.stop(Duration::from_secs(10), "phase 3"),
+    ));
+
+    // What must never appear.
+    let tokens = proxy.tokens();
+    assert!(
+        tokens.len() >= 2,
+        "expected at least two issued tokens (one renewal), got {tokens:?}"
+    );
+    let mut signs = HashSet::new();
+    for r in world.sim.rebill_requests() {
+        if r.timestamp.is_empty() {
+            continue;
+        }
+        let data = invoice_worker::clients::rebill::request_data(&r.orderno);
+        for secret in [opts.rebill_secret.as_str(), WRONG_APP_SECRET] {
+            let fields = [
+                ("appid", opts.rebill_appid.as_str()),
+                ("timestamp", r.timestamp.as_str()),
+                ("tax_num", r.tax_num.as_str()),
+                ("request_data", data.as_str()),
+            ];
+            signs.insert(invoice_worker::clients::sign::sign(fields, secret));
+        }
+    }
+    assert!(
+        signs.len() >= 10,
+        "too few requests to check signatures against: {}",
+        signs.len()
+    );
+    let mut forbidden: Vec<(&str, String)> = vec![
+        ("app_secret", opts.rebill_secret.clone()),
+        ("client_secret", opts.title_client_secret.clone()),
+        ("wrong app_secret", WRONG_APP_SECRET.to_string()),
+        ("wrong client_secret", WRONG_CLIENT_SECRET.to_string()),
+        ("buyer phone", "13812345678".to_string()),
+        ("buyer bank account", "6222020200112233445".to_string()),
+    ];
+    forbidden.extend(tokens.iter().map(|t| ("access_token", t.clone())));
+    forbidden.extend(signs.iter().map(|s| ("sign", s.clone())));
+
+    let mut leaks = Vec::new();
+    for (phase, log) in &logs {
+        assert!(
+            log.lines().count() > 20,
+            "{phase}: suspiciously short debug log:\n{log}"
+        );
+        for (what, value) in &forbidden {
+            if let Some(pos) = log.find(value.as_str()) {
+                let line = log[..pos].rsplit('\n').next().unwrap_or("").to_string()
+                    + log[pos..].lines().next().unwrap_or("");
+                leaks.push(format!("{phase}: {what} {value:?} in: {line}"));
+            }
+        }
+        for key in [
+            "sign=",
+            "sign\":\"",
+            "sign\\\":\\\"",
+            "access_token=",
+            "access_token\":\"",
+            "<access_token>",
+        ] {
+            for hit in key_then_hex32(log, key) {
+                leaks.push(format!("{phase}: {key} followed by a 32-hex value: {hit}"));
+            }
+        }
+        for key in ["client_secret=", "app_secret="] {
+            for (pos, _) in log.match_indices(key) {
+                let next = log[pos + key.len()..].chars().next().unwrap_or(' ');
+                if next.is_ascii_alphanumeric() {
+                    leaks.push(format!(
+                        "{phase}: {key} followed by a value: {}",
+                        &log[pos..(pos + 60).min(log.len())]
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "secrets in the logs:\n{}",
+        leaks.join("\n")
+    );
+    eprintln!(
+        "log scan: {} log lines, {} tokens, {} signatures and 6 secret values checked; none found",
+        logs.iter().map(|(_, l)| l.lines().count()).sum::<usize>(),
+        tokens.len(),
+        signs.len()
+    );
+}

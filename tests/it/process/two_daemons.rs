@@ -1,0 +1,159 @@
+//! Two daemons on one database file: no row sent twice, leases kept across long calls,
+//! a killed peer's rows taken over.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_on_one_file_never_send_a_row_twice() {
+    const ROWS: usize = 500;
+    let world = world_with_latency(Duration::from_millis(5)).await;
+    let config = world.write_config();
+    let (mut a, mut b) = start_pair(&world, &config, "daemon").await;
+
+    let ordernos: Vec<String> = (0..ROWS).map(|i| format!("TWO-{i:04}")).collect();
+    let started = Instant::now();
+    insert_many(&world, &ordernos, TAX).await;
+    wait_done(&world, ROWS, 30, "all rows done by the two daemons").await;
+    let drained = started.elapsed();
+
+    let la = a.stop(Duration::from_secs(10), "daemon A");
+    let lb = b.stop(Duration::from_secs(10), "daemon B");
+    assert_each_sent_once(&world, ROWS).await;
+    assert_eq!(
+        world.sim.rebill_requests().len(),
+        ROWS,
+        "requests beyond one per row"
+    );
+    for (name, log) in [("A", &la), ("B", &lb)] {
+        let busy = busy_lines(log);
+        assert!(
+            busy.is_empty(),
+            "daemon {name} saw lock contention errors: {busy:#?}"
+        );
+        assert!(
+            !log.contains("claim failed"),
+            "daemon {name} had failing claims:\n{log}"
+        );
+    }
+    let attempts_a = la.lines().filter(|l| l.contains("orderno=TWO-")).count();
+    let attempts_b = lb.lines().filter(|l| l.contains("orderno=TWO-")).count();
+    assert_eq!(
+        attempts_a + attempts_b,
+        ROWS,
+        "attempt lines in the two logs"
+    );
+    assert!(
+        attempts_a > 0 && attempts_b > 0,
+        "one daemon did all the work ({attempts_a}/{attempts_b}); no contention was tested"
+    );
+    eprintln!("two daemons: {ROWS} rows drained in {drained:?}, split {attempts_a}/{attempts_b}, 0 overlapping sends");
+}
+
+/// Running rows whose claim names this process (instance = `host:pid:random`).
+async fn running_claimed_by_pid(world: &World, pid: u32) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM rebill_orders WHERE status = 'running' AND claimed_by LIKE ?1",
+    )
+    .bind(format!("%:{pid}:%"))
+    .fetch_one(&world.sql)
+    .await
+    .expect("count");
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_keep_leases_of_calls_longer_than_the_lease() {
+    const ROWS: usize = 6;
+    let world = World::new().await;
+    // Calls of 2.5 s under a 1 s lease: only renewal keeps the other daemon off these rows.
+    let config = write_toml(
+        &world,
+        "long-calls.toml",
+        &[
+            ("lease = \"3000ms\"", "lease = \"1s\""),
+            ("timeout = \"2000ms\"", "timeout = \"10s\""),
+        ],
+        "",
+    );
+    let (mut a, mut b) = start_pair(&world, &config, "long").await;
+    let ordernos: Vec<String> = (0..ROWS).map(|i| format!("LONG-{i}")).collect();
+    script_delay(&world, &ordernos, Duration::from_millis(2500));
+    insert_many(&world, &ordernos, TAX).await;
+    wait_done(&world, ROWS, 20, "long calls done").await;
+    let la = a.stop(Duration::from_secs(10), "daemon A");
+    let lb = b.stop(Duration::from_secs(10), "daemon B");
+    assert_each_sent_once(&world, ROWS).await;
+    for log in [la, lb] {
+        assert!(
+            !log.contains("lease expired"),
+            "a live daemon's lease was treated as expired:\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn surviving_daemon_resends_the_rows_of_a_killed_peer() {
+    const ROWS: usize = 300;
+    let world = world_with_latency(Duration::from_millis(30)).await;
+    let config = write_toml(
+        &world,
+        "peer.toml",
+        &[("lease = \"3000ms\"", "lease = \"1s\"")],
+        "",
+    );
+    let (mut a, mut b) = start_pair(&world, &config, "peer").await;
+    // Every fifth row is slow, so a daemon always holds some rows in flight.
+    let ordernos: Vec<String> = (0..ROWS).map(|i| format!("PEER-{i:04}")).collect();
+    script_delay(
+        &world,
+        ordernos.iter().step_by(5),
+        Duration::from_millis(800),
+    );
+    insert_many(&world, &ordernos, TAX).await;
+    let w = &world;
+    let pid_a = a.child.id();
+    wait_until(
+        Duration::from_secs(20),
+        "a fifth of the rows done and A holding rows",
+        move || async move {
+            rebill_count(w, "done").await >= (ROWS / 5) as i64
+                && running_claimed_by_pid(w, pid_a).await >= 3
+        },
+    )
+    .await;
+    let killed = Instant::now();
+    a.kill_9("daemon A");
+    let orphaned = running_claimed_by_pid(&world, pid_a).await;
+    let holders: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "SELECT claimed_by, COUNT(*) FROM rebill_orders WHERE status = 'running' GROUP BY 1",
+    )
+    .fetch_all(&world.sql)
+    .await
+    .expect("holders");
+    let done_at_kill = rebill_count(&world, "done").await;
+    wait_done(&world, ROWS, 30, "the survivor finished every row").await;
+    let recovered = killed.elapsed();
+    let lb = b.stop(Duration::from_secs(10), "daemon B");
+    assert!(
+        orphaned > 0,
+        "A (pid {pid_a}) held no rows when killed ({done_at_kill} done; running rows by holder: {holders:?}); log A:\n{}",
+        a.log_text()
+    );
+    assert!(
+        lb.contains("lease expired"),
+        "the survivor never reported rescuing rows:\n{lb}"
+    );
+    let accepted = answered_with(&world, &["Accepted", "Delay"]);
+    assert_all_done(
+        &world,
+        ROWS,
+        |o| accepted.contains(o),
+        "the simulator never accepted it",
+    )
+    .await;
+    assert!(
+        recovered < Duration::from_secs(60),
+        "peer's rows took {recovered:?} to be resent (SPEC: within 60 s)"
+    );
+    eprintln!("killed peer: {orphaned} rows orphaned; the survivor finished all {ROWS} rows {recovered:?} after the kill (lease 1s)");
+}

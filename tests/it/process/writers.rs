@@ -1,0 +1,368 @@
+//! Other processes inserting while the daemon drains or starts, and holding the write lock:
+//! the daemon waits them out without lock errors and loses nothing.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_processes_insert_while_it_drains() {
+    const LATENCY_SAMPLES: usize = 40;
+    const ENQUEUES: usize = 100;
+    const WAVE: usize = 10;
+    const DIRECT: usize = 200;
+    const BULK: usize = 200;
+    let world = world_with_latency(Duration::from_millis(5)).await;
+    // The shipped poll interval (not the tests' 20 ms), so the latency figure is the default's.
+    let config = write_toml(
+        &world,
+        "inserts.toml",
+        &[("poll_interval = \"20ms\"\n", "")],
+        "",
+    );
+    let mut daemon = start_daemon(&world, &config, "inserts.log");
+    daemon.wait_running().await;
+
+    // Insert-to-attempt latency, one row at a time into an idle daemon.
+    let mut latencies = Vec::with_capacity(LATENCY_SAMPLES);
+    for i in 0..LATENCY_SAMPLES {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(20..60))).await;
+        let orderno = format!("LAT-{i:03}");
+        let id = world.insert_rebill(&orderno, TAX).await;
+        let committed = Instant::now();
+        let deadline = committed + Duration::from_secs(5);
+        let received = loop {
+            if let Some(r) = world
+                .sim
+                .rebill_requests()
+                .into_iter()
+                .find(|r| r.orderno == orderno)
+            {
+                break r.received_at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{orderno} was not attempted within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        latencies.push(received.saturating_duration_since(committed));
+        let w = &world;
+        wait_until(
+            Duration::from_secs(5),
+            "latency row done",
+            move || async move { w.status_of("rebill_orders", id).await == "done" },
+        )
+        .await;
+    }
+    latencies.sort();
+    let (p50, p90) = (percentile(&latencies, 0.5), percentile(&latencies, 0.9));
+    eprintln!(
+        "insert-to-attempt latency over {LATENCY_SAMPLES} rows: p50 {p50:?}, p90 {p90:?}, max {:?}",
+        latencies[latencies.len() - 1]
+    );
+    assert!(
+        p50 < Duration::from_millis(100),
+        "insert-to-attempt p50 {p50:?} (SPEC: under 100 ms)"
+    );
+
+    // A bulk insert keeps the daemon draining while the other writers start.
+    let bulk: Vec<String> = (0..BULK).map(|i| format!("BULK-{i:04}")).collect();
+    insert_many(&world, &bulk, TAX).await;
+
+    // Direct inserts from this process, one transaction each, in the background.
+    let pool = world.sql.clone();
+    let direct = tokio::spawn(async move {
+        let mut errors = Vec::new();
+        for i in 0..DIRECT {
+            let r = sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, ?2)")
+                .bind(format!("DIRECT-{i:04}"))
+                .bind(TAX)
+                .execute(&pool)
+                .await;
+            if let Err(e) = r {
+                errors.push(e.to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        errors
+    });
+
+    // `invoice-worker enqueue rebill` processes, WAVE at a time.
+    let started = Instant::now();
+    let cfg = config.to_string_lossy().into_owned();
+    let mut outputs = Vec::new();
+    for wave in 0..ENQUEUES / WAVE {
+        let children: Vec<Child> = (0..WAVE)
+            .map(|j| {
+                let orderno = format!("ENQ-{:04}", wave * WAVE + j);
+                scrubbed_binary()
+                    .args([
+                        "enqueue",
+                        "rebill",
+                        "--tax-num",
+                        TAX,
+                        "--orderno",
+                        &orderno,
+                        "--config",
+                        &cfg,
+                    ])
+                    .current_dir(world.dir())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn enqueue")
+            })
+            .collect();
+        for child in children {
+            outputs.push(child.wait_with_output().expect("enqueue output"));
+        }
+    }
+    let enqueue_time = started.elapsed();
+    let direct_errors = direct.await.expect("direct insert task");
+    assert!(
+        direct_errors.is_empty(),
+        "direct inserts failed: {direct_errors:#?}"
+    );
+    for (i, out) in outputs.iter().enumerate() {
+        expect_code(out, 0, &format!("enqueue #{i}"));
+        let (so, se) = (text(&out.stdout), text(&out.stderr));
+        assert!(so.contains("enqueued"), "enqueue #{i} stdout: {so}");
+        let lower = se.to_ascii_lowercase();
+        assert!(
+            !lower.contains("locked") && !lower.contains("busy"),
+            "enqueue #{i} stderr: {se}"
+        );
+    }
+
+    let total = LATENCY_SAMPLES + BULK + DIRECT + ENQUEUES;
+    wait_done(&world, total, 30, "every inserted row done").await;
+    let log = daemon.stop(Duration::from_secs(10), "daemon");
+    let busy = busy_lines(&log);
+    assert!(
+        busy.is_empty(),
+        "daemon saw lock contention errors: {busy:#?}"
+    );
+
+    let verified = verified_counts(&world);
+    assert_all_done(
+        &world,
+        total,
+        |o| verified.contains_key(o),
+        "never reached the simulator",
+    )
+    .await;
+    eprintln!("concurrent writers: {ENQUEUES} enqueue processes ({WAVE} at a time) in {enqueue_time:?} + {DIRECT} direct inserts; all {total} rows done");
+}
+
+/// A writer in another process, as other systems are: Python's sqlite3 module inserting
+/// one row per transaction, a millisecond apart, until `stop` exists, then printing `inserted=N errors=M` and
+/// every error. None when python3 is missing (a loud skip outside CI, a failure in CI).
+fn python_writer(db: &Path, prefix: &str, stop: &Path) -> Option<Child> {
+    python_writer_paced(db, prefix, stop, 0.001)
+}
+
+/// [`python_writer`] with `pause` seconds between inserts (0: back to back).
+fn python_writer_paced(db: &Path, prefix: &str, stop: &Path, pause: f64) -> Option<Child> {
+    const SCRIPT: &str = r#"
+import os, sqlite3, sys, time
+db, prefix, stop, pause = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+conn = sqlite3.connect(db, timeout=5, isolation_level=None)
+inserted, errors = 0, []
+while not os.path.exists(stop):
+    try:
+        conn.execute("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?, ?)",
+                     ("%s-%06d" % (prefix, inserted), "91310117568051222X"))
+        inserted += 1
+    except sqlite3.Error as e:
+        errors.append(str(e))
+    # A writer that spins without pause starves the others (SQLite's busy handler polls
+    # with sleeps, it does not queue): even without the daemon, four tight loops see
+    # "database is locked" now and then. A millisecond apart, four writers still insert
+    # about 2,000 rows a second.
+    if pause > 0:
+        time.sleep(pause)
+print("inserted=%d errors=%d" % (inserted, len(errors)))
+for e in errors[:20]:
+    print(e)
+"#;
+    match std::process::Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(db)
+        .arg(prefix)
+        .arg(stop)
+        .arg(pause.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => Some(child),
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "python3 is needed for the writer processes: {e}"
+            );
+            eprintln!("!!!!! SKIPPED: python3 not found ({e}); writer-process test not run !!!!!");
+            None
+        }
+    }
+}
+
+/// The daemon starts cleanly (migrations, WAL, the commit watcher, the first claims) while
+/// four other processes insert as fast as they can, twenty times in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_starts_cleanly_while_four_processes_write() {
+    const STARTS: usize = 20;
+    let world = World::new().await;
+    let config = write_toml(&world, "starts.toml", &[], "");
+    // Private, as a config holding secrets should be (else the daemon rightly warns).
+    std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let stop = world.dir().join("writers-stop");
+    let db = world.config.database.path.clone();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        match python_writer(&db, &format!("W{w}"), &stop) {
+            Some(child) => writers.push(child),
+            None => return,
+        }
+    }
+    // Let the writers get going before the first start.
+    wait_until(Duration::from_secs(10), "writers inserting", || async {
+        world.count("SELECT COUNT(*) FROM rebill_orders").await >= 40
+    })
+    .await;
+    let mut failures = Vec::new();
+    for start in 0..STARTS {
+        let mut daemon = start_daemon(&world, &config, &format!("start-{start}.log"));
+        daemon.wait_running().await;
+        // Let it claim and send a little while the writers go on.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let log = daemon.stop(Duration::from_secs(15), &format!("start {start}"));
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" ERROR ") || l.contains(" WARN ") || busy_lines(l).len() == 1)
+            .collect();
+        if !bad.is_empty() {
+            failures.push(format!("start {start}: {bad:#?}"));
+        }
+    }
+    std::fs::write(&stop, b"").expect("stop file");
+    let mut inserted = 0;
+    for writer in writers {
+        let out = writer.wait_with_output().expect("writer output");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "writer failed: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("errors=0"), "a writer saw errors: {text}");
+        inserted += text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("inserted="))
+            .and_then(|n| n.parse::<i64>().ok())
+            .unwrap_or(0);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {STARTS} starts logged problems: {failures:#?}",
+        failures.len()
+    );
+    assert_eq!(
+        world.count("SELECT COUNT(*) FROM rebill_orders").await,
+        inserted,
+        "every row a writer inserted is in the table"
+    );
+    eprintln!(
+        "{STARTS} daemon starts while 4 writer processes inserted {inserted} rows: 0 failures"
+    );
+}
+
+/// Four writer processes inserting back to back (no pause at all) while the daemon drains:
+/// they starve each other and the daemon now and then past the busy timeout (SQLite's busy
+/// handler polls, it does not queue), and the daemon takes that as a busy database to try
+/// again, never as a failure: no "database is locked" in its log, every row done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tight_loop_writers_never_make_the_daemon_log_a_lock_error() {
+    const ROWS: usize = 200;
+    let world = World::new().await;
+    let ordernos: Vec<String> = (0..ROWS).map(|i| format!("TIGHT-{i:03}")).collect();
+    insert_many(&world, &ordernos, TAX).await;
+    let config = write_toml(&world, "tight.toml", &[], "");
+    let stop = world.dir().join("tight-stop");
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        match python_writer_paced(&world.config.database.path, &format!("T{w}"), &stop, 0.0) {
+            Some(child) => writers.push(child),
+            None => return,
+        }
+    }
+    let mut daemon = start_daemon(&world, &config, "tight.log");
+    daemon.wait_running().await;
+    wait_until(Duration::from_secs(120), "the daemon's rows done", || async {
+        world
+            .count("SELECT COUNT(*) FROM rebill_orders WHERE orderno LIKE 'TIGHT-%' AND status = 'done'")
+            .await
+            == ROWS as i64
+    })
+    .await;
+    std::fs::write(&stop, b"").expect("stop file");
+    for writer in writers {
+        let out = writer.wait_with_output().expect("writer output");
+        eprintln!(
+            "tight-loop writer: {}",
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+        );
+    }
+    let log = daemon.stop(Duration::from_secs(30), "daemon");
+    let busy = busy_lines(&log);
+    assert!(busy.is_empty(), "the daemon logged lock errors: {busy:#?}");
+}
+
+/// Another process holding the write lock for longer than the daemon's busy timeout is
+/// waited out as a busy database: the daemon retries, logs no lock error, and drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_lock_held_past_the_busy_timeout_is_waited_out_quietly() {
+    use sqlx::Connection;
+    let world = World::new().await;
+    let config = write_toml(
+        &world,
+        "held.toml",
+        &[("[database]\n", "[database]\nbusy_timeout = \"200ms\"\n")],
+        "",
+    );
+    let mut daemon = start_daemon(&world, &config, "held.log");
+    daemon.wait_running().await;
+    let mut holder = crate::common::other_connection(&world.config.database.path).await;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES ('HELD-1', ?1)")
+        .bind(TAX)
+        .execute(&mut holder)
+        .await
+        .expect("insert");
+    sqlx::query("COMMIT")
+        .execute(&mut holder)
+        .await
+        .expect("commit");
+    // The row is due; now hold the lock for seven busy timeouts while the daemon claims.
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .expect("begin");
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .expect("rollback");
+    holder.close().await.expect("close");
+    wait_done(&world, 1, 20, "the row done once the lock was released").await;
+    let log = daemon.stop(Duration::from_secs(10), "daemon");
+    let busy = busy_lines(&log);
+    assert!(busy.is_empty(), "the daemon logged lock errors: {busy:#?}");
+}
