@@ -56,6 +56,7 @@ fn settings_of(
         rate_per_second: limits.rate_per_second,
         shutdown_grace: config.worker.shutdown_grace,
         backoff: Backoff::from(&config.retry),
+        clock: crate::clock::Clock::system(),
     }
 }
 

@@ -8,6 +8,7 @@
 //!
 //! - [`cli`] — argument parsing and dispatch to commands; exit codes.
 //! - [`config`] — loads and validates `worker.toml`; secrets via [`secret::Secret`].
+//! - [`clock`] — the time the queue machinery judges leases, due times and backoff by.
 //! - [`telemetry`] — the tracing subscriber, installed once by the binary.
 //! - [`store`] — the pool, pragmas, migrations and every SQL statement.
 //! - [`queue`] — the machinery both queues share: claim, complete, backoff,
@@ -25,6 +26,7 @@
 
 pub mod cli;
 pub mod clients;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod jobs;

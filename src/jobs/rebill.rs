@@ -1,10 +1,11 @@
 //! Rebilling: validate the order, send it to fw199 `rebillingnew`.
 
 use crate::clients::rebill::RebillClient;
+use crate::queue::attempt::{AttemptRecord, Handler};
 use crate::queue::decide::Processed;
-use crate::queue::worker::Handler;
 use crate::store::rows::{Claimed, RebillRow};
 use crate::validate;
+use crate::validate::invisible::escape_for_log;
 
 /// Handles `rebill_orders` rows.
 #[derive(Debug, Clone)]
@@ -28,5 +29,13 @@ impl Handler for RebillJob {
             return Processed::Rejected(rejection);
         }
         Processed::Attempted(self.client.send(&row.tax_num, &row.orderno).await)
+    }
+
+    fn log_attempt(&self, row: &RebillRow, record: &AttemptRecord) {
+        // Values written by other systems may hold characters that reorder or hide the rest
+        // of the line (U+202E): shown escaped.
+        let orderno = escape_for_log(&row.orderno);
+        let tax_num = escape_for_log(&row.tax_num);
+        crate::log_attempt!(record, orderno = %orderno, tax_num = %tax_num);
     }
 }

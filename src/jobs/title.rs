@@ -5,11 +5,12 @@ use crate::clients::title::{TitleClient, TitleRequest};
 use crate::clients::title_payload::TitleFields;
 use crate::config::DataType;
 use crate::queue::action::Attempted;
+use crate::queue::attempt::{AttemptRecord, Handler};
 use crate::queue::backoff::recent_attempts;
 use crate::queue::decide::Processed;
-use crate::queue::worker::Handler;
-use crate::store::rows::{Claimed, TitleRow};
+use crate::store::rows::{Claimed, QueueRow, TitleRow};
 use crate::store::{now_ms, Store};
+use crate::validate::invisible::escape_for_log;
 use crate::validate::{self, Rejection};
 
 /// Longest serial (TTQQLSH) the protocol allows.
@@ -190,6 +191,17 @@ impl Handler for TitleJob {
             is_retry,
         };
         Processed::Attempted(self.client.send(&request).await)
+    }
+
+    fn log_attempt(&self, row: &TitleRow, record: &AttemptRecord) {
+        // Values written by other systems may hold characters that reorder or hide the rest
+        // of the line (U+202E): shown escaped.
+        let label = row.label();
+        let ttqqlsh = escape_for_log(&label);
+        let order_no = escape_for_log(&row.order_no);
+        let seller = row.seller();
+        let sqm = escape_for_log(&seller);
+        crate::log_attempt!(record, ttqqlsh = %ttqqlsh, order_no = %order_no, sqm = %sqm);
     }
 }
 

@@ -159,7 +159,13 @@ mod tests {
             .unwrap();
         }
         drop(tx);
-        run(store.clone(), QueueName::Rebill, rx, WriteHealth::default()).await;
+        run(
+            store.clone(),
+            QueueName::Rebill,
+            rx,
+            WriteHealth::new(crate::clock::Clock::system()),
+        )
+        .await;
         let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
             "SELECT orderno, status, last_message FROM rebill_orders ORDER BY orderno",
         )

@@ -4,59 +4,79 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::now_ms;
+use crate::clock::Clock;
 
-/// The time (ms) a loop last went round. Cloning shares the same clock.
-#[derive(Debug, Clone, Default)]
-pub struct Heartbeat(Arc<AtomicI64>);
+/// The time (ms) a loop last went round. Cloning shares the same state.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    last: Arc<AtomicI64>,
+    clock: Clock,
+}
 
 impl Heartbeat {
-    /// A heartbeat that has beaten now.
-    pub fn new() -> Self {
-        let beat = Heartbeat::default();
+    /// A heartbeat on `clock` that has beaten now.
+    pub fn new(clock: Clock) -> Self {
+        let beat = Heartbeat {
+            last: Arc::new(AtomicI64::new(0)),
+            clock,
+        };
         beat.beat();
         beat
     }
 
     /// Records that the loop is alive.
     pub fn beat(&self) {
-        self.0.store(now_ms(), Ordering::Relaxed);
+        self.last.store(self.clock.now_ms(), Ordering::Relaxed);
     }
 
     /// Whether the loop went round within `max_age`.
     pub fn is_fresh(&self, max_age: Duration) -> bool {
-        now_ms() - self.0.load(Ordering::Relaxed) <= max_age.as_millis() as i64
+        self.age_ms() <= max_age.as_millis() as i64
     }
 
     /// Milliseconds since the last beat.
     pub fn age_ms(&self) -> i64 {
-        now_ms() - self.0.load(Ordering::Relaxed)
+        self.clock.now_ms() - self.last.load(Ordering::Relaxed)
     }
 }
 
 /// Whether a writer (the completer) manages to write: the time (ms) its writes started
 /// failing, 0 while they succeed. Cloning shares the same state.
-#[derive(Debug, Clone, Default)]
-pub struct WriteHealth(Arc<AtomicI64>);
+#[derive(Debug, Clone)]
+pub struct WriteHealth {
+    failing_since: Arc<AtomicI64>,
+    clock: Clock,
+}
 
 impl WriteHealth {
+    /// A writer on `clock` whose writes succeed so far.
+    pub fn new(clock: Clock) -> Self {
+        WriteHealth {
+            failing_since: Arc::new(AtomicI64::new(0)),
+            clock,
+        }
+    }
+
     /// A write succeeded.
     pub fn ok(&self) {
-        self.0.store(0, Ordering::Relaxed);
+        self.failing_since.store(0, Ordering::Relaxed);
     }
 
     /// A write failed; the first failure of a stretch is remembered.
     pub fn failed(&self) {
+        let now = self.clock.now_ms().max(1);
         let _ = self
-            .0
-            .compare_exchange(0, now_ms().max(1), Ordering::Relaxed, Ordering::Relaxed);
+            .failing_since
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// How long writes have been failing, if they are.
     pub fn failing_for(&self) -> Option<Duration> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.failing_since.load(Ordering::Relaxed) {
             0 => None,
-            since => Some(Duration::from_millis((now_ms() - since).max(0) as u64)),
+            since => Some(Duration::from_millis(
+                (self.clock.now_ms() - since).max(0) as u64
+            )),
         }
     }
 }
@@ -67,27 +87,29 @@ mod tests {
 
     #[test]
     fn fresh_after_beat() {
-        let h = Heartbeat::new();
+        let clock = Clock::manual(10_000);
+        let h = Heartbeat::new(clock.clone());
         assert!(h.is_fresh(Duration::from_secs(1)));
-        h.0.store(0, Ordering::Relaxed);
+        clock.advance(Duration::from_millis(1_001));
         assert!(!h.is_fresh(Duration::from_secs(1)));
+        assert_eq!(h.age_ms(), 1_001);
         h.clone().beat();
         assert!(h.is_fresh(Duration::from_secs(1)));
     }
 
     #[test]
     fn write_health_remembers_the_start_of_a_failing_stretch() {
-        let w = WriteHealth::default();
+        let clock = Clock::manual(10_000);
+        let w = WriteHealth::new(clock.clone());
         assert_eq!(w.failing_for(), None);
         w.failed();
-        let first = w.0.load(Ordering::Relaxed);
+        clock.advance(Duration::from_secs(3));
         w.clone().failed();
         assert_eq!(
-            w.0.load(Ordering::Relaxed),
-            first,
+            w.failing_for(),
+            Some(Duration::from_secs(3)),
             "a later failure keeps the start"
         );
-        assert!(w.failing_for().is_some());
         w.ok();
         assert_eq!(w.failing_for(), None);
     }

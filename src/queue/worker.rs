@@ -1,49 +1,29 @@
-//! The worker loop every queue runs: claim as many due rows as there are free slots, send
-//! each under the rate limit, plan its completion and hand it to the completer; renew
-//! leases; rescue rows of dead daemons; on shutdown stop claiming, let calls finish within
-//! the grace period and put unfinished rows back.
+//! The producer loop every queue runs (River's producer): claim as many due rows as there
+//! are free slots and start an [`attempt`](super::attempt) for each; beside it run the
+//! completer, the lease renewal and the rescuer, one task per concern. On shutdown it stops
+//! claiming, lets calls finish within the grace period and puts unfinished rows back.
 
-use std::collections::HashMap;
-use std::future::Future;
 use std::num::NonZeroU32;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use governor::{Quota, RateLimiter};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::store::claim::ClaimParams;
-use crate::store::rows::{ClaimMeta, Claimed, QueueRow};
-use crate::store::{now_ms, QueueName, Store, StoreError};
+use crate::store::rows::QueueRow;
+use crate::store::{QueueName, Store, StoreError};
 
-use super::action::{Action, Attempted};
+pub use super::attempt::Handler;
+use super::attempt::{self, AttemptContext};
 use super::backoff::Backoff;
-use super::decide::{plan, Processed};
 use super::heartbeat::{Heartbeat, WriteHealth};
-use crate::validate::invisible::escape_for_log;
-
-/// What a queue plugs into the generic loop: how to handle one claimed row.
-pub trait Handler: Send + Sync + 'static {
-    /// The queue's row type.
-    type Row: QueueRow;
-    /// Completes a claimed row before it is sent (a title gets its serial here, so the
-    /// attempt is logged under it). `Some` ends the attempt with that result.
-    fn prepare(
-        &self,
-        claimed: &mut Claimed<Self::Row>,
-    ) -> impl Future<Output = Option<Processed>> + Send {
-        let _ = claimed;
-        async { None }
-    }
-
-    /// Validates and sends one row. Never panics on bad data; a bad row is `Rejected`.
-    fn process(&self, claimed: &Claimed<Self::Row>) -> impl Future<Output = Processed> + Send;
-}
+use super::leases::{self, HeldRows};
+use super::rescue::{self, RescueSettings};
 
 /// Settings of one queue's worker, with named defaults in `config`.
 #[derive(Debug, Clone)]
@@ -62,6 +42,8 @@ pub struct WorkerSettings {
     pub shutdown_grace: Duration,
     /// Retry policy.
     pub backoff: Backoff,
+    /// The time leases, due times and backoff are judged by.
+    pub clock: Clock,
 }
 
 /// How soon a claim that met a busy database is tried again.
@@ -95,9 +77,6 @@ pub struct Worker<H: Handler> {
     writes: WriteHealth,
 }
 
-/// Rows this worker holds, so that shutdown can put unfinished ones back.
-type Held = Arc<Mutex<HashMap<i64, String>>>;
-
 impl<H: Handler> Worker<H> {
     /// A worker for `H`'s queue; `wake` ticks when another connection commits.
     pub fn new(
@@ -109,11 +88,11 @@ impl<H: Handler> Worker<H> {
         Worker {
             store,
             handler,
+            heartbeat: Heartbeat::new(settings.clock.clone()),
+            writes: WriteHealth::new(settings.clock.clone()),
             settings,
-            heartbeat: Heartbeat::new(),
             wake,
             watching: true,
-            writes: WriteHealth::default(),
         }
     }
 
@@ -144,14 +123,26 @@ impl<H: Handler> Worker<H> {
         let mut claims_failing = false;
         // Since when claims meet a busy database (and whether the last one did).
         let (mut busy_since, mut claim_was_busy) = (Instant::now(), false);
-        let leases_stop = CancellationToken::new();
-        let held: Held = Arc::default();
-        let leases = tokio::spawn(lease_keeper(
+        let clock = s.clock.clone();
+        let services_stop = CancellationToken::new();
+        let held = HeldRows::default();
+        let renewal = tokio::spawn(leases::keep_renewed(
             self.store.clone(),
             queue,
-            s.clone(),
+            s.lease,
+            clock.clone(),
             held.clone(),
-            leases_stop.clone(),
+            services_stop.clone(),
+        ));
+        let rescuer = tokio::spawn(rescue::run(
+            self.store.clone(),
+            queue,
+            RescueSettings {
+                every: (s.lease / 3).max(Duration::from_millis(200)),
+                max_attempts: s.backoff.max_attempts,
+            },
+            clock.clone(),
+            services_stop.clone(),
         ));
 
         let slots = Arc::new(Semaphore::new(s.max_in_flight as usize));
@@ -175,7 +166,7 @@ impl<H: Handler> Worker<H> {
                 break;
             }
             // A 429/503 with Retry-After holds the whole queue, not just that row.
-            let hold = hold_until.load(Ordering::Relaxed) - now_ms();
+            let hold = hold_until.load(Ordering::Relaxed) - clock.now_ms();
             if hold > 0 {
                 let nap = Duration::from_millis(hold as u64).min(IDLE_TICK);
                 tokio::select! {
@@ -200,7 +191,7 @@ impl<H: Handler> Worker<H> {
             }
             let token = uuid::Uuid::new_v4().simple().to_string();
             let params = ClaimParams {
-                now: now_ms(),
+                now: clock.now_ms(),
                 limit: permits.len() as u32,
                 lease: s.lease,
                 claim_token: &token,
@@ -249,13 +240,14 @@ impl<H: Handler> Worker<H> {
             }
             let claimed_at = Instant::now();
             for (claimed, permit) in batch.rows.into_iter().zip(permits) {
-                lock(&held).insert(claimed.meta.id, claimed.meta.claim_token.clone());
-                tasks.spawn(attempt(
+                held.hold(claimed.meta.id, &claimed.meta.claim_token);
+                tasks.spawn(attempt::run(
                     AttemptContext {
                         handler: self.handler.clone(),
                         store: self.store.clone(),
                         backoff: s.backoff.clone(),
                         lease: s.lease,
+                        clock: clock.clone(),
                         claimed_at,
                         limiter: limiter.clone(),
                         hold_until: hold_until.clone(),
@@ -300,10 +292,10 @@ impl<H: Handler> Worker<H> {
                 "results could not be written before exiting; their rows return to pending when their lease expires"
             );
         }
-        let leftover: Vec<(i64, String)> = lock(&held).drain().collect();
+        let leftover = held.take_alive();
         match tokio::time::timeout(
             STOP_WRITE_LIMIT,
-            self.store.release(queue, &leftover, now_ms()),
+            self.store.release(queue, &leftover, clock.now_ms()),
         )
         .await
         {
@@ -318,8 +310,9 @@ impl<H: Handler> Worker<H> {
             Err(_) => tracing::warn!(queue = queue.as_str(), rows = leftover.len(),
                 "returning unfinished rows timed out; they return to pending when their lease expires"),
         }
-        leases_stop.cancel();
-        let _ = leases.await;
+        services_stop.cancel();
+        let _ = renewal.await;
+        let _ = rescuer.await;
         Ok(())
     }
 
@@ -331,7 +324,7 @@ impl<H: Handler> Worker<H> {
         } else {
             SAFETY_LOOK
         };
-        let now = now_ms();
+        let now = self.settings.clock.now_ms();
         match self.store.next_due_after(queue, now).await {
             Ok(Some(at)) => Duration::from_millis((at - now).max(0) as u64).min(cap),
             Ok(None) => cap,
@@ -358,277 +351,6 @@ impl<H: Handler> Worker<H> {
             if tick >= until {
                 return true;
             }
-        }
-    }
-}
-
-/// Waits for the rate limiter and any Retry-After hold; false when shutdown came first.
-async fn wait_for_turn<H: Handler>(ctx: &AttemptContext<H>) -> bool {
-    tokio::select! {
-        _ = ctx.limiter.until_ready() => {}
-        _ = ctx.shutdown.cancelled() => return false,
-    }
-    loop {
-        let hold = ctx.hold_until.load(Ordering::Relaxed) - now_ms();
-        if hold <= 0 {
-            return !ctx.shutdown.is_cancelled();
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(hold as u64)) => {}
-            _ = ctx.shutdown.cancelled() => return false,
-        }
-    }
-}
-
-/// Renews the lease of one claimed row right before it is sent; false when the claim was
-/// lost (or cannot be confirmed), logged and counted.
-async fn still_held<H: Handler>(ctx: &AttemptContext<H>, meta: &ClaimMeta) -> bool {
-    let held = [(meta.id, meta.claim_token.clone())];
-    let until = now_ms() + ctx.lease.as_millis() as i64;
-    let why = match ctx.store.renew_leases(ctx.queue, &held, until).await {
-        Ok(1) => return true,
-        Ok(_) => "its lease expired while it waited (this process was frozen or starved) and it belongs to another claim now",
-        Err(_) => "its lease could not be confirmed (the database did not answer)",
-    };
-    tracing::warn!(
-        queue = ctx.queue.as_str(),
-        row_id = meta.id,
-        waited_ms = ctx.claimed_at.elapsed().as_millis() as u64,
-        "row not sent: {why}"
-    );
-    metrics::counter!("invoice_worker_lost_claims_total", "queue" => ctx.queue.as_str())
-        .increment(1);
-    false
-}
-
-fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<i64, String>> {
-    // A poisoned map only means a task panicked mid-insert; the data is still usable.
-    held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-struct AttemptContext<H: Handler> {
-    handler: Arc<H>,
-    store: Store,
-    backoff: Backoff,
-    lease: Duration,
-    /// When the row was claimed: a row that waited long for its turn checks its lease first.
-    claimed_at: Instant,
-    limiter: Arc<DefaultDirectRateLimiter>,
-    hold_until: Arc<AtomicI64>,
-    held: Held,
-    tx: mpsc::Sender<crate::store::complete::Completion>,
-    queue: QueueName,
-    shutdown: CancellationToken,
-}
-
-async fn attempt<H: Handler>(
-    ctx: AttemptContext<H>,
-    mut claimed: Claimed<H::Row>,
-    permit: OwnedSemaphorePermit,
-) {
-    let _permit = permit;
-    // A row still waiting for its turn when shutdown comes is not sent: it stays in `held`
-    // and goes back to pending with its attempt refunded.
-    if !wait_for_turn(&ctx).await {
-        return;
-    }
-    // A row that waited for its turn (the rate limit, a frozen or starved process) may have
-    // lost its lease meanwhile, and another daemon may be sending it now: check, and renew,
-    // before sending. A lost or unverifiable lease means the row is not sent; the lease
-    // brings it back to whoever holds it now.
-    if ctx.claimed_at.elapsed() > ctx.lease / 3 && !still_held(&ctx, &claimed.meta).await {
-        lock(&ctx.held).remove(&claimed.meta.id);
-        return;
-    }
-    let started = Instant::now();
-    let handled = AssertUnwindSafe(async {
-        match ctx.handler.prepare(&mut claimed).await {
-            Some(processed) => processed,
-            None => ctx.handler.process(&claimed).await,
-        }
-    })
-    .catch_unwind()
-    .await;
-    // A bug must not leave the row `running` for as long as this daemon lives: it is
-    // retried like any failure and, if it keeps panicking, runs out of attempts.
-    let processed = handled.unwrap_or_else(|_| {
-        tracing::error!(
-            queue = ctx.queue.as_str(),
-            row_id = claimed.meta.id,
-            "internal error (panic) while handling the row"
-        );
-        Processed::Attempted(Attempted::transient(
-            None,
-            "internal error while handling the row; see the daemon log",
-        ))
-    });
-    let elapsed = started.elapsed();
-    let now = now_ms();
-    let seller = claimed.row.seller();
-    let completion = plan(
-        &claimed.meta,
-        &seller,
-        &processed,
-        &ctx.backoff,
-        now,
-        rand::random::<f64>(),
-    );
-    log_attempt(ctx.queue, &claimed, &processed, &completion, elapsed);
-
-    if let Processed::Attempted(a) = &processed {
-        if let (Action::Retry { after: Some(after) }, Some(429 | 503)) = (&a.action, a.http_status)
-        {
-            ctx.hold_until
-                .fetch_max(now + after.as_millis() as i64, Ordering::Relaxed);
-        }
-        metrics::histogram!("invoice_worker_request_duration_seconds", "queue" => ctx.queue.as_str())
-            .record(elapsed.as_secs_f64());
-    }
-    let id = claimed.meta.id;
-    if ctx.tx.send(completion).await.is_err() {
-        tracing::error!(
-            queue = ctx.queue.as_str(),
-            row_id = id,
-            "completer stopped; result left to the lease"
-        );
-    }
-    lock(&ctx.held).remove(&id);
-}
-
-/// Emits one attempt line at a level chosen at run time, with the queue's own names for
-/// the order and seller fields (tracing needs both to be known at compile time).
-macro_rules! attempt_event {
-    ($level:expr, $queue:expr, $label:expr, $order:expr, $seller:expr, $($rest:tt)*) => {
-        match ($level, $queue) {
-            (tracing::Level::ERROR, QueueName::Rebill) => tracing::error!(queue = "rebill", orderno = %$order, tax_num = %$seller, $($rest)*),
-            (tracing::Level::WARN, QueueName::Rebill) => tracing::warn!(queue = "rebill", orderno = %$order, tax_num = %$seller, $($rest)*),
-            (_, QueueName::Rebill) => tracing::info!(queue = "rebill", orderno = %$order, tax_num = %$seller, $($rest)*),
-            (tracing::Level::ERROR, QueueName::Title) => tracing::error!(queue = "title", ttqqlsh = %$label, order_no = %$order, sqm = %$seller, $($rest)*),
-            (tracing::Level::WARN, QueueName::Title) => tracing::warn!(queue = "title", ttqqlsh = %$label, order_no = %$order, sqm = %$seller, $($rest)*),
-            (_, QueueName::Title) => tracing::info!(queue = "title", ttqqlsh = %$label, order_no = %$order, sqm = %$seller, $($rest)*),
-        }
-    };
-}
-
-fn log_attempt<R: QueueRow>(
-    queue: QueueName,
-    claimed: &Claimed<R>,
-    processed: &Processed,
-    completion: &crate::store::complete::Completion,
-    elapsed: Duration,
-) {
-    // Values written by other systems (and server messages) may hold characters that
-    // reorder or hide the rest of the line (U+202E): shown escaped.
-    let label = claimed.row.label();
-    let label = escape_for_log(&label);
-    let order = escape_for_log(claimed.row.order());
-    let seller = claimed.row.seller();
-    let seller = escape_for_log(&seller);
-    let row_id = claimed.meta.id;
-    let attempt = claimed.meta.attempts;
-    let duration_ms = elapsed.as_millis() as u64;
-    let status = completion.status.as_str();
-    let reason = escape_for_log(completion.last_message.as_deref().unwrap_or(""));
-    let reason = reason.as_ref();
-    let (action, level, http_status, code) = match processed {
-        Processed::Rejected(_) => ("rejected", tracing::Level::WARN, -1, ""),
-        Processed::Attempted(a) => {
-            let level = match a.action {
-                Action::Done(_) | Action::Retry { .. } => tracing::Level::INFO,
-                Action::Fail | Action::PauseSeller(_) => tracing::Level::WARN,
-                Action::PauseQueue(_) => tracing::Level::ERROR,
-            };
-            (
-                a.action.name(),
-                level,
-                a.http_status.map(i64::from).unwrap_or(-1),
-                a.code.as_deref().unwrap_or(""),
-            )
-        }
-    };
-    metrics::counter!("invoice_worker_attempts_total", "queue" => queue.as_str(), "action" => action).increment(1);
-    attempt_event!(
-        level,
-        queue,
-        label,
-        order,
-        seller,
-        row_id,
-        attempt,
-        action,
-        status,
-        http_status,
-        code,
-        reason,
-        duration_ms,
-        "attempt"
-    );
-    if let Processed::Attempted(Attempted {
-        action: Action::PauseQueue(d),
-        ..
-    }) = processed
-    {
-        tracing::error!(queue = queue.as_str(), pause = %humantime::format_duration(*d), reason,
-            "whole queue paused: fix the credentials or quota, then run `invoice-worker resume --queue {} '*'`", queue.as_str());
-    }
-}
-
-/// Logs a failed maintenance step; one that met a busy database is simply done next round.
-fn maintenance_failed(queue: QueueName, what: &str, error: &StoreError) {
-    if error.is_busy() {
-        tracing::debug!(queue = queue.as_str(), %error, "{what} postponed: the database is busy");
-    } else {
-        tracing::error!(queue = queue.as_str(), %error, "{what} failed");
-    }
-}
-
-/// Renews this daemon's leases every third of the lease and returns rows of dead daemons.
-async fn lease_keeper(
-    store: Store,
-    queue: QueueName,
-    s: WorkerSettings,
-    held: Held,
-    stop: CancellationToken,
-) {
-    let every = (s.lease / 3).max(Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.cancelled() => return,
-        }
-        let now = now_ms();
-        // Only rows whose task is alive: a row whose task ended without a result is left to
-        // its lease, and so to the rescue.
-        let alive: Vec<(i64, String)> = lock(&held)
-            .iter()
-            .map(|(id, token)| (*id, token.clone()))
-            .collect();
-        if let Err(e) = store
-            .renew_leases(queue, &alive, now + s.lease.as_millis() as i64)
-            .await
-        {
-            maintenance_failed(queue, "lease renewal", &e);
-        }
-        match store.reject_unschedulable(queue, now).await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                queue = queue.as_str(),
-                rejected = n,
-                "rows whose next_attempt_at is not an integer rejected (they could never fall due)"
-            ),
-            Err(e) => maintenance_failed(queue, "checking for unschedulable rows", &e),
-        }
-        match store
-            .rescue_expired(queue, now, s.backoff.max_attempts)
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                queue = queue.as_str(),
-                rescued = n,
-                "rows whose lease expired (their daemon died) are claimable again"
-            ),
-            Err(e) => maintenance_failed(queue, "lease rescue", &e),
         }
     }
 }

@@ -142,15 +142,17 @@ impl Store {
         })
     }
 
-    /// Extends the lease of the rows this daemon still works on (id and claim token).
+    /// Extends the lease of the rows this daemon still works on (id and claim token). Says,
+    /// per row, whether it was renewed: `false` means the claim was lost (the lease expired
+    /// and the row was rescued or claimed again).
     pub async fn renew_leases(
         &self,
         queue: QueueName,
         held: &[(i64, String)],
         lease_until: i64,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Vec<bool>, StoreError> {
         if held.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let sql = format!(
             "UPDATE {} SET lease_expires_at = ?1 WHERE id = ?2 AND claim_token = ?3 AND status = 'running'",
@@ -227,27 +229,28 @@ impl Store {
              WHERE id = ?2 AND claim_token = ?3 AND status = 'running'",
             queue.table()
         );
-        self.update_held(&sql, held, now).await
+        let changed = self.update_held(&sql, held, now).await?;
+        Ok(changed.into_iter().filter(|c| *c).count() as u64)
     }
 
     /// Runs `sql` (`?1` = `value`, `?2` = id, `?3` = claim token) for every held row in one
-    /// write transaction; returns how many rows it changed.
+    /// write transaction; says, per row, whether it changed.
     async fn update_held(
         &self,
         sql: &str,
         held: &[(i64, String)],
         value: i64,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Vec<bool>, StoreError> {
         let (_turn, mut tx) = self.begin_write().await?;
-        let mut changed = 0;
+        let mut changed = Vec::with_capacity(held.len());
         for (id, token) in held {
-            changed += sqlx::query(sql)
+            let done = sqlx::query(sql)
                 .bind(value)
                 .bind(id)
                 .bind(token)
                 .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                .await?;
+            changed.push(done.rows_affected() == 1);
         }
         tx.commit().await?;
         Ok(changed)

@@ -126,10 +126,9 @@ impl StoreError {
     }
 }
 
-/// The current time in Unix epoch milliseconds, the unit of every time column.
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+/// The system's time in Unix epoch milliseconds, the unit of every time column (for the
+/// command line and the tests; the queue machinery takes a [`crate::clock::Clock`]).
+pub use crate::clock::system_now_ms as now_ms;
 
 /// A handle on the queue database, cheap to clone.
 #[derive(Debug, Clone)]

@@ -1,0 +1,303 @@
+//! One attempt of one claimed row: wait for the rate limit, confirm the lease if the row
+//! waited, prepare and process it through the queue's handler, plan its completion and hand
+//! it to the completer. The [`AttemptRecord`] it produces feeds the log line (with the
+//! handler's own fields) and the metrics.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use governor::DefaultDirectRateLimiter;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+use super::action::{Action, Attempted};
+use super::backoff::Backoff;
+use super::decide::{plan, Processed};
+use super::leases::{self, HeldRows};
+use crate::clock::Clock;
+use crate::store::complete::Completion;
+use crate::store::rows::{ClaimMeta, Claimed, QueueRow};
+use crate::store::{QueueName, Store};
+use crate::validate::invisible::escape_for_log;
+
+/// What a queue plugs into the generic loop: how to handle one claimed row, and which of
+/// its fields identify it in the attempt's log line.
+pub trait Handler: Send + Sync + 'static {
+    /// The queue's row type.
+    type Row: QueueRow;
+    /// Completes a claimed row before it is sent (a title gets its serial here, so the
+    /// attempt is logged under it). `Some` ends the attempt with that result.
+    fn prepare(
+        &self,
+        claimed: &mut Claimed<Self::Row>,
+    ) -> impl Future<Output = Option<Processed>> + Send {
+        let _ = claimed;
+        async { None }
+    }
+
+    /// Validates and sends one row. Never panics on bad data; a bad row is `Rejected`.
+    fn process(&self, claimed: &Claimed<Self::Row>) -> impl Future<Output = Processed> + Send;
+
+    /// Emits the attempt's log line with the row's identifying fields, through
+    /// [`crate::log_attempt`].
+    fn log_attempt(&self, row: &Self::Row, record: &AttemptRecord);
+}
+
+/// Everything one attempt is remembered by: the log line, the metrics (and, later, the
+/// attempt history) are all made from it.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    /// The queue.
+    pub queue: QueueName,
+    /// The row's id.
+    pub row_id: i64,
+    /// Which attempt this was (counted at claim).
+    pub attempt: i64,
+    /// `rejected`, or the action's name (`done`, `retry`, `pause_seller`, …).
+    pub action: &'static str,
+    /// The status the row is left in.
+    pub status: &'static str,
+    /// The HTTP status, -1 when no answer arrived.
+    pub http_status: i64,
+    /// The remote code, empty when none.
+    pub code: String,
+    /// The reason stored as `last_message`, escaped for a log line.
+    pub reason: String,
+    /// How long handling the row took.
+    pub duration: Duration,
+    /// How serious the outcome is for an operator.
+    pub level: tracing::Level,
+    /// Set when the answer paused the whole queue, for how long.
+    pub paused_queue_for: Option<Duration>,
+}
+
+impl AttemptRecord {
+    /// The record of `processed`, which `completion` will write.
+    pub fn new(
+        queue: QueueName,
+        meta: &ClaimMeta,
+        processed: &Processed,
+        completion: &Completion,
+        duration: Duration,
+    ) -> Self {
+        let (action, level, http_status, code, paused_queue_for) = match processed {
+            Processed::Rejected(_) => ("rejected", tracing::Level::WARN, -1, "", None),
+            Processed::Attempted(a) => {
+                let level = match a.action {
+                    Action::Done(_) | Action::Retry { .. } => tracing::Level::INFO,
+                    Action::Fail | Action::PauseSeller(_) => tracing::Level::WARN,
+                    Action::PauseQueue(_) => tracing::Level::ERROR,
+                };
+                let paused = match a.action {
+                    Action::PauseQueue(d) => Some(d),
+                    _ => None,
+                };
+                (
+                    a.action.name(),
+                    level,
+                    a.http_status.map(i64::from).unwrap_or(-1),
+                    a.code.as_deref().unwrap_or(""),
+                    paused,
+                )
+            }
+        };
+        AttemptRecord {
+            queue,
+            row_id: meta.id,
+            attempt: meta.attempts,
+            action,
+            status: completion.status.as_str(),
+            http_status,
+            code: code.to_string(),
+            // Server messages may hold characters that reorder or hide the rest of the
+            // line (U+202E): shown escaped.
+            reason: escape_for_log(completion.last_message.as_deref().unwrap_or("")).into_owned(),
+            duration,
+            level,
+            paused_queue_for,
+        }
+    }
+
+    /// The duration in whole milliseconds, as logged.
+    pub fn duration_ms(&self) -> u64 {
+        self.duration.as_millis() as u64
+    }
+
+    /// Counts the attempt in the metrics.
+    pub fn count(&self) {
+        let queue = self.queue.as_str();
+        metrics::counter!("invoice_worker_attempts_total", "queue" => queue, "action" => self.action)
+            .increment(1);
+        // Every attempt that was sent (or tried to be), answered or not.
+        if self.action != "rejected" {
+            metrics::histogram!("invoice_worker_request_duration_seconds", "queue" => queue)
+                .record(self.duration.as_secs_f64());
+        }
+    }
+
+    /// The operator's line for an answer that paused the whole queue.
+    fn log_queue_pause(&self) {
+        if let Some(d) = self.paused_queue_for {
+            let queue = self.queue.as_str();
+            tracing::error!(queue, pause = %humantime::format_duration(d), reason = self.reason.as_str(),
+                "whole queue paused: fix the credentials or quota, then run `invoice-worker resume --queue {queue} '*'`");
+        }
+    }
+}
+
+/// Emits one attempt line for an [`AttemptRecord`] at the level it carries, with the
+/// queue's own identifying fields given as tracing fields
+/// (`log_attempt!(record, orderno = %o, tax_num = %t)`): tracing needs field names at
+/// compile time, so each handler names its own.
+#[macro_export]
+macro_rules! log_attempt {
+    ($record:expr, $($field:tt)+) => {{
+        let r: &$crate::queue::attempt::AttemptRecord = $record;
+        match r.level {
+            tracing::Level::ERROR => tracing::error!(queue = r.queue.as_str(), $($field)+, row_id = r.row_id, attempt = r.attempt, action = r.action, status = r.status, http_status = r.http_status, code = r.code.as_str(), reason = r.reason.as_str(), duration_ms = r.duration_ms(), "attempt"),
+            tracing::Level::WARN => tracing::warn!(queue = r.queue.as_str(), $($field)+, row_id = r.row_id, attempt = r.attempt, action = r.action, status = r.status, http_status = r.http_status, code = r.code.as_str(), reason = r.reason.as_str(), duration_ms = r.duration_ms(), "attempt"),
+            _ => tracing::info!(queue = r.queue.as_str(), $($field)+, row_id = r.row_id, attempt = r.attempt, action = r.action, status = r.status, http_status = r.http_status, code = r.code.as_str(), reason = r.reason.as_str(), duration_ms = r.duration_ms(), "attempt"),
+        }
+    }};
+}
+
+/// What every attempt of one worker shares.
+pub(super) struct AttemptContext<H: Handler> {
+    pub handler: Arc<H>,
+    pub store: Store,
+    pub backoff: Backoff,
+    pub lease: Duration,
+    pub clock: Clock,
+    /// When the row was claimed: a row that waited long for its turn checks its lease first.
+    pub claimed_at: Instant,
+    pub limiter: Arc<DefaultDirectRateLimiter>,
+    /// A 429/503 with Retry-After holds the whole queue until then (ms).
+    pub hold_until: Arc<AtomicI64>,
+    pub held: HeldRows,
+    pub tx: mpsc::Sender<Completion>,
+    pub queue: QueueName,
+    pub shutdown: CancellationToken,
+}
+
+/// Waits for the rate limiter and any Retry-After hold; false when shutdown came first.
+async fn wait_for_turn<H: Handler>(ctx: &AttemptContext<H>) -> bool {
+    tokio::select! {
+        _ = ctx.limiter.until_ready() => {}
+        _ = ctx.shutdown.cancelled() => return false,
+    }
+    loop {
+        let hold = ctx.hold_until.load(Ordering::Relaxed) - ctx.clock.now_ms();
+        if hold <= 0 {
+            return !ctx.shutdown.is_cancelled();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(hold as u64)) => {}
+            _ = ctx.shutdown.cancelled() => return false,
+        }
+    }
+}
+
+/// Runs one attempt of `claimed`, holding `permit` (a slot of `max_in_flight`) throughout.
+pub(super) async fn run<H: Handler>(
+    ctx: AttemptContext<H>,
+    mut claimed: Claimed<H::Row>,
+    permit: OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    // A row still waiting for its turn when shutdown comes is not sent: it stays held and
+    // goes back to pending with its attempt refunded.
+    if !wait_for_turn(&ctx).await {
+        return;
+    }
+    // A row that waited for its turn (the rate limit, a frozen or starved process) may have
+    // lost its lease meanwhile, and another daemon may be sending it now: check, and renew,
+    // before sending. A lost or unverifiable lease means the row is not sent; the lease
+    // brings it back to whoever holds it now.
+    let waited = ctx.claimed_at.elapsed();
+    if waited > ctx.lease / 3
+        && !leases::renew_before_sending(
+            &ctx.store,
+            ctx.queue,
+            &claimed.meta,
+            ctx.lease,
+            &ctx.clock,
+            waited,
+        )
+        .await
+    {
+        ctx.held.let_go(claimed.meta.id);
+        return;
+    }
+    let started = Instant::now();
+    let handled = AssertUnwindSafe(async {
+        match ctx.handler.prepare(&mut claimed).await {
+            Some(processed) => processed,
+            None => ctx.handler.process(&claimed).await,
+        }
+    })
+    .catch_unwind()
+    .await;
+    // A bug must not leave the row `running` for as long as this daemon lives: it is
+    // retried like any failure and, if it keeps panicking, runs out of attempts.
+    let processed = handled.unwrap_or_else(|_| {
+        tracing::error!(
+            queue = ctx.queue.as_str(),
+            row_id = claimed.meta.id,
+            "internal error (panic) while handling the row"
+        );
+        Processed::Attempted(Attempted::transient(
+            None,
+            "internal error while handling the row; see the daemon log",
+        ))
+    });
+    let now = ctx.clock.now_ms();
+    let seller = claimed.row.seller();
+    let completion = plan(
+        &claimed.meta,
+        &seller,
+        &processed,
+        &ctx.backoff,
+        now,
+        rand::random::<f64>(),
+    );
+    let record = AttemptRecord::new(
+        ctx.queue,
+        &claimed.meta,
+        &processed,
+        &completion,
+        started.elapsed(),
+    );
+    ctx.handler.log_attempt(&claimed.row, &record);
+    record.log_queue_pause();
+    record.count();
+
+    if let Processed::Attempted(a) = &processed {
+        if let (Action::Retry { after: Some(after) }, Some(429 | 503)) = (&a.action, a.http_status)
+        {
+            ctx.hold_until
+                .fetch_max(now + after.as_millis() as i64, Ordering::Relaxed);
+        }
+    }
+    let id = claimed.meta.id;
+    if !ctx.held.let_go(id) {
+        // The lease keeper found the lease gone during the call (and counted it): the row
+        // belongs to another claim, which will write its own result.
+        tracing::warn!(
+            queue = ctx.queue.as_str(),
+            row_id = id,
+            "result not written: the lease was lost during the call"
+        );
+        return;
+    }
+    if ctx.tx.send(completion).await.is_err() {
+        tracing::error!(
+            queue = ctx.queue.as_str(),
+            row_id = id,
+            "completer stopped; result left to the lease"
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! Leases of the rows this daemon works on: which rows it holds, their renewal every third
+//! of the lease (River's producer keeps its jobs' heartbeats the same way), and the check
+//! right before a row that waited is sent.
+//!
+//! A renewal that changes nothing means the lease was lost: the row expired and belongs to
+//! another claim. The call in flight goes on (it cannot be taken back), but its result is
+//! not written as if the row were still held; it is logged and counted instead.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::maintenance_failed;
+use crate::clock::Clock;
+use crate::store::rows::ClaimMeta;
+use crate::store::{QueueName, Store};
+
+/// The rows a worker holds, by id: the claim token each was claimed under, and whether its
+/// lease was found lost. Cloning shares the same set.
+#[derive(Debug, Clone, Default)]
+pub struct HeldRows(Arc<Mutex<HashMap<i64, Hold>>>);
+
+#[derive(Debug)]
+struct Hold {
+    token: String,
+    lost: bool,
+}
+
+impl HeldRows {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Hold>> {
+        // A poisoned map only means a task panicked mid-insert; the data is still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a row claimed under `token`.
+    pub fn hold(&self, id: i64, token: &str) {
+        let token = token.to_string();
+        self.lock().insert(id, Hold { token, lost: false });
+    }
+
+    /// Forgets a row whose attempt ended; true when its lease was still held.
+    pub fn let_go(&self, id: i64) -> bool {
+        self.lock().remove(&id).is_some_and(|h| !h.lost)
+    }
+
+    /// The rows whose lease is still held, with their tokens.
+    pub fn alive(&self) -> Vec<(i64, String)> {
+        self.lock()
+            .iter()
+            .filter(|(_, h)| !h.lost)
+            .map(|(id, h)| (*id, h.token.clone()))
+            .collect()
+    }
+
+    /// Empties the set, returning the rows still held (to be put back at shutdown).
+    pub fn take_alive(&self) -> Vec<(i64, String)> {
+        self.lock()
+            .drain()
+            .filter(|(_, h)| !h.lost)
+            .map(|(id, h)| (id, h.token))
+            .collect()
+    }
+
+    fn mark_lost(&self, id: i64) {
+        if let Some(h) = self.lock().get_mut(&id) {
+            h.lost = true;
+        }
+    }
+}
+
+/// Counts a claim this daemon lost (`invoice_worker_lost_claims_total`).
+pub fn count_lost(queue: QueueName) {
+    metrics::counter!("invoice_worker_lost_claims_total", "queue" => queue.as_str()).increment(1);
+}
+
+/// Renews the leases of `held` rows every third of `lease` until `stop`.
+pub async fn keep_renewed(
+    store: Store,
+    queue: QueueName,
+    lease: Duration,
+    clock: Clock,
+    held: HeldRows,
+    stop: CancellationToken,
+) {
+    let every = (lease / 3).max(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        renew_once(&store, queue, lease, &clock, &held).await;
+    }
+}
+
+/// One renewal round: extends every held row's lease, and marks those whose lease is gone.
+pub async fn renew_once(
+    store: &Store,
+    queue: QueueName,
+    lease: Duration,
+    clock: &Clock,
+    held: &HeldRows,
+) {
+    // Only rows whose task is alive: a row whose task ended without a result is left to
+    // its lease, and so to the rescue.
+    let alive = held.alive();
+    match store.renew_leases(queue, &alive, clock.after(lease)).await {
+        Ok(renewed) => {
+            for ((id, _), ok) in alive.iter().zip(renewed) {
+                if !ok {
+                    held.mark_lost(*id);
+                    count_lost(queue);
+                    tracing::warn!(
+                        queue = queue.as_str(),
+                        row_id = id,
+                        "lease lost during the call (this process was frozen or starved past it, and another claim holds the row now): its result will not be written"
+                    );
+                }
+            }
+        }
+        Err(e) => maintenance_failed(queue, "lease renewal", &e),
+    }
+}
+
+/// Renews one claimed row's lease right before it is sent; false when the claim was lost
+/// (or cannot be confirmed), logged and counted. `waited` is how long it waited.
+pub async fn renew_before_sending(
+    store: &Store,
+    queue: QueueName,
+    meta: &ClaimMeta,
+    lease: Duration,
+    clock: &Clock,
+    waited: Duration,
+) -> bool {
+    let row = [(meta.id, meta.claim_token.clone())];
+    let why = match store.renew_leases(queue, &row, clock.after(lease)).await {
+        Ok(renewed) if renewed.first() == Some(&true) => return true,
+        Ok(_) => "its lease expired while it waited (this process was frozen or starved) and it belongs to another claim now",
+        Err(_) => "its lease could not be confirmed (the database did not answer)",
+    };
+    tracing::warn!(
+        queue = queue.as_str(),
+        row_id = meta.id,
+        waited_ms = waited.as_millis() as u64,
+        "row not sent: {why}"
+    );
+    count_lost(queue);
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::claim::ClaimParams;
+    use crate::store::rows::RebillRow;
+    use crate::store::test_support::temp_store;
+
+    #[test]
+    fn lost_rows_are_neither_renewed_nor_released() {
+        let held = HeldRows::default();
+        held.hold(1, "a");
+        held.hold(2, "b");
+        held.mark_lost(2);
+        assert_eq!(held.alive(), vec![(1, "a".to_string())]);
+        assert!(!held.let_go(2), "a lost row is reported as lost");
+        assert!(held.let_go(1));
+        assert!(!held.let_go(1), "a row let go is no longer held");
+        held.hold(3, "c");
+        assert_eq!(held.take_alive(), vec![(3, "c".to_string())]);
+        assert!(held.alive().is_empty());
+    }
+
+    /// A lease judged by the clock passed in: no sleeping. A row renewed in time stays
+    /// held; one rescued by another daemon after its lease ran out is found lost.
+    #[tokio::test]
+    async fn a_renewal_that_changes_nothing_marks_the_row_lost() {
+        let (_db, store) = temp_store().await;
+        let clock = Clock::manual(1_000_000);
+        for o in ["KEPT", "LOST"] {
+            sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, 'T')")
+                .bind(o)
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+        sqlx::query("UPDATE rebill_orders SET next_attempt_at = 0")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let lease = Duration::from_secs(30);
+        let batch = store
+            .claim::<RebillRow>(&ClaimParams {
+                now: clock.now_ms(),
+                limit: 2,
+                lease,
+                claim_token: "tok",
+                claimed_by: "me",
+            })
+            .await
+            .unwrap();
+        let held = HeldRows::default();
+        for c in &batch.rows {
+            held.hold(c.meta.id, &c.meta.claim_token);
+        }
+        let lost_id = batch
+            .rows
+            .iter()
+            .find(|c| c.row.orderno == "LOST")
+            .map(|c| c.meta.id)
+            .unwrap();
+
+        // Twenty seconds on: both renewed, both still held.
+        clock.advance(Duration::from_secs(20));
+        renew_once(&store, QueueName::Rebill, lease, &clock, &held).await;
+        assert_eq!(held.alive().len(), 2);
+
+        // The LOST row's lease runs out (this process froze) and another daemon rescues it.
+        sqlx::query("UPDATE rebill_orders SET lease_expires_at = 0 WHERE id = ?1")
+            .bind(lost_id)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        clock.advance(Duration::from_secs(20));
+        let rescued = store
+            .rescue_expired(QueueName::Rebill, clock.now_ms(), 50)
+            .await
+            .unwrap();
+        assert_eq!(rescued, 1);
+        renew_once(&store, QueueName::Rebill, lease, &clock, &held).await;
+        let alive: Vec<i64> = held.alive().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(alive.len(), 1);
+        assert!(!alive.contains(&lost_id));
+        assert!(!held.let_go(lost_id));
+        let (until,): (i64,) =
+            sqlx::query_as("SELECT lease_expires_at FROM rebill_orders WHERE id = ?1")
+                .bind(alive[0])
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(
+            until,
+            clock.after(lease),
+            "renewed from the clock passed in"
+        );
+    }
+}
