@@ -1,0 +1,207 @@
+//! Section 3: claim cost against the number of finished rows. A queue that keeps its done
+//! rows for weeks must not claim slower for it: the claim goes through the partial index of
+//! pending rows, so claiming 64 pending rows should cost the same beside 1 000 or 1 000 000
+//! finished ones (SPEC target: at most 1.5× the small table's cost).
+//!
+//! Both databases are prepared from a connection of the benchmark's own (done rows that
+//! look like real ones, then the pending rows), and the planner's choice for the store's
+//! steady-state claim statement is printed. The claims themselves go through
+//! `Store::claim`, interleaved between the two databases so that load from elsewhere on the
+//! machine hits both alike; after each claim the rows are put back from the benchmark's
+//! connection (not timed).
+
+use std::time::{Duration, Instant};
+
+use invoice_worker::store::claim::{claim_sql, ClaimParams};
+use invoice_worker::store::rows::RebillRow;
+use invoice_worker::store::scratch::ScratchDatabase;
+use invoice_worker::store::{now_ms, QueueName};
+use sqlx::{Connection, SqliteConnection};
+
+use crate::support::{insert_pending, writer, BenchResult, TAX};
+use crate::{verdict, Knobs, Summary};
+
+/// Rows pending during the claim-cost measurement (one claim takes them all).
+const CLAIM_PENDING: u32 = 64;
+
+/// Claims timed per database (after 20 untimed warm-up claims).
+const ITERATIONS: u32 = 400;
+const WARM_UP: u32 = 20;
+
+/// A scratch database with finished and pending rows, and the benchmark's own connection
+/// on it.
+struct ClaimDb {
+    scratch: ScratchDatabase,
+    conn: SqliteConnection,
+}
+
+/// A database with `finished` done rows and [`CLAIM_PENDING`] pending ones.
+async fn claim_db(finished: u64) -> BenchResult<ClaimDb> {
+    let scratch = ScratchDatabase::new(Duration::from_secs(10)).await?;
+    let mut conn = writer(&scratch.path()).await?;
+    let t = Instant::now();
+    let now = now_ms();
+    insert_finished(&mut conn, finished, now).await?;
+    insert_pending(&mut conn, "PENDING-", CLAIM_PENDING as u64).await?;
+    scratch.store().checkpoint().await?;
+    println!(
+        "  [{finished} finished] database prepared in {:.2} s ({finished} done + {CLAIM_PENDING} pending rows)",
+        t.elapsed().as_secs_f64()
+    );
+    print_claim_plan(&mut conn, finished, now).await?;
+    Ok(ClaimDb { scratch, conn })
+}
+
+/// Finished rows look like real ones: done, finished over the past days.
+async fn insert_finished(conn: &mut SqliteConnection, finished: u64, now: i64) -> BenchResult<()> {
+    let mut tx = conn.begin().await?;
+    sqlx::query(
+        "INSERT INTO rebill_orders (orderno, tax_num, status, outcome, attempts, next_attempt_at, last_code, \
+           last_message, created_at, updated_at, finished_at, recent_attempts) \
+         WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < ?1) \
+         SELECT 'DONE-' || i, ?2, 'done', 'accepted', 1, ?3 - i * 100, '0', '重试成功', \
+           ?3 - i * 100, ?3 - i * 100 + 50, ?3 - i * 100 + 50, '[' || (?3 - i * 100) || ']' FROM s",
+    )
+    .bind(finished as i64)
+    .bind(TAX)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// What the planner does with the steady-state claim statement.
+async fn print_claim_plan(conn: &mut SqliteConnection, finished: u64, now: i64) -> BenchResult<()> {
+    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
+        "EXPLAIN QUERY PLAN {}",
+        claim_sql(QueueName::Rebill)
+    ))
+    .bind("tok")
+    .bind("bench")
+    .bind(now)
+    .bind(now)
+    .bind(CLAIM_PENDING as i64)
+    .bind("rebill")
+    .fetch_all(&mut *conn)
+    .await?;
+    let plan: Vec<String> = plan.into_iter().map(|(_, _, _, d)| d).collect();
+    println!("  [{finished} finished] claim plan: {}", plan.join(" | "));
+    Ok(())
+}
+
+impl ClaimDb {
+    /// One claim of every pending row, timed; then the rows are put back (not timed).
+    async fn timed_claim(&mut self, i: u32) -> BenchResult<Duration> {
+        let token = format!("bench-token-{i}");
+        let params = ClaimParams {
+            now: now_ms(),
+            limit: CLAIM_PENDING,
+            lease: Duration::from_secs(30),
+            claim_token: &token,
+            claimed_by: "bench",
+        };
+        let t = Instant::now();
+        let batch = self.scratch.store().claim::<RebillRow>(&params).await?;
+        let took = t.elapsed();
+        if batch.rows.len() != CLAIM_PENDING as usize {
+            return Err(format!(
+                "claim returned {} rows, expected {CLAIM_PENDING}",
+                batch.rows.len()
+            )
+            .into());
+        }
+        // Reset attempts and recent_attempts too, so every claim does the same work.
+        sqlx::query(
+            "UPDATE rebill_orders SET status = 'pending', attempts = 0, claim_token = NULL, claimed_by = NULL, \
+             lease_expires_at = NULL, recent_attempts = '[]', next_attempt_at = ?1 WHERE status = 'running'",
+        )
+        .bind(now_ms() - 1)
+        .execute(&mut self.conn)
+        .await?;
+        Ok(took)
+    }
+
+    async fn close(self) -> BenchResult<()> {
+        self.conn.close().await?;
+        self.scratch.close().await;
+        Ok(())
+    }
+}
+
+struct ClaimStats {
+    median: f64,
+    p10: f64,
+    mean: f64,
+}
+
+fn claim_stats(mut samples: Vec<Duration>) -> ClaimStats {
+    samples.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    ClaimStats {
+        median: us(samples[samples.len() / 2]),
+        p10: us(samples[samples.len() / 10]),
+        mean: samples.iter().map(|d| us(*d)).sum::<f64>() / samples.len() as f64,
+    }
+}
+
+/// Claims from both databases in turn; the timings after the warm-up, per database.
+async fn interleaved(
+    small: &mut ClaimDb,
+    large: &mut ClaimDb,
+) -> BenchResult<(Vec<Duration>, Vec<Duration>)> {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..(ITERATIONS + WARM_UP) {
+        let ta = small.timed_claim(i).await?;
+        let tb = large.timed_claim(i).await?;
+        if i >= WARM_UP {
+            a.push(ta);
+            b.push(tb);
+        }
+    }
+    Ok((a, b))
+}
+
+/// Section 3.
+pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
+    println!();
+    println!("== 3. claim cost vs finished rows ==");
+    let (n_small, n_large) = (knobs.rows(1_000), knobs.rows(1_000_000));
+    let mut small_db = claim_db(n_small).await?;
+    let mut large_db = claim_db(n_large).await?;
+    // Interleaved, so that load from elsewhere on the machine hits both alike.
+    let (a, b) = interleaved(&mut small_db, &mut large_db).await?;
+    small_db.close().await?;
+    large_db.close().await?;
+    let (a, b) = (claim_stats(a), claim_stats(b));
+    for (n, st) in [(n_small, &a), (n_large, &b)] {
+        println!(
+            "  [{n} finished] claim of {CLAIM_PENDING} rows: median {:.1} µs, p10 {:.1} µs, mean {:.1} µs over {ITERATIONS} claims (interleaved; put-back not timed)",
+            st.median, st.p10, st.mean
+        );
+    }
+    let ratio = b.median / a.median;
+    let ratio_p10 = b.p10 / a.p10;
+    println!(
+        "  median claim {n_large} vs {n_small} finished rows: {ratio:.2}× (p10: {ratio_p10:.2}×)"
+    );
+    summary.add(
+        3,
+        format!("claim µs (64 rows), {n_small} finished"),
+        format!("{:.1}", a.median),
+        "(median)",
+    );
+    summary.add(
+        3,
+        format!("claim µs (64 rows), {n_large} finished"),
+        format!("{:.1}", b.median),
+        "(median)",
+    );
+    summary.add(
+        3,
+        "claim cost ratio (median)",
+        format!("{ratio:.2}×"),
+        format!("<= 1.5× ({})", verdict(ratio <= 1.5)),
+    );
+    Ok(())
+}
