@@ -152,11 +152,11 @@ pub async fn run_with_store(
 ) -> anyhow::Result<()> {
     let instance = instance_name();
     let internal_stop = CancellationToken::new();
-    let commits = store
-        .watch_commits(config.worker.poll_interval, internal_stop.clone())
+    let store_services = store
+        .start_services(config.worker.poll_interval, internal_stop.clone())
         .await
         .context("opening the commit watcher connection")?;
-    let wake = commits.wake.clone();
+    let wake = store_services.wake.clone();
 
     if config.http.listen.is_some() {
         // Installed before the workers start so their first attempts are counted.
@@ -225,11 +225,6 @@ pub async fn run_with_store(
 
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
     tracing::info!(instance = %instance, database = %config.database.path.display(), "invoice-worker running");
-    let checkpointer = tokio::spawn(keep_wal_small(
-        store.clone(),
-        commits.wake.clone(),
-        internal_stop.clone(),
-    ));
     let supervisor = tokio::spawn(supervise(
         store.clone(),
         health,
@@ -255,8 +250,7 @@ pub async fn run_with_store(
         let _ = task.await;
     }
     let _ = supervisor.await;
-    let _ = checkpointer.await;
-    let _ = commits.task.await;
+    store_services.join().await;
     if let Some(task) = http_task {
         let _ = task.await;
     }
@@ -367,72 +361,4 @@ async fn supervise(
         }
     }
     let _ = status.await;
-}
-
-/// A checkpoint that met other processes' writers is simply tried at the next chance; only
-/// other failures are worth a warning.
-fn report_checkpoint_failure(error: &crate::store::StoreError, wal_bytes: u64) {
-    if error.is_busy() {
-        tracing::debug!(%error, wal_bytes, "WAL checkpoint postponed: the database is busy");
-    } else {
-        tracing::warn!(%error, wal_bytes, "WAL checkpoint failed");
-    }
-}
-
-/// Keeps the `-wal` file small from a task of its own (connections run with
-/// `wal_autocheckpoint = 0`, so no writer's commit pays for a checkpoint). Woken by the
-/// commit watcher:
-/// - half a second after commits it checkpoints PASSIVE, beside the writers: a checkpoint
-///   syncs the database file, which must neither hold writers up nor coincide with the
-///   claim and the send the commit itself started;
-/// - once the `-wal` file reached a quarter of the limit it checkpoints TRUNCATE in this
-///   process's turn to write: under steady load one of the daemon's own commits always lands
-///   during a PASSIVE checkpoint, so the WAL would never restart from its beginning;
-/// - after a quiet second it truncates what is left.
-///
-/// An idle daemon never wakes for it.
-async fn keep_wal_small(
-    store: Store,
-    mut commits: tokio::sync::watch::Receiver<u64>,
-    stop: CancellationToken,
-) {
-    const AFTER: Duration = Duration::from_millis(500);
-    const QUIET: Duration = Duration::from_secs(1);
-    let limit = store.wal_limit();
-    // Whether the WAL may hold frames since it was last truncated.
-    let mut dirty = true;
-    loop {
-        let committed = tokio::select! {
-            changed = commits.changed() => if changed.is_err() { return } else { true },
-            _ = tokio::time::sleep(QUIET), if dirty => false,
-            _ = stop.cancelled() => return,
-        };
-        if committed {
-            dirty = true;
-            // Wait AFTER, but cut the wait short when the file reaches a quarter of the
-            // limit meanwhile (a busy daemon writes tens of megabytes a second).
-            let until = tokio::time::Instant::now() + AFTER;
-            while store.wal_size() < limit / 4 {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until) => break,
-                    changed = commits.changed() => if changed.is_err() { return },
-                    _ = stop.cancelled() => return,
-                }
-            }
-        }
-        let size = store.wal_size();
-        let result = if !committed || size >= limit / 4 {
-            if size == 0 {
-                dirty = false;
-                continue;
-            }
-            store.checkpoint_between_writes(true).await
-        } else {
-            store.checkpoint().await
-        };
-        match result {
-            Ok(()) => dirty = committed,
-            Err(e) => report_checkpoint_failure(&e, size),
-        }
-    }
 }

@@ -1,4 +1,4 @@
-//! Pruning finished rows in short batches, WAL checkpoints and `PRAGMA optimize`.
+//! Pruning finished rows in short batches and `PRAGMA optimize`.
 
 use super::{QueueName, Store, StoreError};
 
@@ -29,30 +29,6 @@ impl Store {
                 .rows_affected();
         }
         Ok(deleted)
-    }
-
-    /// Checkpoints the WAL into the database file (PASSIVE: never waits for readers).
-    pub async fn checkpoint(&self) -> Result<(), StoreError> {
-        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(self.pool())
-            .await?;
-        Ok(())
-    }
-
-    /// Checkpoints the WAL in this process's turn to write, so that none of this process's
-    /// commits lands between the checkpoint and the next write (which may then restart the
-    /// WAL from its beginning instead of appending). `truncate` also cuts the file to zero
-    /// bytes; it waits for other processes' writers and readers on an older snapshot, but
-    /// at most 100 ms (this process's writers wait meanwhile): a busy database is simply
-    /// checkpointed at the next chance.
-    pub async fn checkpoint_between_writes(&self, truncate: bool) -> Result<(), StoreError> {
-        let sql = if truncate {
-            "PRAGMA wal_checkpoint(TRUNCATE)"
-        } else {
-            "PRAGMA wal_checkpoint(PASSIVE)"
-        };
-        self.in_turn_briefly(sql, std::time::Duration::from_millis(100))
-            .await
     }
 
     /// Lets SQLite refresh its query-planner statistics where useful.

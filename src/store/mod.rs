@@ -8,6 +8,8 @@ pub mod complete;
 pub mod housekeeping;
 pub mod rows;
 pub mod scratch;
+pub mod services;
+pub mod wal;
 pub mod watch;
 
 use std::path::{Path, PathBuf};
@@ -162,7 +164,7 @@ impl Store {
     }
 
     /// Like [`Store::open`], keeping the `-wal` file under `wal_limit` bytes (see
-    /// `keep_wal_small` in the daemon).
+    /// [`services`]).
     pub async fn open_limited(
         path: &Path,
         busy_timeout: Duration,
