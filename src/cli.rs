@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::store::admin::{Enqueued, NewRebill, NewTitle};
-use crate::store::claim::WHOLE_QUEUE;
+use crate::store::pauses::WHOLE_QUEUE;
 use crate::store::{now_ms, QueueName, Store, StoreError};
 
 /// invoice-worker: retries failed e-invoice work (fw199 rebilling, 开票精灵 titles) from a

@@ -12,10 +12,11 @@
 
 use std::time::{Duration, Instant};
 
-use invoice_worker::store::claim::{claim_sql, ClaimParams};
+use invoice_worker::store::claim::ClaimParams;
+use invoice_worker::store::pauses::ClaimPlan;
 use invoice_worker::store::rows::RebillRow;
 use invoice_worker::store::scratch::ScratchDatabase;
-use invoice_worker::store::{now_ms, QueueName};
+use invoice_worker::store::{now_ms, QueueName, Store};
 use sqlx::{Connection, SqliteConnection};
 
 use crate::support::{insert_pending, writer, BenchResult, TAX};
@@ -48,7 +49,7 @@ async fn claim_db(finished: u64) -> BenchResult<ClaimDb> {
         "  [{finished} finished] database prepared in {:.2} s ({finished} done + {CLAIM_PENDING} pending rows)",
         t.elapsed().as_secs_f64()
     );
-    print_claim_plan(&mut conn, finished, now).await?;
+    print_claim_plan(scratch.store(), finished).await?;
     Ok(ClaimDb { scratch, conn })
 }
 
@@ -72,20 +73,8 @@ async fn insert_finished(conn: &mut SqliteConnection, finished: u64, now: i64) -
 }
 
 /// What the planner does with the steady-state claim statement.
-async fn print_claim_plan(conn: &mut SqliteConnection, finished: u64, now: i64) -> BenchResult<()> {
-    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
-        "EXPLAIN QUERY PLAN {}",
-        claim_sql(QueueName::Rebill)
-    ))
-    .bind("tok")
-    .bind("bench")
-    .bind(now)
-    .bind(now)
-    .bind(CLAIM_PENDING as i64)
-    .bind("rebill")
-    .fetch_all(&mut *conn)
-    .await?;
-    let plan: Vec<String> = plan.into_iter().map(|(_, _, _, d)| d).collect();
+async fn print_claim_plan(store: &Store, finished: u64) -> BenchResult<()> {
+    let plan = store.explain_claim(QueueName::Rebill).await?;
     println!("  [{finished} finished] claim plan: {}", plan.join(" | "));
     Ok(())
 }
@@ -102,7 +91,11 @@ impl ClaimDb {
             claimed_by: "bench",
         };
         let t = Instant::now();
-        let batch = self.scratch.store().claim::<RebillRow>(&params).await?;
+        let batch = self
+            .scratch
+            .store()
+            .claim::<RebillRow>(&params, |_| ClaimPlan::unpaused())
+            .await?;
         let took = t.elapsed();
         if batch.rows.len() != CLAIM_PENDING as usize {
             return Err(format!(

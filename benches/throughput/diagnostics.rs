@@ -21,6 +21,7 @@ use invoice_worker::secret::Secret;
 use invoice_worker::sim::{SimOptions, Simulator};
 use invoice_worker::store::claim::ClaimParams;
 use invoice_worker::store::complete::{Completion, FinalStatus};
+use invoice_worker::store::pauses::{ClaimPlan, PauseChange};
 use invoice_worker::store::rows::{Claimed, RebillRow};
 use invoice_worker::store::scratch::ScratchDatabase;
 use invoice_worker::store::{now_ms, QueueName, Store};
@@ -42,7 +43,7 @@ fn done_completion(c: &Claimed<RebillRow>, now: i64) -> Completion {
         invoice_no: None,
         invoice_down_url: None,
         recent_attempts: None,
-        pause: None,
+        pause: PauseChange::Nothing,
         now,
     }
 }
@@ -118,7 +119,9 @@ async fn claim_and_complete(
             claimed_by: "bench",
         };
         let t = Instant::now();
-        let batch = store.claim::<RebillRow>(&params).await?;
+        let batch = store
+            .claim::<RebillRow>(&params, |_| ClaimPlan::unpaused())
+            .await?;
         times.claim += t.elapsed();
         times.claims += 1;
         if batch.rows.is_empty() {

@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 
 use super::heartbeat::WriteHealth;
 use crate::store::complete::{Completion, FinalStatus};
+use crate::store::pauses::PauseChange;
 use crate::store::{QueueName, Store, StoreError};
 
 /// Most completions written in one transaction.
@@ -76,7 +77,8 @@ async fn one_by_one(store: &Store, queue: QueueName, batch: &[Completion]) {
             outcome: None,
             invoice_no: None,
             invoice_down_url: None,
-            pause: None,
+            // The answer was real: a probe's pause is lifted as it would have been.
+            pause: PauseChange::LiftProbed,
             refund_attempt: false,
             last_message: Some(format!(
                 "result could not be recorded ({refused}); last answer: {}",
@@ -109,6 +111,7 @@ mod tests {
     use super::*;
     use crate::store::claim::ClaimParams;
     use crate::store::now_ms;
+    use crate::store::pauses::ClaimPlan;
     use crate::store::rows::RebillRow;
     use crate::store::test_support::temp_store;
 
@@ -124,13 +127,16 @@ mod tests {
         }
         let now = now_ms();
         let claimed = store
-            .claim::<RebillRow>(&ClaimParams {
-                now,
-                limit: 2,
-                lease: Duration::from_secs(30),
-                claim_token: "tok",
-                claimed_by: "me",
-            })
+            .claim::<RebillRow>(
+                &ClaimParams {
+                    now,
+                    limit: 2,
+                    lease: Duration::from_secs(30),
+                    claim_token: "tok",
+                    claimed_by: "me",
+                },
+                |_| ClaimPlan::unpaused(),
+            )
             .await
             .unwrap();
         let (tx, rx) = mpsc::channel(8);
@@ -152,7 +158,7 @@ mod tests {
                 invoice_no: None,
                 invoice_down_url: None,
                 recent_attempts: None,
-                pause: None,
+                pause: PauseChange::Nothing,
                 now,
             })
             .await

@@ -1,7 +1,7 @@
 //! Turns one attempt's result into the row's next state: the pure part of completion.
 
-use crate::store::claim::WHOLE_QUEUE;
-use crate::store::complete::{Completion, FinalStatus, PauseRecord};
+use crate::store::complete::{Completion, FinalStatus};
+use crate::store::pauses::{PauseChange, PauseRecord, WHOLE_QUEUE};
 use crate::store::rows::ClaimMeta;
 use crate::validate::Rejection;
 
@@ -40,7 +40,7 @@ pub fn plan(
         invoice_no: None,
         invoice_down_url: None,
         recent_attempts: serde_json::to_string(&recent).ok(),
-        pause: None,
+        pause: PauseChange::Nothing,
         now,
     };
     let attempted = match processed {
@@ -85,13 +85,18 @@ pub fn plan(
             if let Some(at) = backoff.daily_cap_allows_at(&recent, now) {
                 c.next_attempt_at = at;
             }
-            c.pause = Some(PauseRecord {
-                scope,
-                until,
-                reason: attempted.message.clone(),
-            });
+            c.pause = super::pauses::change_after(
+                processed,
+                Some(PauseRecord {
+                    scope,
+                    until,
+                    reason: attempted.message.clone(),
+                }),
+            );
+            return c;
         }
     }
+    c.pause = super::pauses::change_after(processed, None);
     c
 }
 
@@ -182,7 +187,9 @@ mod tests {
         );
         assert!(c.refund_attempt);
         assert_eq!(c.status, FinalStatus::Pending);
-        let pause = c.pause.expect("pause");
+        let PauseChange::Start(pause) = c.pause else {
+            panic!("no pause started: {:?}", c.pause)
+        };
         assert_eq!((pause.scope.as_str(), pause.until), ("TAX", 62_000));
         let c = plan(
             &meta(3),
@@ -192,7 +199,11 @@ mod tests {
             2000,
             0.5,
         );
-        assert_eq!(c.pause.expect("pause").scope, "*");
+        assert!(
+            matches!(&c.pause, PauseChange::Start(p) if p.scope == "*"),
+            "{:?}",
+            c.pause
+        );
     }
 
     #[test]

@@ -155,6 +155,7 @@ pub async fn renew_before_sending(
 mod tests {
     use super::*;
     use crate::store::claim::ClaimParams;
+    use crate::store::pauses::ClaimPlan;
     use crate::store::rows::RebillRow;
     use crate::store::test_support::temp_store;
 
@@ -192,13 +193,16 @@ mod tests {
             .unwrap();
         let lease = Duration::from_secs(30);
         let batch = store
-            .claim::<RebillRow>(&ClaimParams {
-                now: clock.now_ms(),
-                limit: 2,
-                lease,
-                claim_token: "tok",
-                claimed_by: "me",
-            })
+            .claim::<RebillRow>(
+                &ClaimParams {
+                    now: clock.now_ms(),
+                    limit: 2,
+                    lease,
+                    claim_token: "tok",
+                    claimed_by: "me",
+                },
+                |_| ClaimPlan::unpaused(),
+            )
             .await
             .unwrap();
         let held = HeldRows::default();

@@ -10,6 +10,7 @@ pub mod decide;
 pub mod heartbeat;
 pub mod housekeeping;
 pub mod leases;
+pub mod pauses;
 pub mod rescue;
 pub mod rules;
 pub mod worker;

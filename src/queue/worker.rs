@@ -200,7 +200,11 @@ impl<H: Handler> Worker<H> {
             if !claim_was_busy {
                 busy_since = Instant::now();
             }
-            let claimed = self.store.claim::<H::Row>(&params).await;
+            let now = params.now;
+            let claimed = self
+                .store
+                .claim::<H::Row>(&params, |pauses| super::pauses::claim_plan(pauses, now))
+                .await;
             claim_was_busy = matches!(&claimed, Err(e) if e.is_busy());
             let batch = match claimed {
                 Ok(batch) => {

@@ -2,7 +2,6 @@
 
 use serde::Serialize;
 
-use super::claim::delete_pause;
 use super::{now_ms, QueueName, Store, StoreError};
 
 /// A new rebilling job.
@@ -392,7 +391,7 @@ impl Store {
     /// Lifts a pause at once. True when there was one.
     pub async fn resume(&self, queue: QueueName, scope: &str) -> Result<bool, StoreError> {
         let mut conn = self.pool().acquire().await?;
-        Ok(delete_pause(&mut conn, queue, scope).await? > 0)
+        Ok(super::pauses::delete(&mut conn, queue, scope).await? > 0)
     }
 
     /// Every recorded pause (active, probing or expired-but-unprobed).

@@ -1,15 +1,13 @@
-//! Claiming due rows under a lease, lease renewal, rescue of expired leases and release of
-//! unfinished rows at shutdown.
+//! Claiming due rows under a lease, following the pause plan the queue's policy makes.
 
 use std::time::Duration;
 
 use sqlx::{Row, SqliteConnection};
 
+use super::pauses::{self, ClaimPlan, PauseView, WHOLE_QUEUE};
 use super::rows::{ClaimMeta, Claimed, QueueRow};
+use super::sql::QueueSql;
 use super::{QueueName, Store, StoreError};
-
-/// The scope of a pause that covers a whole queue.
-pub const WHOLE_QUEUE: &str = "*";
 
 /// Inputs of one claim.
 #[derive(Debug, Clone)]
@@ -37,48 +35,19 @@ pub struct ClaimBatch<R> {
     pub held_by_pause: bool,
 }
 
-fn claim_update(queue: QueueName, filter: &str) -> String {
-    let t = queue.table();
-    // INDEXED BY: the partial index over pending rows keeps the claim's cost independent of
-    // how many finished rows the table holds; without statistics the planner may prefer the
-    // status index and sort, so the choice is not left to it.
-    // recent_attempts is guarded with json_valid so a hand-edited value cannot stop claims.
-    format!(
-        "UPDATE {t} SET status = 'running', attempts = attempts + 1, claim_token = ?1, \
-         claimed_by = ?2, lease_expires_at = ?3, updated_at = ?4, \
-         recent_attempts = json_insert(CASE WHEN json_valid(recent_attempts) THEN recent_attempts ELSE '[]' END, '$[#]', ?4) \
-         WHERE id IN (SELECT id FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND next_attempt_at <= ?4 {filter} \
-         ORDER BY next_attempt_at LIMIT ?5) RETURNING *"
-    )
-}
-
-/// The claim statement used in steady state: due rows of sellers that are not paused.
-pub fn claim_sql(queue: QueueName) -> String {
-    let seller = queue.seller_expr();
-    let t = queue.table();
-    claim_update(
-        queue,
-        &format!(
-            "AND {seller} NOT IN (SELECT p.scope FROM pauses p WHERE p.queue = ?6 AND p.scope <> '*' \
-             AND (p.until_at > ?4 OR EXISTS (SELECT 1 FROM {t} x WHERE x.id = p.probe_row_id AND x.status = 'running')))"
-        ),
-    )
-}
-
 impl Store {
-    /// Claims up to `limit` due rows in one short `BEGIN IMMEDIATE` transaction, honouring
-    /// queue and seller pauses (an expired pause lets exactly one row through as a probe).
+    /// Claims up to `p.limit` due rows in one short `BEGIN IMMEDIATE` transaction. `plan`
+    /// (the queue's pause policy) turns the pauses that matter into what to claim: nothing,
+    /// probes, and/or the due rows of scopes that are not paused.
     pub async fn claim<R: QueueRow>(
         &self,
         p: &ClaimParams<'_>,
+        plan: impl FnOnce(&[PauseView]) -> ClaimPlan,
     ) -> Result<ClaimBatch<R>, StoreError> {
         let queue = R::QUEUE;
+        let sql = self.sql(queue);
         // A read first: an empty queue never takes the write lock, however often it is woken.
-        let t = queue.table();
-        let due_sql = format!(
-            "SELECT EXISTS (SELECT 1 FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND next_attempt_at <= ?1)"
-        );
-        let (any_due,): (bool,) = sqlx::query_as(&due_sql)
+        let (any_due,): (bool,) = sqlx::query_as(&sql.any_due)
             .bind(p.now)
             .fetch_one(self.pool())
             .await?;
@@ -89,211 +58,83 @@ impl Store {
             });
         }
         let (_turn, mut tx) = self.begin_write().await?;
-        let lease_until = p.now + p.lease.as_millis() as i64;
+        let plan = plan(&pauses::for_claim(&mut tx, sql, queue, p.now).await?);
         let mut rows = Vec::new();
-
-        match queue_pause_state(&mut tx, queue, p.now).await? {
-            QueuePause::Active => {
-                tx.commit().await?;
-                return Ok(ClaimBatch {
-                    rows,
-                    held_by_pause: true,
-                });
-            }
-            QueuePause::Expired => {
-                // Probe: one row decides whether the pause is lifted.
-                let probe =
-                    claim_rows::<R>(&mut tx, &claim_sql(queue), p, lease_until, 1, None).await?;
-                if let Some(first) = probe.first() {
-                    set_probe(&mut tx, queue, WHOLE_QUEUE, first.meta.id).await?;
+        if !plan.hold {
+            for step in &plan.probes {
+                let (statement, key) = if step.scope == WHOLE_QUEUE {
+                    (&sql.claim, queue.as_str())
+                } else {
+                    (&sql.claim_seller, step.scope.as_str())
+                };
+                let probe = claim_rows::<R>(&mut tx, sql, statement, p, 1, key).await?;
+                match probe.into_iter().next() {
+                    Some(row) => {
+                        if pauses::mark_probe(&mut tx, sql, queue, &step.scope, row.meta.id, p.now)
+                            .await?
+                        {
+                            rows.push(row);
+                        } else {
+                            // Another claim probes this pause already: this row waits too.
+                            unclaim(&mut tx, sql, &row.meta).await?;
+                        }
+                    }
+                    None if step.lift_when_idle => {
+                        pauses::lift_idle_seller(&mut tx, sql, queue, &step.scope, p.now).await?;
+                    }
+                    None => {}
                 }
-                tx.commit().await?;
-                return Ok(ClaimBatch {
-                    rows: probe,
-                    held_by_pause: true,
-                });
             }
-            QueuePause::None => {}
-        }
-
-        for seller in expired_seller_pauses(&mut tx, queue, p.now).await? {
-            let sql = claim_update(queue, &format!("AND {} = ?6", queue.seller_expr()));
-            let probe = claim_rows::<R>(&mut tx, &sql, p, lease_until, 1, Some(&seller)).await?;
-            match probe.first() {
-                Some(first) => set_probe(&mut tx, queue, &seller, first.meta.id).await?,
-                None if !has_pending(&mut tx, queue, &seller).await? => {
-                    delete_pause(&mut tx, queue, &seller).await?;
-                }
-                None => {}
+            let room = p.limit.saturating_sub(rows.len() as u32);
+            if plan.claim_rest && room > 0 {
+                let key = queue.as_str();
+                rows.extend(claim_rows::<R>(&mut tx, sql, &sql.claim, p, room, key).await?);
             }
-            rows.extend(probe);
-        }
-
-        let room = p.limit.saturating_sub(rows.len() as u32);
-        if room > 0 {
-            rows.extend(
-                claim_rows::<R>(&mut tx, &claim_sql(queue), p, lease_until, room, None).await?,
-            );
         }
         tx.commit().await?;
         Ok(ClaimBatch {
-            held_by_pause: rows.is_empty(),
+            held_by_pause: !plan.claim_rest || rows.is_empty(),
             rows,
         })
     }
 
-    /// Extends the lease of the rows this daemon still works on (id and claim token). Says,
-    /// per row, whether it was renewed: `false` means the claim was lost (the lease expired
-    /// and the row was rescued or claimed again).
-    pub async fn renew_leases(
-        &self,
-        queue: QueueName,
-        held: &[(i64, String)],
-        lease_until: i64,
-    ) -> Result<Vec<bool>, StoreError> {
-        if held.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sql = format!(
-            "UPDATE {} SET lease_expires_at = ?1 WHERE id = ?2 AND claim_token = ?3 AND status = 'running'",
-            queue.table()
-        );
-        self.update_held(&sql, held, lease_until).await
-    }
-
-    /// Returns rows whose lease expired (their daemon died) to `pending`, or to `failed`
-    /// when that attempt was their last. Returns how many rows were rescued.
-    pub async fn rescue_expired(
-        &self,
-        queue: QueueName,
-        now: i64,
-        default_max_attempts: u32,
-    ) -> Result<u64, StoreError> {
-        let sql = format!(
-            "UPDATE {t} SET \
-               status = CASE WHEN attempts >= COALESCE(max_attempts, ?2) THEN 'failed' ELSE 'pending' END, \
-               finished_at = CASE WHEN attempts >= COALESCE(max_attempts, ?2) THEN ?1 ELSE NULL END, \
-               next_attempt_at = ?1, updated_at = ?1, claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, \
-               last_message = 'lease expired during attempt ' || attempts || ': the daemon holding it stopped; outcome unknown' \
-             WHERE status = 'running' AND lease_expires_at <= ?1",
-            t = queue.table()
-        );
-        let _turn = self.write_turn().await;
-        let done = sqlx::query(&sql)
-            .bind(now)
-            .bind(default_max_attempts as i64)
-            .execute(self.pool())
-            .await?;
-        Ok(done.rows_affected())
-    }
-
-    /// Rejects pending rows that can never fall due because `next_attempt_at` is not an
-    /// integer (text such as `'soon'` or a BLOB, written around the CHECKs or by an old
-    /// schema: such a value sorts after every number, so no claim ever takes the row).
-    /// Served by the due index: text and BLOB values sort after all numbers, so the range
-    /// `>= ''` holds exactly them. Returns how many rows were rejected.
-    pub async fn reject_unschedulable(
-        &self,
-        queue: QueueName,
-        now: i64,
-    ) -> Result<u64, StoreError> {
-        let sql = format!(
-            "UPDATE {t} SET status = 'rejected', updated_at = ?1, finished_at = ?1, \
-               claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, \
-               last_message = 'next_attempt_at: ' || typeof(next_attempt_at) || ' value ' || \
-                 substr(quote(next_attempt_at), 1, 42) || \
-                 ' is not an INTEGER of Unix epoch milliseconds, so the row can never fall due' \
-             WHERE id IN (SELECT id FROM {t} INDEXED BY {t}_due \
-                          WHERE status = 'pending' AND next_attempt_at >= '')",
-            t = queue.table()
-        );
-        let _turn = self.write_turn().await;
-        let done = sqlx::query(&sql).bind(now).execute(self.pool()).await?;
-        Ok(done.rows_affected())
-    }
-
-    /// Puts rows this worker holds back to `pending` without using up their attempt
-    /// (graceful shutdown). Rows whose claim was lost meanwhile are left alone.
-    pub async fn release(
-        &self,
-        queue: QueueName,
-        held: &[(i64, String)],
-        now: i64,
-    ) -> Result<u64, StoreError> {
-        if held.is_empty() {
-            return Ok(0);
-        }
-        let sql = format!(
-            "UPDATE {} SET status = 'pending', attempts = MAX(attempts - 1, 0), next_attempt_at = ?1, updated_at = ?1, \
-             claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL \
-             WHERE id = ?2 AND claim_token = ?3 AND status = 'running'",
-            queue.table()
-        );
-        let changed = self.update_held(&sql, held, now).await?;
-        Ok(changed.into_iter().filter(|c| *c).count() as u64)
-    }
-
-    /// Runs `sql` (`?1` = `value`, `?2` = id, `?3` = claim token) for every held row in one
-    /// write transaction; says, per row, whether it changed.
-    async fn update_held(
-        &self,
-        sql: &str,
-        held: &[(i64, String)],
-        value: i64,
-    ) -> Result<Vec<bool>, StoreError> {
-        let (_turn, mut tx) = self.begin_write().await?;
-        let mut changed = Vec::with_capacity(held.len());
-        for (id, token) in held {
-            let done = sqlx::query(sql)
-                .bind(value)
-                .bind(id)
-                .bind(token)
-                .execute(&mut *tx)
+    /// The query plan SQLite uses for `queue`'s steady-state claim, one line per step (the
+    /// tests and the benchmark check that it stays on the due index).
+    pub async fn explain_claim(&self, queue: QueueName) -> Result<Vec<String>, StoreError> {
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {}", self.sql(queue).claim))
+                .bind("token")
+                .bind("daemon")
+                .bind(0i64)
+                .bind(0i64)
+                .bind(64i64)
+                .bind(queue.as_str())
+                .fetch_all(self.pool())
                 .await?;
-            changed.push(done.rows_affected() == 1);
-        }
-        tx.commit().await?;
-        Ok(changed)
-    }
-
-    /// When the next pending row of `queue` becomes due (ms), if any is due after `now`.
-    /// Rows already due but not claimed are held by a pause, so they are not counted.
-    pub async fn next_due_after(
-        &self,
-        queue: QueueName,
-        now: i64,
-    ) -> Result<Option<i64>, StoreError> {
-        let sql = format!(
-            "SELECT MIN(next_attempt_at) FROM {} WHERE status = 'pending' AND next_attempt_at > ?1",
-            queue.table()
-        );
-        let (at,): (Option<i64>,) = sqlx::query_as(&sql)
-            .bind(now)
-            .fetch_one(self.pool())
-            .await?;
-        Ok(at)
+        Ok(plan.into_iter().map(|(_, _, _, step)| step).collect())
     }
 }
 
+/// Runs a claim `statement` for at most `limit` rows; `key` fills `?6` (the queue name or
+/// a seller). Rows that cannot be read are rejected on the spot.
 async fn claim_rows<R: QueueRow>(
     conn: &mut SqliteConnection,
-    sql: &str,
+    sql: &QueueSql,
+    statement: &str,
     p: &ClaimParams<'_>,
-    lease_until: i64,
     limit: u32,
-    seller: Option<&str>,
+    key: &str,
 ) -> Result<Vec<Claimed<R>>, StoreError> {
-    let query = sqlx::query(sql)
+    let lease_until = p.now + p.lease.as_millis() as i64;
+    let fetched = sqlx::query(statement)
         .bind(p.claim_token)
         .bind(p.claimed_by)
         .bind(lease_until)
         .bind(p.now)
-        .bind(limit as i64);
-    let query = match seller {
-        Some(seller) => query.bind(seller.to_string()),
-        None => query.bind(R::QUEUE.as_str()),
-    };
-    let fetched = query.fetch_all(&mut *conn).await?;
+        .bind(limit as i64)
+        .bind(key)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut rows = Vec::with_capacity(fetched.len());
     for r in &fetched {
         let id: i64 = r.try_get("id")?;
@@ -301,7 +142,7 @@ async fn claim_rows<R: QueueRow>(
             Ok((meta, row)) => rows.push(Claimed { meta, row }),
             // A value the worker cannot read (written around the CHECKs, or by an older
             // schema) rejects that row alone instead of failing every claim.
-            Err(e) => reject_unreadable(conn, R::QUEUE, id, p.now, &e).await?,
+            Err(e) => reject_unreadable(conn, sql, R::QUEUE, id, p.now, &e).await?,
         }
     }
     Ok(rows)
@@ -318,8 +159,23 @@ fn decode<R: QueueRow>(r: &sqlx::sqlite::SqliteRow) -> Result<(ClaimMeta, R), sq
     Ok((meta, R::from_row(r)?))
 }
 
+/// Puts back a row this transaction just claimed, as if it never had been.
+async fn unclaim(
+    conn: &mut SqliteConnection,
+    sql: &QueueSql,
+    meta: &ClaimMeta,
+) -> Result<(), StoreError> {
+    sqlx::query(&sql.unclaim)
+        .bind(meta.id)
+        .bind(&meta.claim_token)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 async fn reject_unreadable(
     conn: &mut SqliteConnection,
+    sql: &QueueSql,
     queue: QueueName,
     id: i64,
     now: i64,
@@ -332,12 +188,7 @@ async fn reject_unreadable(
         other => format!("row unreadable: {other}"),
     };
     tracing::warn!(queue = queue.as_str(), row_id = id, %reason, "row rejected: it cannot be read");
-    let sql = format!(
-        "UPDATE {} SET status = 'rejected', last_message = ?2, updated_at = ?3, finished_at = ?3, \
-         claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL WHERE id = ?1",
-        queue.table()
-    );
-    sqlx::query(&sql)
+    sqlx::query(&sql.reject_unreadable)
         .bind(id)
         .bind(reason)
         .bind(now)
@@ -346,92 +197,136 @@ async fn reject_unreadable(
     Ok(())
 }
 
-enum QueuePause {
-    None,
-    Active,
-    Expired,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::complete::{Completion, FinalStatus};
+    use crate::store::pauses::{PauseChange, ProbeStep};
+    use crate::store::rows::RebillRow;
+    use crate::store::test_support::temp_store;
 
-async fn queue_pause_state(
-    conn: &mut SqliteConnection,
-    queue: QueueName,
-    now: i64,
-) -> Result<QueuePause, StoreError> {
-    let sql = format!(
-        "SELECT p.until_at, EXISTS (SELECT 1 FROM {t} x WHERE x.id = p.probe_row_id AND x.status = 'running') \
-         FROM pauses p WHERE p.queue = ?1 AND p.scope = '*'",
-        t = queue.table()
-    );
-    let row: Option<(i64, bool)> = sqlx::query_as(&sql)
-        .bind(queue.as_str())
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(match row {
-        None => QueuePause::None,
-        Some((until, probing)) if until > now || probing => QueuePause::Active,
-        Some(_) => QueuePause::Expired,
-    })
-}
+    const SELLER: &str = "91310117568051222X";
 
-async fn expired_seller_pauses(
-    conn: &mut SqliteConnection,
-    queue: QueueName,
-    now: i64,
-) -> Result<Vec<String>, StoreError> {
-    let sql = format!(
-        "SELECT p.scope FROM pauses p WHERE p.queue = ?1 AND p.scope <> '*' AND p.until_at <= ?2 \
-         AND NOT EXISTS (SELECT 1 FROM {t} x WHERE x.id = p.probe_row_id AND x.status = 'running') LIMIT 16",
-        t = queue.table()
-    );
-    let rows: Vec<(String,)> = sqlx::query_as(&sql)
-        .bind(queue.as_str())
-        .bind(now)
-        .fetch_all(&mut *conn)
-        .await?;
-    Ok(rows.into_iter().map(|(s,)| s).collect())
-}
+    async fn insert(store: &Store, orderno: &str) -> i64 {
+        sqlx::query(
+            "INSERT INTO rebill_orders (orderno, tax_num, next_attempt_at) VALUES (?1, ?2, 0)",
+        )
+        .bind(orderno)
+        .bind(SELLER)
+        .execute(store.pool())
+        .await
+        .unwrap()
+        .last_insert_rowid()
+    }
 
-async fn set_probe(
-    conn: &mut SqliteConnection,
-    queue: QueueName,
-    scope: &str,
-    row_id: i64,
-) -> Result<(), StoreError> {
-    sqlx::query("UPDATE pauses SET probe_row_id = ?3 WHERE queue = ?1 AND scope = ?2")
-        .bind(queue.as_str())
-        .bind(scope)
-        .bind(row_id)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
+    fn params(token: &str) -> ClaimParams<'_> {
+        ClaimParams {
+            now: 10_000,
+            limit: 8,
+            lease: Duration::from_secs(30),
+            claim_token: token,
+            claimed_by: "test",
+        }
+    }
 
-async fn has_pending(
-    conn: &mut SqliteConnection,
-    queue: QueueName,
-    seller: &str,
-) -> Result<bool, StoreError> {
-    let sql = format!(
-        "SELECT EXISTS (SELECT 1 FROM {} WHERE status = 'pending' AND {} = ?1)",
-        queue.table(),
-        queue.seller_expr()
-    );
-    let (exists,): (bool,) = sqlx::query_as(&sql)
-        .bind(seller)
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(exists)
-}
+    /// What a claim racing another daemon would do with a plan made from a stale view:
+    /// probe a pause whose probe is already out. The store marks no second probe and puts
+    /// the row it took back untouched.
+    fn stale_probe(_: &[PauseView]) -> ClaimPlan {
+        ClaimPlan {
+            hold: false,
+            probes: vec![ProbeStep {
+                scope: SELLER.into(),
+                lift_when_idle: false,
+            }],
+            claim_rest: false,
+        }
+    }
 
-pub(crate) async fn delete_pause(
-    conn: &mut SqliteConnection,
-    queue: QueueName,
-    scope: &str,
-) -> Result<u64, StoreError> {
-    let done = sqlx::query("DELETE FROM pauses WHERE queue = ?1 AND scope = ?2")
-        .bind(queue.as_str())
-        .bind(scope)
-        .execute(&mut *conn)
-        .await?;
-    Ok(done.rows_affected())
+    #[tokio::test]
+    async fn a_second_probe_of_one_pause_is_never_marked() {
+        let (_db, store) = temp_store().await;
+        let first = insert(&store, "FIRST").await;
+        let second = insert(&store, "SECOND").await;
+        sqlx::query("INSERT INTO pauses (queue, scope, until_at, reason, created_at) VALUES ('rebill', ?1, 5000, 'sms', 0)")
+            .bind(SELLER)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let probe = store
+            .claim::<RebillRow>(&params("a"), stale_probe)
+            .await
+            .unwrap();
+        assert_eq!(probe.rows.len(), 1);
+        let probe_id = probe.rows[0].meta.id;
+
+        let late = store
+            .claim::<RebillRow>(&params("b"), stale_probe)
+            .await
+            .unwrap();
+        assert!(
+            late.rows.is_empty(),
+            "a second probe went out: {:?}",
+            late.rows
+        );
+        let other = if probe_id == first { second } else { first };
+        let (status, attempts, token, recent): (String, i64, Option<String>, String) = sqlx::query_as(
+            "SELECT status, attempts, claim_token, recent_attempts FROM rebill_orders WHERE id = ?1",
+        )
+        .bind(other)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!((status.as_str(), attempts, token), ("pending", 0, None));
+        assert_eq!(
+            recent, "[]",
+            "the put-back claim left no attempt time behind"
+        );
+        let (marked,): (i64,) = sqlx::query_as("SELECT probe_row_id FROM pauses")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(marked, probe_id);
+    }
+
+    #[tokio::test]
+    async fn a_probe_lifts_only_the_pause_it_belongs_to() {
+        let (_db, store) = temp_store().await;
+        let row = insert(&store, "PROBE").await;
+        let claimed = store
+            .claim::<RebillRow>(&params("tok"), |_| ClaimPlan::unpaused())
+            .await
+            .unwrap();
+        assert_eq!(claimed.rows.len(), 1);
+        // A pause whose probe is another row (set after this claim, say by an operator).
+        sqlx::query("INSERT INTO pauses (queue, scope, until_at, reason, probe_row_id, created_at) VALUES ('rebill', '*', 5000, 'quota', ?1, 0)")
+            .bind(row + 1000)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let done = Completion {
+            id: row,
+            claim_token: "tok".into(),
+            status: FinalStatus::Done,
+            outcome: Some("accepted"),
+            next_attempt_at: 10_000,
+            refund_attempt: false,
+            last_code: Some("0".into()),
+            last_message: Some("ok".into()),
+            invoice_no: None,
+            invoice_down_url: None,
+            recent_attempts: None,
+            pause: PauseChange::LiftProbed,
+            now: 10_000,
+        };
+        assert_eq!(
+            store.complete(QueueName::Rebill, &[done]).await.unwrap(),
+            [true]
+        );
+        assert_eq!(
+            store.pauses().await.unwrap().len(),
+            1,
+            "another probe's pause was lifted"
+        );
+    }
 }

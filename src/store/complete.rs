@@ -1,6 +1,6 @@
 //! Writing the result of attempts back, in batches, each row guarded by its claim token.
 
-use super::claim::delete_pause;
+use super::pauses::{self, PauseChange};
 use super::{QueueName, Store, StoreError};
 
 /// The state a finished attempt leaves the row in.
@@ -28,17 +28,6 @@ impl FinalStatus {
     }
 }
 
-/// A pause to record together with a completion.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PauseRecord {
-    /// The seller key, or [`super::claim::WHOLE_QUEUE`].
-    pub scope: String,
-    /// End of the pause, ms.
-    pub until: i64,
-    /// Why (the server's message).
-    pub reason: String,
-}
-
 /// The result of one attempt, as the store writes it.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -64,56 +53,10 @@ pub struct Completion {
     pub invoice_down_url: Option<String>,
     /// Pruned list of recent attempt times, when it changed.
     pub recent_attempts: Option<String>,
-    /// A pause to start.
-    pub pause: Option<PauseRecord>,
+    /// What the result does to pauses (the queue's pause policy decides).
+    pub pause: PauseChange,
     /// Current time, ms.
     pub now: i64,
-}
-
-fn complete_sql(queue: QueueName) -> String {
-    let invoice = match queue {
-        QueueName::Rebill => "invoice_no = COALESCE(?9, invoice_no), invoice_down_url = COALESCE(?10, invoice_down_url), ",
-        QueueName::Title => "",
-    };
-    format!(
-        "UPDATE {t} SET status = ?3, outcome = ?4, \
-           next_attempt_at = CASE WHEN ?3 = 'pending' THEN ?5 ELSE next_attempt_at END, \
-           attempts = CASE WHEN ?6 THEN MAX(attempts - 1, 0) ELSE attempts END, \
-           last_code = ?7, last_message = ?8, {invoice}\
-           recent_attempts = COALESCE(?11, recent_attempts), updated_at = ?12, \
-           finished_at = CASE WHEN ?3 = 'pending' THEN NULL ELSE ?12 END, \
-           claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL \
-         WHERE id = ?1 AND claim_token = ?2 AND status = 'running'",
-        t = queue.table()
-    )
-}
-
-/// The whole batch in one statement: the completions travel as one JSON array, each row is
-/// updated under the same guard as in [`complete_sql`] (`id`, `claim_token`, `running`),
-/// and `RETURNING id` says which were applied. The unary `+` keeps SQLite from driving the
-/// join from the status index: json_each is read once and each row found by its id.
-fn complete_batch_sql(queue: QueueName) -> String {
-    format!(
-        "UPDATE {t} AS r SET status = j.status, outcome = j.outcome, \
-           next_attempt_at = CASE WHEN j.status = 'pending' THEN j.next_attempt_at ELSE r.next_attempt_at END, \
-           attempts = CASE WHEN j.refund THEN MAX(r.attempts - 1, 0) ELSE r.attempts END, \
-           last_code = j.last_code, last_message = j.last_message, \
-           invoice_no = COALESCE(j.invoice_no, r.invoice_no), \
-           invoice_down_url = COALESCE(j.invoice_down_url, r.invoice_down_url), \
-           recent_attempts = COALESCE(j.recent_attempts, r.recent_attempts), updated_at = j.now, \
-           finished_at = CASE WHEN j.status = 'pending' THEN NULL ELSE j.now END, \
-           claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL \
-         FROM (SELECT value ->> 'id' AS id, value ->> 'token' AS token, value ->> 'status' AS status, \
-                 value ->> 'outcome' AS outcome, value ->> 'next' AS next_attempt_at, \
-                 value ->> 'refund' AS refund, value ->> 'code' AS last_code, \
-                 value ->> 'message' AS last_message, value ->> 'invoice_no' AS invoice_no, \
-                 value ->> 'url' AS invoice_down_url, value ->> 'recent' AS recent_attempts, \
-                 value ->> 'now' AS now \
-               FROM json_each(?1)) AS j \
-         WHERE r.id = j.id AND +r.claim_token = j.token AND +r.status = 'running' \
-         RETURNING id",
-        t = queue.table()
-    )
 }
 
 fn batch_json(items: &[Completion]) -> String {
@@ -140,17 +83,15 @@ impl Store {
         queue: QueueName,
         items: &[Completion],
     ) -> Result<Vec<bool>, StoreError> {
-        let sql = complete_sql(queue);
+        let sql = self.sql(queue);
         let (_turn, mut tx) = self.begin_write().await?;
-        let mut applied = Vec::with_capacity(items.len());
-        // Most batches run with no pause at all; skip the per-row probe lookup then.
-        let (pauses,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM pauses WHERE queue = ?1")
-            .bind(queue.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-        // The common case, no pause anywhere: one statement for the whole batch.
-        if pauses == 0 && items.iter().all(|c| c.pause.is_none()) {
-            let done: Vec<(i64,)> = sqlx::query_as(&complete_batch_sql(queue))
+        // The common case, no pause anywhere and none to start: one statement for the whole
+        // batch (a probe's lift has nothing to lift then).
+        let starts = items
+            .iter()
+            .any(|c| matches!(c.pause, PauseChange::Start(_)));
+        if !starts && !pauses::any(&mut tx, queue).await? {
+            let done: Vec<(i64,)> = sqlx::query_as(&sql.complete_batch)
                 .bind(batch_json(items))
                 .fetch_all(&mut *tx)
                 .await
@@ -159,8 +100,9 @@ impl Store {
             let done: std::collections::HashSet<i64> = done.into_iter().map(|(id,)| id).collect();
             return Ok(items.iter().map(|c| done.contains(&c.id)).collect());
         }
+        let mut applied = Vec::with_capacity(items.len());
         for c in items {
-            let done = sqlx::query(&sql)
+            let done = sqlx::query(&sql.complete)
                 .bind(c.id)
                 .bind(&c.claim_token)
                 .bind(c.status.as_str())
@@ -182,37 +124,9 @@ impl Store {
                 continue;
             }
             match &c.pause {
-                Some(pause) => {
-                    sqlx::query(
-                        "INSERT INTO pauses (queue, scope, until_at, reason, probe_row_id, created_at) \
-                         VALUES (?1, ?2, ?3, ?4, NULL, ?5) \
-                         ON CONFLICT (queue, scope) DO UPDATE SET until_at = MAX(until_at, excluded.until_at), \
-                         reason = excluded.reason, probe_row_id = NULL",
-                    )
-                    .bind(queue.as_str())
-                    .bind(&pause.scope)
-                    .bind(pause.until)
-                    .bind(&pause.reason)
-                    .bind(c.now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::classify)?;
-                }
-                // A rejected row was never sent, so as a probe it proves nothing either way.
-                None if pauses == 0 || c.status == FinalStatus::Rejected => {}
-                None => {
-                    // A probe that did not ask for a pause again lifts the pause it probed.
-                    let probed: Vec<(String,)> = sqlx::query_as(
-                        "SELECT scope FROM pauses WHERE queue = ?1 AND probe_row_id = ?2",
-                    )
-                    .bind(queue.as_str())
-                    .bind(c.id)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    for (scope,) in probed {
-                        delete_pause(&mut tx, queue, &scope).await?;
-                    }
-                }
+                PauseChange::Start(pause) => pauses::start(&mut tx, queue, pause, c.now).await?,
+                PauseChange::LiftProbed => pauses::lift_probed(&mut tx, queue, c.id).await?,
+                PauseChange::Nothing => {}
             }
         }
         tx.commit().await?;

@@ -13,14 +13,10 @@ impl Store {
         finished_before: i64,
         batch: u32,
     ) -> Result<u64, StoreError> {
-        let t = queue.table();
         let mut deleted = 0;
         for status in statuses {
-            let sql = format!(
-                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE status = ?1 AND finished_at < ?2 LIMIT ?3)"
-            );
             let _turn = self.write_turn().await;
-            deleted += sqlx::query(&sql)
+            deleted += sqlx::query(&self.sql(queue).prune)
                 .bind(status)
                 .bind(finished_before)
                 .bind(batch as i64)

@@ -6,9 +6,12 @@ pub mod admin;
 pub mod claim;
 pub mod complete;
 pub mod housekeeping;
+pub mod leases;
+pub mod pauses;
 pub mod rows;
 pub mod scratch;
 pub mod services;
+mod sql;
 pub mod wal;
 pub mod watch;
 
@@ -144,6 +147,8 @@ pub struct Store {
     /// steps of milliseconds and leaves the lock idle. Queued here they hand over at once.
     /// Other processes are still covered by the busy timeout.
     write_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Every per-queue statement's text, built once.
+    statements: std::sync::Arc<sql::Statements>,
 }
 
 impl Store {
@@ -195,6 +200,7 @@ impl Store {
             busy_timeout,
             wal_limit,
             write_gate: std::sync::Arc::default(),
+            statements: std::sync::Arc::new(sql::Statements::new()),
         })
     }
 
@@ -228,9 +234,14 @@ impl Store {
         Ok(MIGRATOR.run(&self.pool).await?)
     }
 
-    /// The underlying pool (tests and benchmarks insert through it).
-    pub fn pool(&self) -> &SqlitePool {
+    /// The underlying pool, for this module's statements and the crate's unit tests.
+    pub(crate) fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// `queue`'s statements.
+    pub(crate) fn sql(&self, queue: QueueName) -> &sql::QueueSql {
+        self.statements.of(queue)
     }
 
     /// Runs `sql` (a checkpoint) on one pooled connection in this process's turn to write,

@@ -88,6 +88,7 @@ mod tests {
     use crate::store::admin::{Enqueued, NewRebill};
     use crate::store::claim::ClaimParams;
     use crate::store::now_ms;
+    use crate::store::pauses::ClaimPlan;
     use crate::store::rows::RebillRow;
 
     /// Opens (three stores at once on the new file, as a daemon, a second daemon and the
@@ -141,13 +142,16 @@ mod tests {
             other => return Err(format!("enqueue: {other:?}")),
         }
         let claimed = store
-            .claim::<RebillRow>(&ClaimParams {
-                now: now_ms() + 1,
-                limit: 4,
-                lease: Duration::from_secs(30),
-                claim_token: "tok",
-                claimed_by: "stress",
-            })
+            .claim::<RebillRow>(
+                &ClaimParams {
+                    now: now_ms() + 1,
+                    limit: 4,
+                    lease: Duration::from_secs(30),
+                    claim_token: "tok",
+                    claimed_by: "stress",
+                },
+                |_| ClaimPlan::unpaused(),
+            )
             .await
             .map_err(|e| format!("claim: {e}"))?;
         if claimed.rows.len() != 1 {

@@ -9,6 +9,7 @@ use invoice_worker::sim::{issued_invoice, RebillBehavior};
 use invoice_worker::store::claim::ClaimParams;
 use invoice_worker::store::complete::{Completion, FinalStatus};
 use invoice_worker::store::now_ms;
+use invoice_worker::store::pauses::{ClaimPlan, PauseChange};
 use invoice_worker::store::rows::RebillRow;
 use invoice_worker::store::QueueName;
 
@@ -371,13 +372,16 @@ async fn a_lost_claim_is_never_overwritten() {
     let now = now_ms();
     let first = w
         .store
-        .claim::<RebillRow>(&ClaimParams {
-            now,
-            limit: 10,
-            lease: Duration::from_millis(1),
-            claim_token: "old-holder",
-            claimed_by: "daemon-a",
-        })
+        .claim::<RebillRow>(
+            &ClaimParams {
+                now,
+                limit: 10,
+                lease: Duration::from_millis(1),
+                claim_token: "old-holder",
+                claimed_by: "daemon-a",
+            },
+            |_| ClaimPlan::unpaused(),
+        )
         .await
         .expect("claim");
     assert_eq!(first.rows.len(), 1);
@@ -392,13 +396,16 @@ async fn a_lost_claim_is_never_overwritten() {
     );
     let second = w
         .store
-        .claim::<RebillRow>(&ClaimParams {
-            now: later,
-            limit: 10,
-            lease: Duration::from_secs(30),
-            claim_token: "new-holder",
-            claimed_by: "daemon-b",
-        })
+        .claim::<RebillRow>(
+            &ClaimParams {
+                now: later,
+                limit: 10,
+                lease: Duration::from_secs(30),
+                claim_token: "new-holder",
+                claimed_by: "daemon-b",
+            },
+            |_| ClaimPlan::unpaused(),
+        )
         .await
         .expect("claim");
     assert_eq!(second.rows.len(), 1);
@@ -419,7 +426,7 @@ async fn a_lost_claim_is_never_overwritten() {
         invoice_no: None,
         invoice_down_url: None,
         recent_attempts: None,
-        pause: None,
+        pause: PauseChange::Nothing,
         now: later,
     };
     let applied = w
@@ -450,19 +457,8 @@ async fn a_lost_claim_is_never_overwritten() {
 async fn the_claim_query_uses_its_index() {
     let w = World::new().await;
     for queue in [QueueName::Rebill, QueueName::Title] {
-        let sql = invoice_worker::store::claim::claim_sql(queue);
-        let plan: Vec<(i64, i64, i64, String)> =
-            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .bind("t")
-                .bind("d")
-                .bind(0i64)
-                .bind(0i64)
-                .bind(64i64)
-                .bind(queue.as_str())
-                .fetch_all(&w.sql)
-                .await
-                .expect("plan");
-        let text: Vec<&str> = plan.iter().map(|(_, _, _, d)| d.as_str()).collect();
+        let plan = w.store.explain_claim(queue).await.expect("plan");
+        let text: Vec<&str> = plan.iter().map(String::as_str).collect();
         let due_index = format!("{}_due", queue.table());
         assert!(
             text.iter().any(|d| d.contains(&due_index)),
@@ -486,13 +482,16 @@ async fn rows_of_a_dead_daemon_are_rescued() {
     let id = w.insert_rebill("ORPHAN", TAX).await;
     // Another daemon claimed the row and died: its lease is about to run out.
     w.store
-        .claim::<RebillRow>(&ClaimParams {
-            now: now_ms(),
-            limit: 1,
-            lease: Duration::from_millis(500),
-            claim_token: "dead",
-            claimed_by: "dead-daemon",
-        })
+        .claim::<RebillRow>(
+            &ClaimParams {
+                now: now_ms(),
+                limit: 1,
+                lease: Duration::from_millis(500),
+                claim_token: "dead",
+                claimed_by: "dead-daemon",
+            },
+            |_| ClaimPlan::unpaused(),
+        )
         .await
         .expect("claim");
     let started = std::time::Instant::now();

@@ -1,0 +1,214 @@
+//! The text of every per-queue statement the worker runs, built once when the store opens
+//! (the two tables share their bookkeeping columns, so each statement is written once and
+//! instantiated per table).
+
+use super::QueueName;
+
+/// One queue's statements. Placeholders are documented where each is used.
+#[derive(Debug)]
+pub(crate) struct QueueSql {
+    /// `?1` now: is any row due? (A read, so an idle queue never takes the write lock.)
+    pub any_due: String,
+    /// Steady-state claim: due rows of sellers that are not paused.
+    /// `?1` token, `?2` claimed_by, `?3` lease until, `?4` now, `?5` limit, `?6` queue name.
+    pub claim: String,
+    /// A probe claim of one seller's due rows: as [`QueueSql::claim`], `?6` the seller.
+    pub claim_seller: String,
+    /// Puts back a row claimed a moment ago in the same transaction (a probe that lost
+    /// the race for its pause). `?1` id, `?2` token.
+    pub unclaim: String,
+    /// `?1` id, `?2` reason, `?3` now: rejects a row the worker cannot read.
+    pub reject_unreadable: String,
+    /// The queue's pauses a claim must know about: the whole-queue pause, and seller
+    /// pauses that ended with no probe in flight. `?1` queue name, `?2` now.
+    pub pauses_for_claim: String,
+    /// `?1` queue, `?2` scope, `?3` row id, `?4` now: makes a row the probe of an ended
+    /// pause, only where no probe is in flight. One row changed = this claim owns it.
+    pub mark_probe: String,
+    /// `?1` queue, `?2` seller, `?3` now: ends an ended seller pause that has no pending
+    /// row left to probe with (and no probe in flight).
+    pub lift_idle_seller_pause: String,
+    /// Extends a held row's lease. `?1` until, `?2` id, `?3` token.
+    pub renew: String,
+    /// `?1` now, `?2` default max attempts: returns rows whose lease expired.
+    pub rescue: String,
+    /// `?1` now: rejects pending rows whose `next_attempt_at` is not an integer.
+    pub reject_unschedulable: String,
+    /// `?1` now, `?2` id, `?3` token: puts an unfinished held row back at shutdown.
+    pub release: String,
+    /// `?1` now: the next due time after now.
+    pub next_due_after: String,
+    /// One completion (see `store::complete` for the placeholders).
+    pub complete: String,
+    /// A batch of completions as one JSON array, `?1`.
+    pub complete_batch: String,
+    /// `?1` status, `?2` finished before, `?3` limit: deletes finished rows.
+    pub prune: String,
+}
+
+/// The statements of both queues.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    rebill: QueueSql,
+    title: QueueSql,
+}
+
+impl Statements {
+    /// Builds every statement of both queues.
+    pub fn new() -> Statements {
+        Statements {
+            rebill: QueueSql::new(QueueName::Rebill),
+            title: QueueSql::new(QueueName::Title),
+        }
+    }
+
+    /// The statements of `queue`.
+    pub fn of(&self, queue: QueueName) -> &QueueSql {
+        match queue {
+            QueueName::Rebill => &self.rebill,
+            QueueName::Title => &self.title,
+        }
+    }
+}
+
+/// `UPDATE … RETURNING *` claiming due pending rows that also pass `filter`.
+fn claim_update(queue: QueueName, filter: &str) -> String {
+    let t = queue.table();
+    // INDEXED BY: the partial index over pending rows keeps the claim's cost independent of
+    // how many finished rows the table holds; without statistics the planner may prefer the
+    // status index and sort, so the choice is not left to it.
+    // recent_attempts is guarded with json_valid so a hand-edited value cannot stop claims.
+    format!(
+        "UPDATE {t} SET status = 'running', attempts = attempts + 1, claim_token = ?1, \
+         claimed_by = ?2, lease_expires_at = ?3, updated_at = ?4, \
+         recent_attempts = json_insert(CASE WHEN json_valid(recent_attempts) THEN recent_attempts ELSE '[]' END, '$[#]', ?4) \
+         WHERE id IN (SELECT id FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND next_attempt_at <= ?4 {filter} \
+         ORDER BY next_attempt_at LIMIT ?5) RETURNING *"
+    )
+}
+
+/// True (in SQL) while pause `p`'s probe row is still being sent.
+fn probe_in_flight(queue: QueueName, pause: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM {t} x WHERE x.id = {pause}.probe_row_id AND x.status = 'running')",
+        t = queue.table()
+    )
+}
+
+impl QueueSql {
+    fn new(queue: QueueName) -> QueueSql {
+        let t = queue.table();
+        let seller = queue.seller_expr();
+        let probing_p = probe_in_flight(queue, "p");
+        let probing_pauses = probe_in_flight(queue, "pauses");
+        let invoice = match queue {
+            QueueName::Rebill => "invoice_no = COALESCE(?9, invoice_no), invoice_down_url = COALESCE(?10, invoice_down_url), ",
+            QueueName::Title => "",
+        };
+        let batch_invoice = match queue {
+            QueueName::Rebill => "invoice_no = COALESCE(j.invoice_no, r.invoice_no), \
+                                  invoice_down_url = COALESCE(j.invoice_down_url, r.invoice_down_url), ",
+            QueueName::Title => "",
+        };
+        QueueSql {
+            any_due: format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND next_attempt_at <= ?1)"
+            ),
+            claim: claim_update(
+                queue,
+                &format!(
+                    "AND {seller} NOT IN (SELECT p.scope FROM pauses p WHERE p.queue = ?6 AND p.scope <> '*' \
+                     AND (p.until_at > ?4 OR {probing_p}))"
+                ),
+            ),
+            claim_seller: claim_update(queue, &format!("AND {seller} = ?6")),
+            unclaim: format!(
+                "UPDATE {t} SET status = 'pending', attempts = MAX(attempts - 1, 0), \
+                   recent_attempts = json_remove(recent_attempts, '$[#-1]'), \
+                   claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL \
+                 WHERE id = ?1 AND claim_token = ?2 AND status = 'running'"
+            ),
+            reject_unreadable: format!(
+                "UPDATE {t} SET status = 'rejected', last_message = ?2, updated_at = ?3, finished_at = ?3, \
+                 claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL WHERE id = ?1"
+            ),
+            pauses_for_claim: format!(
+                "SELECT p.scope, p.until_at, {probing_p} FROM pauses p WHERE p.queue = ?1 AND p.scope = '*' \
+                 UNION ALL \
+                 SELECT * FROM (SELECT p.scope, p.until_at, 0 FROM pauses p \
+                   WHERE p.queue = ?1 AND p.scope <> '*' AND p.until_at <= ?2 AND NOT {probing_p} LIMIT 16)"
+            ),
+            mark_probe: format!(
+                "UPDATE pauses SET probe_row_id = ?3 \
+                 WHERE queue = ?1 AND scope = ?2 AND until_at <= ?4 AND NOT {probing_pauses}"
+            ),
+            lift_idle_seller_pause: format!(
+                "DELETE FROM pauses WHERE queue = ?1 AND scope = ?2 AND until_at <= ?3 AND NOT {probing_pauses} \
+                 AND NOT EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND {seller} = ?2)"
+            ),
+            renew: format!(
+                "UPDATE {t} SET lease_expires_at = ?1 WHERE id = ?2 AND claim_token = ?3 AND status = 'running'"
+            ),
+            rescue: format!(
+                "UPDATE {t} SET \
+                   status = CASE WHEN attempts >= COALESCE(max_attempts, ?2) THEN 'failed' ELSE 'pending' END, \
+                   finished_at = CASE WHEN attempts >= COALESCE(max_attempts, ?2) THEN ?1 ELSE NULL END, \
+                   next_attempt_at = ?1, updated_at = ?1, claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, \
+                   last_message = 'lease expired during attempt ' || attempts || ': the daemon holding it stopped; outcome unknown' \
+                 WHERE status = 'running' AND lease_expires_at <= ?1"
+            ),
+            reject_unschedulable: format!(
+                "UPDATE {t} SET status = 'rejected', updated_at = ?1, finished_at = ?1, \
+                   claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, \
+                   last_message = 'next_attempt_at: ' || typeof(next_attempt_at) || ' value ' || \
+                     substr(quote(next_attempt_at), 1, 42) || \
+                     ' is not an INTEGER of Unix epoch milliseconds, so the row can never fall due' \
+                 WHERE id IN (SELECT id FROM {t} INDEXED BY {t}_due \
+                              WHERE status = 'pending' AND next_attempt_at >= '')"
+            ),
+            release: format!(
+                "UPDATE {t} SET status = 'pending', attempts = MAX(attempts - 1, 0), next_attempt_at = ?1, updated_at = ?1, \
+                 claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL \
+                 WHERE id = ?2 AND claim_token = ?3 AND status = 'running'"
+            ),
+            next_due_after: format!(
+                "SELECT MIN(next_attempt_at) FROM {t} WHERE status = 'pending' AND next_attempt_at > ?1"
+            ),
+            complete: format!(
+                "UPDATE {t} SET status = ?3, outcome = ?4, \
+                   next_attempt_at = CASE WHEN ?3 = 'pending' THEN ?5 ELSE next_attempt_at END, \
+                   attempts = CASE WHEN ?6 THEN MAX(attempts - 1, 0) ELSE attempts END, \
+                   last_code = ?7, last_message = ?8, {invoice}\
+                   recent_attempts = COALESCE(?11, recent_attempts), updated_at = ?12, \
+                   finished_at = CASE WHEN ?3 = 'pending' THEN NULL ELSE ?12 END, \
+                   claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL \
+                 WHERE id = ?1 AND claim_token = ?2 AND status = 'running'"
+            ),
+            // Each row is updated under the same guard as `complete` (`id`, `claim_token`,
+            // `running`), and `RETURNING id` says which were applied. The unary `+` keeps
+            // SQLite from driving the join from the status index: json_each is read once and
+            // each row found by its id.
+            complete_batch: format!(
+                "UPDATE {t} AS r SET status = j.status, outcome = j.outcome, \
+                   next_attempt_at = CASE WHEN j.status = 'pending' THEN j.next_attempt_at ELSE r.next_attempt_at END, \
+                   attempts = CASE WHEN j.refund THEN MAX(r.attempts - 1, 0) ELSE r.attempts END, \
+                   last_code = j.last_code, last_message = j.last_message, {batch_invoice}\
+                   recent_attempts = COALESCE(j.recent_attempts, r.recent_attempts), updated_at = j.now, \
+                   finished_at = CASE WHEN j.status = 'pending' THEN NULL ELSE j.now END, \
+                   claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL \
+                 FROM (SELECT value ->> 'id' AS id, value ->> 'token' AS token, value ->> 'status' AS status, \
+                         value ->> 'outcome' AS outcome, value ->> 'next' AS next_attempt_at, \
+                         value ->> 'refund' AS refund, value ->> 'code' AS last_code, \
+                         value ->> 'message' AS last_message, value ->> 'invoice_no' AS invoice_no, \
+                         value ->> 'url' AS invoice_down_url, value ->> 'recent' AS recent_attempts, \
+                         value ->> 'now' AS now \
+                       FROM json_each(?1)) AS j \
+                 WHERE r.id = j.id AND +r.claim_token = j.token AND +r.status = 'running' \
+                 RETURNING id"
+            ),
+            prune: format!(
+                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE status = ?1 AND finished_at < ?2 LIMIT ?3)"
+            ),
+        }
+    }
+}
