@@ -9,6 +9,7 @@ use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::rebill::{RebillClient, RebillSettings};
+use crate::clock::Clock;
 use crate::clients::title::{TitleClient, TitleSettings};
 use crate::config::{check_endpoint, Config};
 use crate::jobs::rebill::RebillJob;
@@ -47,6 +48,7 @@ fn settings_of(
     config: &Config,
     instance: &str,
     limits: &crate::config::LimitsConfig,
+    clock: &Clock,
 ) -> WorkerSettings {
     WorkerSettings {
         instance: instance.to_string(),
@@ -56,7 +58,7 @@ fn settings_of(
         rate_per_second: limits.rate_per_second,
         shutdown_grace: config.worker.shutdown_grace,
         backoff: Backoff::from(&config.retry),
-        clock: crate::clock::Clock::system(),
+        clock: clock.clone(),
     }
 }
 
@@ -151,6 +153,9 @@ pub async fn run_with_store(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let instance = instance_name();
+    // Leases, due times and backoff are judged by the wall clock, as the other writers'
+    // rows are stamped.
+    let clock = Clock::system();
     let internal_stop = CancellationToken::new();
     let store_services = store
         .start_services(config.worker.poll_interval, internal_stop.clone())
@@ -166,7 +171,7 @@ pub async fn run_with_store(
     let mut writers: Vec<(QueueName, WriteHealth)> = Vec::new();
     let mut workers = Vec::new();
     if let Some(job) = rebill_job(config)? {
-        let settings = settings_of(config, &instance, &config.rebill.limits);
+        let settings = settings_of(config, &instance, &config.rebill.limits, &clock);
         workers.push(spawn_worker(
             Worker::new(store.clone(), Arc::new(job), settings, wake.clone()),
             (&mut loops, &mut writers),
@@ -174,7 +179,7 @@ pub async fn run_with_store(
         ));
     }
     if let Some(job) = title_job(config, &store)? {
-        let settings = settings_of(config, &instance, &config.title.limits);
+        let settings = settings_of(config, &instance, &config.title.limits, &clock);
         workers.push(spawn_worker(
             Worker::new(store.clone(), Arc::new(job), settings, wake.clone()),
             (&mut loops, &mut writers),
@@ -217,6 +222,7 @@ pub async fn run_with_store(
             next,
             store.clone(),
             config.housekeeping.clone(),
+            clock.clone(),
             internal_stop.clone(),
         )))
     } else {

@@ -6,8 +6,9 @@ use std::time::Duration;
 use tokio_cron_scheduler::{Job, JobSchedulerError};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::config::HousekeepingConfig;
-use crate::store::{now_ms, QueueName, Store, StoreError};
+use crate::store::{QueueName, Store, StoreError};
 
 /// When housekeeping runs next, from a cron expression. tokio-cron-scheduler parses the
 /// expression and computes the next time (a `Job`'s next tick); its `JobScheduler` is not
@@ -46,6 +47,7 @@ pub async fn run_on_schedule(
     mut schedule: Schedule,
     store: Store,
     cfg: HousekeepingConfig,
+    clock: Clock,
     stop: CancellationToken,
 ) {
     loop {
@@ -60,7 +62,7 @@ pub async fn run_on_schedule(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => return,
         }
-        match run_once(&store, &cfg, now_ms()).await {
+        match run_once(&store, &cfg, clock.now_ms()).await {
             Ok(report) => tracing::info!(
                 done_deleted = report.done_deleted,
                 failed_deleted = report.failed_deleted,
@@ -157,6 +159,7 @@ mod tests {
             schedule,
             store.clone(),
             HousekeepingConfig::default(),
+            Clock::system(),
             stop.clone(),
         ));
         let started = std::time::Instant::now();
