@@ -9,8 +9,8 @@ use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::rebill::{RebillClient, RebillSettings};
-use crate::clock::Clock;
 use crate::clients::title::{TitleClient, TitleSettings};
+use crate::clock::Clock;
 use crate::config::{check_endpoint, Config};
 use crate::jobs::rebill::RebillJob;
 use crate::jobs::title::{TitleDefaults, TitleJob};

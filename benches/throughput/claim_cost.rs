@@ -12,14 +12,11 @@
 
 use std::time::{Duration, Instant};
 
-use invoice_worker::store::claim::ClaimParams;
-use invoice_worker::store::pauses::ClaimPlan;
-use invoice_worker::store::rows::RebillRow;
 use invoice_worker::store::scratch::ScratchDatabase;
 use invoice_worker::store::{now_ms, QueueName, Store};
 use sqlx::{Connection, SqliteConnection};
 
-use crate::support::{insert_pending, writer, BenchResult, TAX};
+use crate::support::{claim_rebill, insert_pending, writer, BenchResult, TAX};
 use crate::{verdict, Knobs, Summary};
 
 /// Rows pending during the claim-cost measurement (one claim takes them all).
@@ -83,19 +80,8 @@ impl ClaimDb {
     /// One claim of every pending row, timed; then the rows are put back (not timed).
     async fn timed_claim(&mut self, i: u32) -> BenchResult<Duration> {
         let token = format!("bench-token-{i}");
-        let params = ClaimParams {
-            now: now_ms(),
-            limit: CLAIM_PENDING,
-            lease: Duration::from_secs(30),
-            claim_token: &token,
-            claimed_by: "bench",
-        };
         let t = Instant::now();
-        let batch = self
-            .scratch
-            .store()
-            .claim::<RebillRow>(&params, |_| ClaimPlan::unpaused())
-            .await?;
+        let batch = claim_rebill(self.scratch.store(), &token, CLAIM_PENDING).await?;
         let took = t.elapsed();
         if batch.rows.len() != CLAIM_PENDING as usize {
             return Err(format!(

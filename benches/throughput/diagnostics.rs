@@ -19,14 +19,13 @@ use invoice_worker::queue::action::Action;
 use invoice_worker::queue::rules::PauseDefaults;
 use invoice_worker::secret::Secret;
 use invoice_worker::sim::{SimOptions, Simulator};
-use invoice_worker::store::claim::ClaimParams;
 use invoice_worker::store::complete::{Completion, FinalStatus};
-use invoice_worker::store::pauses::{ClaimPlan, PauseChange};
+use invoice_worker::store::pauses::PauseChange;
 use invoice_worker::store::rows::{Claimed, RebillRow};
 use invoice_worker::store::scratch::ScratchDatabase;
 use invoice_worker::store::{now_ms, QueueName, Store};
 
-use crate::support::{insert_pending_into, BenchResult, CpuWindow, TAX};
+use crate::support::{claim_rebill, insert_pending_into, BenchResult, CpuWindow, TAX};
 use crate::{Knobs, Summary};
 
 /// The result a successful attempt reports.
@@ -111,17 +110,8 @@ async fn claim_and_complete(
     let mut times = LoopTimes::default();
     loop {
         let token = format!("tok-{}", times.claims);
-        let params = ClaimParams {
-            now: now_ms(),
-            limit: claim,
-            lease: Duration::from_secs(30),
-            claim_token: &token,
-            claimed_by: "bench",
-        };
         let t = Instant::now();
-        let batch = store
-            .claim::<RebillRow>(&params, |_| ClaimPlan::unpaused())
-            .await?;
+        let batch = claim_rebill(store, &token, claim).await?;
         times.claim += t.elapsed();
         times.claims += 1;
         if batch.rows.is_empty() {

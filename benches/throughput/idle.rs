@@ -43,6 +43,18 @@ struct IdleFigures {
     threads: usize,
 }
 
+/// Prints one idle measurement: `what` was measured, `note` follows the figures.
+fn print_idle(what: &str, f: &IdleFigures, note: &str) {
+    println!(
+        "  {what}: CPU {:.3} % of a core (schedstat), {:.2} % (stat ticks); VmRSS {:.1} MiB (peak {:.1} MiB), {} threads{note}",
+        f.pct_sched,
+        f.pct_ticks,
+        f.rss_kib as f64 / 1024.0,
+        f.hwm_kib as f64 / 1024.0,
+        f.threads
+    );
+}
+
 fn idle_figures(pid: &str, a: CpuSample, b: CpuSample) -> BenchResult<IdleFigures> {
     let wall = b.at.duration_since(a.at).as_secs_f64();
     let pct_ticks = (b.ticks - a.ticks) as f64 / clock_ticks() / wall * 100.0;
@@ -122,16 +134,12 @@ pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
     let (child, _log) = start_binary(&bin, dir.path(), &child_config, &opts).await?;
     let f = idle_window(&child.0.id().to_string(), window).await?;
     drop(child);
-    println!(
-        "  real binary {} (config file with production defaults, housekeeping on; {:.1} s window): CPU {:.3} % of a core (schedstat), {:.2} % (stat ticks); VmRSS {:.1} MiB (peak {:.1} MiB), {} threads",
+    let what = format!(
+        "real binary {} (config file with production defaults, housekeeping on; {:.1} s window)",
         bin.display(),
-        window.as_secs_f64(),
-        f.pct_sched,
-        f.pct_ticks,
-        f.rss_kib as f64 / 1024.0,
-        f.hwm_kib as f64 / 1024.0,
-        f.threads
+        window.as_secs_f64()
     );
+    print_idle(&what, &f, "");
     add_binary_figures(summary, &f);
     sim.shutdown();
     Ok(())
@@ -151,15 +159,8 @@ async fn in_process(
     let f = idle_window("self", window).await?;
     daemon.stop().await?;
     scratch.close().await;
-    println!(
-        "  in-process ({:.1} s window): CPU {:.3} % of a core (schedstat), {:.2} % (stat ticks); VmRSS {:.1} MiB (peak {:.1} MiB), {} threads — includes the simulator and benchmark runtime",
-        window.as_secs_f64(),
-        f.pct_sched,
-        f.pct_ticks,
-        f.rss_kib as f64 / 1024.0,
-        f.hwm_kib as f64 / 1024.0,
-        f.threads
-    );
+    let what = format!("in-process ({:.1} s window)", window.as_secs_f64());
+    print_idle(&what, &f, " — includes the simulator and benchmark runtime");
     summary.add(
         4,
         "idle CPU, in-process (% of a core)",

@@ -6,6 +6,9 @@
 //! through connections opened here on the database file, the way another process inserting
 //! or watching rows would, so what is measured is the store as the daemon uses it.
 
+use invoice_worker::store::claim::{ClaimBatch, ClaimParams};
+use invoice_worker::store::pauses::ClaimPlan;
+use invoice_worker::store::rows::RebillRow;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -377,4 +380,21 @@ impl Drop for ChildGuard {
             let _ = self.0.wait();
         }
     }
+}
+
+/// Claims up to `limit` due rebill rows under `token` (a 30 s lease), as the worker does on
+/// a queue without pauses.
+pub async fn claim_rebill(
+    store: &Store,
+    token: &str,
+    limit: u32,
+) -> BenchResult<ClaimBatch<RebillRow>> {
+    let params = ClaimParams {
+        now: invoice_worker::store::now_ms(),
+        limit,
+        lease: Duration::from_secs(30),
+        claim_token: token,
+        claimed_by: "bench",
+    };
+    Ok(store.claim(&params, |_| ClaimPlan::unpaused()).await?)
 }

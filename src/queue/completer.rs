@@ -113,7 +113,7 @@ mod tests {
     use crate::store::now_ms;
     use crate::store::pauses::ClaimPlan;
     use crate::store::rows::RebillRow;
-    use crate::store::test_support::temp_store;
+    use crate::store::test_support::{accepted, temp_store};
 
     #[tokio::test]
     async fn a_refused_result_is_recorded_as_failed_and_the_rest_still_land() {
@@ -141,28 +141,12 @@ mod tests {
             .unwrap();
         let (tx, rx) = mpsc::channel(8);
         for c in &claimed.rows {
-            tx.send(Completion {
-                id: c.meta.id,
-                claim_token: "tok".into(),
-                status: FinalStatus::Done,
+            let mut result = accepted(c.meta.id, "tok", now);
+            if c.row.orderno == "bad" {
                 // "sent" is not an outcome the rebill table accepts.
-                outcome: Some(if c.row.orderno == "bad" {
-                    "sent"
-                } else {
-                    "accepted"
-                }),
-                next_attempt_at: now,
-                refund_attempt: false,
-                last_code: Some("0".into()),
-                last_message: Some("ok".into()),
-                invoice_no: None,
-                invoice_down_url: None,
-                recent_attempts: None,
-                pause: PauseChange::Nothing,
-                now,
-            })
-            .await
-            .unwrap();
+                result.outcome = Some("sent");
+            }
+            tx.send(result).await.unwrap();
         }
         drop(tx);
         run(

@@ -200,10 +200,9 @@ async fn reject_unreadable(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::complete::{Completion, FinalStatus};
     use crate::store::pauses::{PauseChange, ProbeStep};
     use crate::store::rows::RebillRow;
-    use crate::store::test_support::temp_store;
+    use crate::store::test_support::{accepted, temp_store};
 
     const SELLER: &str = "91310117568051222X";
 
@@ -304,21 +303,8 @@ mod tests {
             .execute(store.pool())
             .await
             .unwrap();
-        let done = Completion {
-            id: row,
-            claim_token: "tok".into(),
-            status: FinalStatus::Done,
-            outcome: Some("accepted"),
-            next_attempt_at: 10_000,
-            refund_attempt: false,
-            last_code: Some("0".into()),
-            last_message: Some("ok".into()),
-            invoice_no: None,
-            invoice_down_url: None,
-            recent_attempts: None,
-            pause: PauseChange::LiftProbed,
-            now: 10_000,
-        };
+        let mut done = accepted(row, "tok", 10_000);
+        done.pause = PauseChange::LiftProbed;
         assert_eq!(
             store.complete(QueueName::Rebill, &[done]).await.unwrap(),
             [true]

@@ -444,6 +444,25 @@ pub(crate) mod test_support {
         let store = db.store().clone();
         (db, store)
     }
+
+    /// A result that marks row `id` (claimed under `token`) `done/accepted` at `now`.
+    pub fn accepted(id: i64, token: &str, now: i64) -> super::complete::Completion {
+        super::complete::Completion {
+            id,
+            claim_token: token.to_string(),
+            status: super::complete::FinalStatus::Done,
+            outcome: Some("accepted"),
+            next_attempt_at: now,
+            refund_attempt: false,
+            last_code: Some("0".into()),
+            last_message: Some("ok".into()),
+            invoice_no: None,
+            invoice_down_url: None,
+            recent_attempts: None,
+            pause: super::pauses::PauseChange::Nothing,
+            now,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -45,14 +45,7 @@ async fn kill_9_while_draining_loses_nothing_and_marks_nothing_unaccepted() {
 
     let in_table: HashSet<String> = rebill_rows(&world).await.into_iter().map(|r| r.0).collect();
     assert_eq!(in_table.len(), ROWS, "an orderno appears twice");
-    let accepted = answered_with(&world, &["Accepted"]);
-    assert_all_done(
-        &world,
-        ROWS,
-        |o| accepted.contains(o),
-        "the simulator never accepted it",
-    )
-    .await;
+    assert_all_accepted(&world, ROWS, &["Accepted"]).await;
     let outcomes = world
         .count("SELECT COUNT(*) FROM rebill_orders WHERE outcome = 'accepted'")
         .await;

@@ -247,6 +247,19 @@ async fn assert_all_done(world: &World, n: usize, reached: impl Fn(&str) -> bool
     }
 }
 
+/// Asserts there are `n` rebill rows, each done, and each answered by the simulator with
+/// one of `answers` (so none is marked done without the gateway's acceptance).
+async fn assert_all_accepted(world: &World, n: usize, answers: &[&str]) {
+    let accepted = answered_with(world, answers);
+    assert_all_done(
+        world,
+        n,
+        |o| accepted.contains(o),
+        "the simulator never accepted it",
+    )
+    .await;
+}
+
 /// Asserts there are `n` rebill rows, each done after one attempt and verified by the
 /// simulator exactly once, never in flight from two daemons at once.
 async fn assert_each_sent_once(world: &World, n: usize) {

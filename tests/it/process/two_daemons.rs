@@ -143,14 +143,7 @@ async fn surviving_daemon_resends_the_rows_of_a_killed_peer() {
         lb.contains("lease expired"),
         "the survivor never reported rescuing rows:\n{lb}"
     );
-    let accepted = answered_with(&world, &["Accepted", "Delay"]);
-    assert_all_done(
-        &world,
-        ROWS,
-        |o| accepted.contains(o),
-        "the simulator never accepted it",
-    )
-    .await;
+    assert_all_accepted(&world, ROWS, &["Accepted", "Delay"]).await;
     assert!(
         recovered < Duration::from_secs(60),
         "peer's rows took {recovered:?} to be resent (SPEC: within 60 s)"
