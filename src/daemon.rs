@@ -82,11 +82,13 @@ fn rebill_job(config: &Config) -> anyhow::Result<Option<RebillJob>> {
         appid: creds.appid,
         app_secret: creds.app_secret,
         timeout: config.rebill.limits.timeout,
-        rules: config.rebill.rules.clone(),
-        pauses: pauses_of(&config.rebill.limits),
     })
     .context("building the rebill HTTP client")?;
-    Ok(Some(RebillJob::new(client)))
+    Ok(Some(RebillJob::new(
+        client,
+        config.rebill.rules.clone(),
+        pauses_of(&config.rebill.limits),
+    )))
 }
 
 /// Builds the title handler, or says why the queue is off.

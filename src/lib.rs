@@ -12,8 +12,10 @@
 //! - [`store`] — the pool, pragmas, migrations and every SQL statement.
 //! - [`queue`] — the machinery both queues share: claim, complete, backoff,
 //!   classification into actions, pauses, rate limits, the worker loop, housekeeping.
-//! - [`clients`] — one struct per remote API: signing, encoding, parsing answers.
-//! - [`jobs`] — the two queues' handlers: validate, prepare and send one row.
+//! - [`clients`] — one struct per remote API: signing, encoding, parsing answers into
+//!   typed results; no retry decisions, no database.
+//! - [`jobs`] — the two queues' handlers: validate, prepare and send one row, and
+//!   classify the client's answer into an action with the queue's rules.
 //! - [`validate`] — checks a row must pass before it is sent.
 //! - [`daemon`] — wires config, store, clients and queues; systemd notifications.
 //! - [`ops`] — the metrics and health HTTP endpoint.

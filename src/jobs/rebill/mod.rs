@@ -1,0 +1,48 @@
+//! Rebilling: validate the order, send it to fw199 `rebillingnew`, classify the answer.
+
+pub mod classify;
+
+use crate::clients::rebill::RebillClient;
+use crate::queue::decide::Processed;
+use crate::queue::rules::{MessageRule, PauseDefaults};
+use crate::queue::worker::Handler;
+use crate::store::rows::{Claimed, RebillRow};
+use crate::validate;
+
+/// Handles `rebill_orders` rows.
+#[derive(Debug, Clone)]
+pub struct RebillJob {
+    client: RebillClient,
+    rules: Vec<MessageRule>,
+    pauses: PauseDefaults,
+}
+
+impl RebillJob {
+    /// A handler sending through `client` and classifying answers with the operator's
+    /// `rules` (checked before the built-in ones) and the queue's pause lengths.
+    pub fn new(client: RebillClient, rules: Vec<MessageRule>, pauses: PauseDefaults) -> Self {
+        RebillJob {
+            client,
+            rules,
+            pauses,
+        }
+    }
+}
+
+impl Handler for RebillJob {
+    type Row = RebillRow;
+
+    async fn process(&self, claimed: &Claimed<RebillRow>) -> Processed {
+        let row = &claimed.row;
+        if let Err(rejection) = validate::rebill::check(&row.orderno, &row.tax_num) {
+            return Processed::Rejected(rejection);
+        }
+        let result = self.client.send(&row.tax_num, &row.orderno).await;
+        Processed::Attempted(classify::classify(
+            result,
+            &self.rules,
+            self.pauses,
+            chrono::Utc::now(),
+        ))
+    }
+}
