@@ -13,6 +13,7 @@ use crate::clients::title::{TitleClient, TitleSettings};
 use crate::config::{check_endpoint, Config};
 use crate::jobs::rebill::RebillJob;
 use crate::jobs::title::{TitleDefaults, TitleJob};
+use crate::jobs::Rules;
 use crate::ops::{self, Health};
 use crate::queue::backoff::Backoff;
 use crate::queue::heartbeat::{Heartbeat, WriteHealth};
@@ -84,11 +85,11 @@ fn rebill_job(config: &Config) -> anyhow::Result<Option<RebillJob>> {
         timeout: config.rebill.limits.timeout,
     })
     .context("building the rebill HTTP client")?;
-    Ok(Some(RebillJob::new(
-        client,
-        config.rebill.rules.clone(),
-        pauses_of(&config.rebill.limits),
-    )))
+    let rules = Rules {
+        operator: config.rebill.rules.clone(),
+        pauses: pauses_of(&config.rebill.limits),
+    };
+    Ok(Some(RebillJob::new(client, rules)))
 }
 
 /// Builds the title handler, or says why the queue is off.
@@ -115,8 +116,6 @@ fn title_job(config: &Config, store: &Store) -> anyhow::Result<Option<TitleJob>>
         busi_type: t.busi_type.clone(),
         token_ttl: t.token_ttl,
         timeout: t.limits.timeout,
-        rules: t.rules.clone(),
-        pauses: pauses_of(&t.limits),
     })
     .context("building the title HTTP client")?;
     let defaults = TitleDefaults {
@@ -125,7 +124,11 @@ fn title_job(config: &Config, store: &Store) -> anyhow::Result<Option<TitleJob>>
         ttqqlsh_prefix: t.ttqqlsh_prefix.clone(),
         lenient_tax_id: t.lenient_tax_id,
     };
-    Ok(Some(TitleJob::new(store.clone(), client, defaults)))
+    let rules = Rules {
+        operator: t.rules.clone(),
+        pauses: pauses_of(&t.limits),
+    };
+    Ok(Some(TitleJob::new(store.clone(), client, defaults, rules)))
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then drains and returns. Migrations run

@@ -4,3 +4,14 @@
 
 pub mod rebill;
 pub mod title;
+
+use crate::queue::rules::{MessageRule, PauseDefaults};
+
+/// How a queue turns answers into actions besides its built-in rules.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// The operator's `message contains → action` rules, checked before the built-in ones.
+    pub operator: Vec<MessageRule>,
+    /// Pause lengths for rules without `after` and for the built-in pauses.
+    pub pauses: PauseDefaults,
+}

@@ -2,9 +2,9 @@
 
 pub mod classify;
 
+use super::Rules;
 use crate::clients::rebill::RebillClient;
 use crate::queue::decide::Processed;
-use crate::queue::rules::{MessageRule, PauseDefaults};
 use crate::queue::worker::Handler;
 use crate::store::rows::{Claimed, RebillRow};
 use crate::validate;
@@ -13,19 +13,13 @@ use crate::validate;
 #[derive(Debug, Clone)]
 pub struct RebillJob {
     client: RebillClient,
-    rules: Vec<MessageRule>,
-    pauses: PauseDefaults,
+    rules: Rules,
 }
 
 impl RebillJob {
-    /// A handler sending through `client` and classifying answers with the operator's
-    /// `rules` (checked before the built-in ones) and the queue's pause lengths.
-    pub fn new(client: RebillClient, rules: Vec<MessageRule>, pauses: PauseDefaults) -> Self {
-        RebillJob {
-            client,
-            rules,
-            pauses,
-        }
+    /// A handler sending through `client` and classifying answers with `rules`.
+    pub fn new(client: RebillClient, rules: Rules) -> Self {
+        RebillJob { client, rules }
     }
 }
 
@@ -40,8 +34,8 @@ impl Handler for RebillJob {
         let result = self.client.send(&row.tax_num, &row.orderno).await;
         Processed::Attempted(classify::classify(
             result,
-            &self.rules,
-            self.pauses,
+            &self.rules.operator,
+            self.rules.pauses,
             chrono::Utc::now(),
         ))
     }

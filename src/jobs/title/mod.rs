@@ -1,6 +1,10 @@
 //! Titles: pick the format and authorisation code, make sure the row has a serial (stored
-//! before the first send so retries reuse it), validate, send to 开票精灵 FPTT1001.
+//! before the first send so retries reuse it), validate, send to 开票精灵 FPTT1001 and
+//! classify the answer.
 
+pub mod classify;
+
+use super::Rules;
 use crate::clients::title::{TitleClient, TitleRequest};
 use crate::clients::title_payload::TitleFields;
 use crate::config::DataType;
@@ -33,15 +37,18 @@ pub struct TitleJob {
     store: Store,
     client: TitleClient,
     defaults: TitleDefaults,
+    rules: Rules,
 }
 
 impl TitleJob {
-    /// A handler sending through `client`, storing generated serials in `store`.
-    pub fn new(store: Store, client: TitleClient, defaults: TitleDefaults) -> Self {
+    /// A handler sending through `client`, storing generated serials in `store` and
+    /// classifying answers with `rules`.
+    pub fn new(store: Store, client: TitleClient, defaults: TitleDefaults, rules: Rules) -> Self {
         TitleJob {
             store,
             client,
             defaults,
+            rules,
         }
     }
 
@@ -187,9 +194,14 @@ impl Handler for TitleJob {
             fields: &fields,
             sqm: &sqm,
             data_type,
-            is_retry,
         };
-        Processed::Attempted(self.client.send(&request).await)
+        let result = self.client.send(&request).await;
+        Processed::Attempted(classify::classify(
+            result,
+            is_retry,
+            &self.rules.operator,
+            self.rules.pauses,
+        ))
     }
 }
 
