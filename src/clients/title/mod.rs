@@ -18,9 +18,7 @@ use base64::Engine as _;
 use url::Url;
 
 use crate::clients::http::{self, build_client, excerpt, HttpReply, TransportError};
-use crate::clients::title_payload::{
-    encode_data, mask_account, mask_phone, payload, url_encode, PayloadError, TitleFields,
-};
+use crate::clients::title_payload::{encode_data, payload, url_encode, PayloadError};
 use crate::clients::title_reply::{
     is_success, mentions_duplicate, mentions_token, parse_reply, Reply, ReplyError,
 };
@@ -29,6 +27,7 @@ use crate::clients::token::{
 };
 use crate::config::DataType;
 use crate::secret::Secret;
+use crate::title_fields::{mask_account, mask_phone, TitleFields};
 
 #[cfg(test)]
 mod tests;

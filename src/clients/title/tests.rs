@@ -54,7 +54,7 @@ fn fields(order_no: &str, serial: &str) -> TitleFields {
     TitleFields {
         order_no: order_no.into(),
         invoice_type: "1".into(),
-        ttqqlsh: serial.into(),
+        ttqqlsh: Some(serial.into()),
         attach: "661234567890".into(),
         gmf_mc: "A&B <公司> \"引号\"".into(),
         gmf_dh: Some(PHONE.into()),

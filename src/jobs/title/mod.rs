@@ -6,7 +6,6 @@ pub mod classify;
 
 use super::Rules;
 use crate::clients::title::{TitleClient, TitleRequest};
-use crate::clients::title_payload::TitleFields;
 use crate::config::DataType;
 use crate::queue::action::Attempted;
 use crate::queue::backoff::recent_attempts;
@@ -53,7 +52,13 @@ impl TitleJob {
     }
 
     async fn ensure_serial(&self, claimed: &Claimed<TitleRow>) -> Result<String, Processed> {
-        if let Some(serial) = claimed.row.ttqqlsh.as_deref().filter(|s| !s.is_empty()) {
+        if let Some(serial) = claimed
+            .row
+            .fields
+            .ttqqlsh
+            .as_deref()
+            .filter(|s| !s.is_empty())
+        {
             return Ok(serial.to_string());
         }
         let date = chrono::Utc::now().format("%y%m%d").to_string();
@@ -115,31 +120,13 @@ fn to_base36(mut n: u64) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn fields_of(row: &TitleRow, serial: String) -> TitleFields {
-    TitleFields {
-        order_no: row.order_no.clone(),
-        invoice_type: row.invoice_type.clone(),
-        ttqqlsh: serial,
-        attach: row.attach.clone(),
-        gmf_mc: row.gmf_mc.clone(),
-        gmf_nsrsbh: row.gmf_nsrsbh.clone(),
-        gmf_dz: row.gmf_dz.clone(),
-        gmf_dh: row.gmf_dh.clone(),
-        gmf_yhzh: row.gmf_yhzh.clone(),
-        gmf_yhmc: row.gmf_yhmc.clone(),
-        remark: row.remark.clone(),
-        by1: row.by1.clone(),
-        by2: row.by2.clone(),
-    }
-}
-
 impl Handler for TitleJob {
     type Row = TitleRow;
 
     async fn prepare(&self, claimed: &mut Claimed<TitleRow>) -> Option<Processed> {
         match self.ensure_serial(claimed).await {
             Ok(serial) => {
-                claimed.row.ttqqlsh = Some(serial);
+                claimed.row.fields.ttqqlsh = Some(serial);
                 None
             }
             Err(processed) => Some(processed),
@@ -175,14 +162,13 @@ impl Handler for TitleJob {
             }
         };
         // prepare() stored a serial; an empty one here would be a bug, reported as such.
-        let Some(serial) = row.ttqqlsh.clone().filter(|s| !s.is_empty()) else {
+        if row.fields.ttqqlsh.as_deref().is_none_or(str::is_empty) {
             return Processed::Attempted(Attempted::transient(
                 None,
                 "row has no serial after prepare",
             ));
-        };
-        let fields = fields_of(row, serial);
-        if let Err(rejection) = validate::title::check(&fields, self.defaults.lenient_tax_id) {
+        }
+        if let Err(rejection) = validate::title::check(&row.fields, self.defaults.lenient_tax_id) {
             return Processed::Rejected(rejection);
         }
         // A serial that may already have reached the server: a "duplicate" reply then means
@@ -191,7 +177,7 @@ impl Handler for TitleJob {
             || recent_attempts(&claimed.meta.recent_attempts, now_ms()).len() > 1
             || row.last_message.is_some();
         let request = TitleRequest {
-            fields: &fields,
+            fields: &row.fields,
             sqm: &sqm,
             data_type,
         };
