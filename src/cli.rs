@@ -13,6 +13,7 @@ use crate::config::{Config, ConfigError};
 use crate::store::admin::{Enqueued, NewRebill, NewTitle};
 use crate::store::pauses::WHOLE_QUEUE;
 use crate::store::{now_ms, QueueName, Store, StoreError};
+use crate::title_fields::TitleFields;
 
 /// invoice-worker: retries failed e-invoice work (fw199 rebilling, 开票精灵 titles) from a
 /// SQLite queue until it succeeds.
@@ -445,7 +446,10 @@ async fn enqueue(store: &Store, what: EnqueueCommand) -> Result<(), CliError> {
         EnqueueCommand::Title(args) => {
             let title = title_from_args(*args)?;
             let id = store.enqueue_title(&title).await?;
-            println!("title row {id} enqueued (ORDER_NO {})", title.order_no);
+            println!(
+                "title row {id} enqueued (ORDER_NO {})",
+                title.fields.order_no
+            );
         }
     }
     Ok(())
@@ -476,19 +480,21 @@ fn title_from_args(args: TitleArgs) -> Result<NewTitle, CliError> {
         value.ok_or_else(|| CliError::Usage(format!("--{flag} is required")))
     };
     Ok(NewTitle {
-        order_no: required(args.order_no, "order-no")?,
-        invoice_type: required(args.invoice_type, "invoice-type")?,
-        ttqqlsh: args.ttqqlsh,
-        attach: required(args.attach, "attach")?,
-        gmf_mc: required(args.gmf_mc, "gmf-mc")?,
-        gmf_nsrsbh: args.gmf_nsrsbh,
-        gmf_dz: args.gmf_dz,
-        gmf_dh: args.gmf_dh,
-        gmf_yhzh: args.gmf_yhzh,
-        gmf_yhmc: args.gmf_yhmc,
-        remark: args.remark,
-        by1: args.by1,
-        by2: args.by2,
+        fields: TitleFields {
+            order_no: required(args.order_no, "order-no")?,
+            invoice_type: required(args.invoice_type, "invoice-type")?,
+            ttqqlsh: args.ttqqlsh,
+            attach: required(args.attach, "attach")?,
+            gmf_mc: required(args.gmf_mc, "gmf-mc")?,
+            gmf_nsrsbh: args.gmf_nsrsbh,
+            gmf_dz: args.gmf_dz,
+            gmf_dh: args.gmf_dh,
+            gmf_yhzh: args.gmf_yhzh,
+            gmf_yhmc: args.gmf_yhmc,
+            remark: args.remark,
+            by1: args.by1,
+            by2: args.by2,
+        },
         sqm: args.sqm,
         data_type: args.data_type.map(|dt| if dt == "xml" { 1 } else { 0 }),
     })

@@ -14,6 +14,7 @@ use crate::clock::Clock;
 use crate::config::{check_endpoint, Config};
 use crate::jobs::rebill::RebillJob;
 use crate::jobs::title::{TitleDefaults, TitleJob};
+use crate::jobs::Rules;
 use crate::ops::{self, Health};
 use crate::queue::backoff::Backoff;
 use crate::queue::heartbeat::{Heartbeat, WriteHealth};
@@ -85,11 +86,13 @@ fn rebill_job(config: &Config) -> anyhow::Result<Option<RebillJob>> {
         appid: creds.appid,
         app_secret: creds.app_secret,
         timeout: config.rebill.limits.timeout,
-        rules: config.rebill.rules.clone(),
-        pauses: pauses_of(&config.rebill.limits),
     })
     .context("building the rebill HTTP client")?;
-    Ok(Some(RebillJob::new(client)))
+    let rules = Rules {
+        operator: config.rebill.rules.clone(),
+        pauses: pauses_of(&config.rebill.limits),
+    };
+    Ok(Some(RebillJob::new(client, rules)))
 }
 
 /// Builds the title handler, or says why the queue is off.
@@ -116,8 +119,6 @@ fn title_job(config: &Config, store: &Store) -> anyhow::Result<Option<TitleJob>>
         busi_type: t.busi_type.clone(),
         token_ttl: t.token_ttl,
         timeout: t.limits.timeout,
-        rules: t.rules.clone(),
-        pauses: pauses_of(&t.limits),
     })
     .context("building the title HTTP client")?;
     let defaults = TitleDefaults {
@@ -126,7 +127,11 @@ fn title_job(config: &Config, store: &Store) -> anyhow::Result<Option<TitleJob>>
         ttqqlsh_prefix: t.ttqqlsh_prefix.clone(),
         lenient_tax_id: t.lenient_tax_id,
     };
-    Ok(Some(TitleJob::new(store.clone(), client, defaults)))
+    let rules = Rules {
+        operator: t.rules.clone(),
+        pauses: pauses_of(&t.limits),
+    };
+    Ok(Some(TitleJob::new(store.clone(), client, defaults, rules)))
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then drains and returns. Migrations run

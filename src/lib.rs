@@ -13,8 +13,12 @@
 //! - [`store`] — the pool, pragmas, migrations and every SQL statement.
 //! - [`queue`] — the machinery both queues share: claim, complete, backoff,
 //!   classification into actions, pauses, rate limits, the worker loop, housekeeping.
-//! - [`clients`] — one struct per remote API: signing, encoding, parsing answers.
-//! - [`jobs`] — the two queues' handlers: validate, prepare and send one row.
+//! - [`clients`] — one struct per remote API: signing, encoding, parsing answers into
+//!   typed results; no retry decisions, no database.
+//! - [`jobs`] — the two queues' handlers: validate, prepare and send one row, and
+//!   classify the client's answer into an action with the queue's rules.
+//! - [`title_fields`] — the 13 FPTT1001 title fields, declared once for the store, the
+//!   validator and the title client; masks the buyer's phone and account.
 //! - [`validate`] — checks a row must pass before it is sent.
 //! - [`daemon`] — wires config, store, clients and queues; systemd notifications.
 //! - [`ops`] — the metrics and health HTTP endpoint.
@@ -38,4 +42,5 @@ pub mod secret;
 pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod title_fields;
 pub mod validate;

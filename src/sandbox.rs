@@ -11,6 +11,7 @@ use crate::config::{Config, DataType};
 use crate::sim::{RebillBehavior, SimOptions, Simulator, TitleBehavior};
 use crate::store::admin::{NewRebill, NewTitle};
 use crate::store::{now_ms, QueueName, Store};
+use crate::title_fields::TitleFields;
 
 /// Longest the sandbox waits for the queues to drain.
 const DRAIN_LIMIT: Duration = Duration::from_secs(90);
@@ -146,12 +147,15 @@ async fn seed(store: &Store, sim: &Simulator) -> anyhow::Result<()> {
     }
 
     let title = |order_no: &str, invoice_type: &str, gmf_mc: &str, data_type: u8| NewTitle {
-        order_no: order_no.to_string(),
-        invoice_type: invoice_type.to_string(),
-        attach: "661234567890".to_string(),
-        gmf_mc: gmf_mc.to_string(),
-        gmf_dh: Some("13800138000".to_string()),
-        gmf_yhzh: Some("招商银行 6225880123456789".to_string()),
+        fields: TitleFields {
+            order_no: order_no.to_string(),
+            invoice_type: invoice_type.to_string(),
+            attach: "661234567890".to_string(),
+            gmf_mc: gmf_mc.to_string(),
+            gmf_dh: Some("13800138000".to_string()),
+            gmf_yhzh: Some("招商银行 6225880123456789".to_string()),
+            ..TitleFields::default()
+        },
         data_type: Some(data_type),
         ..NewTitle::default()
     };
@@ -170,7 +174,7 @@ async fn seed(store: &Store, sim: &Simulator) -> anyhow::Result<()> {
         ))
         .await?;
     let mut special = title("SBX-T-SPECIAL", "2", "深圳某某电子有限公司", 0);
-    special.gmf_nsrsbh = Some("9144030071526726XG".to_string());
+    special.fields.gmf_nsrsbh = Some("9144030071526726XG".to_string());
     store.enqueue_title(&special).await?;
     sim.script_title(
         "SBX-T-TOKEN-EXPIRED",
@@ -185,10 +189,10 @@ async fn seed(store: &Store, sim: &Simulator) -> anyhow::Result<()> {
         ))
         .await?;
     let mut invalid = title("SBX-T-INVALID", "2", "缺少税号的专票抬头", 0);
-    invalid.gmf_nsrsbh = None;
+    invalid.fields.gmf_nsrsbh = None;
     store.enqueue_title(&invalid).await?;
     let mut bad_uscc = title("SBX-T-BAD-USCC", "1", "校验位错误公司", 1);
-    bad_uscc.gmf_nsrsbh = Some("91110000600037341N".to_string());
+    bad_uscc.fields.gmf_nsrsbh = Some("91110000600037341N".to_string());
     store.enqueue_title(&bad_uscc).await?;
     Ok(())
 }

@@ -37,6 +37,19 @@ pub enum TransportError {
     Other(String),
 }
 
+impl TransportError {
+    /// The same error with its text passed through `f` (a client scrubbing what it must
+    /// not repeat).
+    pub fn map_text(self, f: impl Fn(&str) -> String) -> Self {
+        match self {
+            TransportError::Timeout(t) => TransportError::Timeout(f(&t)),
+            TransportError::Connect(t) => TransportError::Connect(f(&t)),
+            TransportError::TooLarge => TransportError::TooLarge,
+            TransportError::Other(t) => TransportError::Other(f(&t)),
+        }
+    }
+}
+
 /// Builds the HTTP client a remote API uses: rustls with certificate verification,
 /// a whole-request timeout, no redirects (a redirect from a payment gateway is a fault).
 pub fn build_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {

@@ -1,5 +1,5 @@
-//! One client per remote API; they build requests and parse answers, never touch the
-//! database.
+//! One client per remote API; they build requests and parse answers into typed results,
+//! never touch the database and decide nothing about retries (that is `jobs`).
 
 pub mod http;
 pub mod rebill;

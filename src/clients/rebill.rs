@@ -1,5 +1,8 @@
-//! The fw199 `rebillingnew` client: builds the signed form, sends it, and classifies the
-//! answer into an [`Action`] (SPEC §1).
+//! The fw199 `rebillingnew` client: builds the signed form, sends it, and reads the answer
+//! into a [`RebillAnswer`] or says why there is none ([`RebillError`]) (SPEC §1).
+//!
+//! What an answer means for the row (done, retry, pause) is decided by
+//! `jobs::rebill::classify`; this module only speaks the wire.
 
 use std::time::Duration;
 
@@ -8,8 +11,6 @@ use url::Url;
 
 use super::http::{self, HttpReply, TransportError};
 use super::sign::sign;
-use crate::queue::action::{Action, Attempted, Outcome};
-use crate::queue::rules::{first_match, MessageRule, PauseDefaults};
 use crate::secret::Secret;
 
 /// What the rebill client needs to know.
@@ -23,10 +24,6 @@ pub struct RebillSettings {
     pub app_secret: Secret,
     /// Whole-request timeout.
     pub timeout: Duration,
-    /// Operator rules, checked before the built-in ones.
-    pub rules: Vec<MessageRule>,
-    /// Default pause lengths.
-    pub pauses: PauseDefaults,
 }
 
 /// Sends rebilling requests. Cheap to share behind an `Arc`.
@@ -36,7 +33,7 @@ pub struct RebillClient {
     settings: RebillSettings,
 }
 
-/// A parsed gateway answer.
+/// A parsed gateway answer (HTTP 200 with a JSON object carrying a numeric `code`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebillAnswer {
     /// `code`, as sent (an integer or a numeric string).
@@ -49,6 +46,47 @@ pub struct RebillAnswer {
     pub invoice_no: Option<String>,
     /// `invoice_down_url` (code 100).
     pub invoice_down_url: Option<String>,
+}
+
+/// Why a request produced no [`RebillAnswer`]. Texts never carry the request's signature.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RebillError {
+    /// No answer could be read: timeout, connection trouble, a body over 1 MiB.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// HTTP 429 or 503: the gateway asks us to slow down.
+    #[error("HTTP {status}: server busy")]
+    Busy {
+        /// 429 or 503.
+        status: u16,
+        /// `Retry-After`, when the gateway sent one we can read.
+        retry_after: Option<Duration>,
+    },
+    /// Any other status than 200.
+    #[error("HTTP {status}: {excerpt}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// A short single-line excerpt of the body.
+        excerpt: String,
+    },
+    /// HTTP 200 with a body that is not a usable answer (not JSON, no numeric `code`).
+    #[error("{reason}")]
+    Unreadable {
+        /// What is wrong with the body, with an excerpt of it.
+        reason: String,
+    },
+}
+
+impl RebillError {
+    /// The HTTP status of the answer, when one arrived.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            RebillError::Transport(_) => None,
+            RebillError::Busy { status, .. } | RebillError::Status { status, .. } => Some(*status),
+            RebillError::Unreadable { .. } => Some(200),
+        }
+    }
 }
 
 /// `request_data`: `{"orderno": …}` from a JSON serializer, so quotes and backslashes in an
@@ -88,8 +126,8 @@ impl RebillClient {
         })
     }
 
-    /// Sends one rebilling request and classifies what came back.
-    pub async fn send(&self, tax_num: &str, orderno: &str) -> Attempted {
+    /// Sends one rebilling request and reads what came back.
+    pub async fn send(&self, tax_num: &str, orderno: &str) -> Result<RebillAnswer, RebillError> {
         let s = &self.settings;
         let form = signed_form(
             &s.appid,
@@ -98,23 +136,49 @@ impl RebillClient {
             orderno,
             chrono::Utc::now().timestamp(),
         );
-        let request = self.http.post(s.endpoint.clone()).form(&form);
         let signature = form.last().map(|(_, v)| v.clone()).unwrap_or_default();
-        match http::send(request).await {
-            Ok(reply) => {
-                let mut attempted = classify(&reply, &s.rules, s.pauses, chrono::Utc::now());
-                // A gateway that echoes the request must not put the signature in a log line.
-                if !signature.is_empty() {
-                    attempted.message = attempted.message.replace(&signature, "***");
-                }
-                attempted
-            }
-            Err(TransportError::TooLarge) => {
-                Attempted::transient(None, "answer body larger than 1 MiB; ignored")
-            }
-            Err(e) => Attempted::transient(None, e.to_string()),
-        }
+        let request = self.http.post(s.endpoint.clone()).form(&form);
+        read_reply(http::send(request).await?, &signature)
     }
+}
+
+/// `text` with every occurrence of `signature` replaced by `***`.
+fn hide(text: &str, signature: &str) -> String {
+    if signature.is_empty() {
+        text.to_string()
+    } else {
+        text.replace(signature, "***")
+    }
+}
+
+/// Reads an HTTP answer of the gateway. A gateway that echoes the request must not put
+/// the signature in a message or log line, so `signature` is replaced by `***` in the body
+/// before anything is taken from it (an excerpt could otherwise cut it where the
+/// replacement no longer finds it).
+pub fn read_reply(mut reply: HttpReply, signature: &str) -> Result<RebillAnswer, RebillError> {
+    let text = String::from_utf8_lossy(&reply.body);
+    if !signature.is_empty() && text.contains(signature) {
+        reply.body = bytes::Bytes::from(hide(&text, signature));
+    }
+    if reply.status == 429 || reply.status == 503 {
+        return Err(RebillError::Busy {
+            status: reply.status,
+            retry_after: reply.retry_after,
+        });
+    }
+    if reply.status != 200 {
+        return Err(RebillError::Status {
+            status: reply.status,
+            excerpt: http::excerpt(&reply.body),
+        });
+    }
+    let mut answer =
+        parse_answer(&reply.body).map_err(|reason| RebillError::Unreadable { reason })?;
+    // JSON escapes (`\u0061`…) could spell the signature so the byte search missed it.
+    answer.message = hide(&answer.message, signature);
+    answer.invoice_no = answer.invoice_no.map(|v| hide(&v, signature));
+    answer.invoice_down_url = answer.invoice_down_url.map(|v| hide(&v, signature));
+    Ok(answer)
 }
 
 /// Reads `code`, `message`, `invoice_no` and `invoice_down_url` from a JSON body.
@@ -155,158 +219,11 @@ pub fn parse_answer(body: &[u8]) -> Result<RebillAnswer, String> {
     })
 }
 
-/// Turns an HTTP answer into an action (SPEC §1). `now` decides when a daily quota resets.
-pub fn classify(
-    reply: &HttpReply,
-    rules: &[MessageRule],
-    pauses: PauseDefaults,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Attempted {
-    if reply.status == 429 || reply.status == 503 {
-        let mut a = Attempted::transient(
-            Some(reply.status),
-            format!("HTTP {}: server busy", reply.status),
-        );
-        a.action = Action::Retry {
-            after: reply.retry_after,
-        };
-        return a;
-    }
-    if reply.status != 200 {
-        return Attempted::transient(
-            Some(reply.status),
-            format!("HTTP {}: {}", reply.status, http::excerpt(&reply.body)),
-        );
-    }
-    let answer = match parse_answer(&reply.body) {
-        Ok(answer) => answer,
-        Err(why) => return Attempted::transient(Some(200), why),
-    };
-    let action = match answer.code_num {
-        0 => Action::Done(Outcome::Accepted),
-        100 => Action::Done(Outcome::Issued),
-        _ => {
-            let haystack = format!("{} {}", answer.code, answer.message);
-            first_match(rules, &haystack, pauses)
-                .unwrap_or_else(|| default_rule(&answer.code, &answer.message, pauses, now))
-        }
-    };
-    let message = if answer.message.is_empty() {
-        format!("code {}", answer.code)
-    } else {
-        answer.message.clone()
-    };
-    Attempted {
-        action,
-        http_status: Some(200),
-        code: Some(answer.code),
-        message,
-        invoice_no: answer.invoice_no,
-        invoice_down_url: answer.invoice_down_url,
-    }
-}
-
-const ALREADY_ISSUED: &[&str] = &["发票已生成", "发票已经生成", "不需要重复提交", "无需再重试"];
-const IN_PROGRESS: &[&str] = &["开票中", "重试中", "签章中"];
-const SELLER_MUST_ACT: &[&str] = &[
-    "短信验证码",
-    "需登录",
-    "扫码登录",
-    "实人认证",
-    "授信额度",
-    "未授权",
-    "备案",
-];
-const RETRY_CAP: &[&str] = &["E9613", "20次"];
-const BAD_CREDENTIALS: &[&str] = &["签名", "sign", "appid"];
-const BAD_CREDENTIAL_CODES: &[&str] = &["070601", "070301"];
-const QUOTA: &[&str] = &["额度", "调用量"];
-const QUOTA_CODES: &[&str] = &["070201", "070204"];
-const DAILY_QUOTA: &[&str] = &["日调用量", "今日", "当日", "每日"];
-const DAILY_QUOTA_CODES: &[&str] = &["070201"];
-
-fn contains_any(text: &str, needles: &[&str]) -> bool {
-    let lower = text.to_lowercase();
-    needles.iter().any(|n| lower.contains(&n.to_lowercase()))
-}
-
-/// True when `text` holds `code` as a code of its own, not as part of a longer run of
-/// letters or digits (an order number in a message must not look like 070601).
-fn contains_code(text: &str, code: &str) -> bool {
-    let glued = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
-    text.match_indices(code).any(|(i, _)| {
-        let before = text.get(..i).and_then(|t| t.chars().next_back());
-        let after = text.get(i + code.len()..).and_then(|t| t.chars().next());
-        !glued(before) && !glued(after)
-    })
-}
-
-/// The answer's `code` is one of `codes` (leading zeros ignored: the gateway may send
-/// 070601 as the number 70601), or the message quotes one of them.
-fn has_code(code: &str, message: &str, codes: &[&str]) -> bool {
-    codes.iter().any(|c| {
-        code.trim_start_matches('0') == c.trim_start_matches('0') || contains_code(message, c)
-    })
-}
-
-/// The built-in message rules of SPEC §1, in order: the seller rules come before the quota
-/// rules because 授信额度 (the seller's credit line) also contains 额度.
-fn default_rule(
-    code: &str,
-    message: &str,
-    pauses: PauseDefaults,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Action {
-    if contains_any(message, ALREADY_ISSUED) {
-        Action::Done(Outcome::Issued)
-    } else if contains_any(message, IN_PROGRESS) {
-        Action::Done(Outcome::InProgress)
-    } else if contains_any(message, SELLER_MUST_ACT) {
-        Action::PauseSeller(pauses.seller)
-    } else if contains_any(message, RETRY_CAP) || code == "E9613" {
-        Action::Retry {
-            after: Some(Duration::from_secs(24 * 3600)),
-        }
-    } else if contains_any(message, BAD_CREDENTIALS)
-        || has_code(code, message, BAD_CREDENTIAL_CODES)
-    {
-        Action::PauseQueue(pauses.queue)
-    } else if contains_any(message, QUOTA) || has_code(code, message, QUOTA_CODES) {
-        if contains_any(message, DAILY_QUOTA) || has_code(code, message, DAILY_QUOTA_CODES) {
-            Action::PauseQueue(until_next_china_day(now))
-        } else {
-            Action::PauseQueue(pauses.queue)
-        }
-    } else {
-        Action::Retry { after: None }
-    }
-}
-
-/// Time until the next midnight in China Standard Time (UTC+8), when daily quotas reset.
-pub fn until_next_china_day(now: chrono::DateTime<chrono::Utc>) -> Duration {
-    const DAY: i64 = 86_400;
-    let local = now.timestamp() + 8 * 3600;
-    let next_midnight_local = (local.div_euclid(DAY) + 1) * DAY;
-    Duration::from_secs((next_midnight_local - local) as u64 + 60)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::{RebillBehavior, SimOptions, Simulator};
     use bytes::Bytes;
-    use chrono::TimeZone;
-
-    const PAUSES: PauseDefaults = PauseDefaults {
-        seller: Duration::from_secs(1800),
-        queue: Duration::from_secs(600),
-    };
-
-    fn now() -> chrono::DateTime<chrono::Utc> {
-        chrono::Utc
-            .with_ymd_and_hms(2026, 11, 22, 10, 0, 0)
-            .single()
-            .expect("valid date")
-    }
 
     fn reply(status: u16, body: &str) -> HttpReply {
         HttpReply {
@@ -314,10 +231,6 @@ mod tests {
             body: Bytes::from(body.to_string()),
             retry_after: None,
         }
-    }
-
-    fn action_of(body: &str) -> Action {
-        classify(&reply(200, body), &[], PAUSES, now()).action
     }
 
     #[test]
@@ -348,117 +261,28 @@ mod tests {
     }
 
     #[test]
-    fn codes_zero_and_hundred_are_done() {
-        assert_eq!(
-            action_of(r#"{"code":0,"message":"重试成功"}"#),
-            Action::Done(Outcome::Accepted)
-        );
-        assert_eq!(
-            action_of(r#"{"code":"0","message":"重试成功"}"#),
-            Action::Done(Outcome::Accepted)
-        );
-        let a = classify(
-            &reply(
-                200,
-                r#"{"code":100,"invoice_no":"24312000000022669098","invoice_down_url":"https://x/y.pdf","message":"发票已经生成,不需要重复提交"}"#,
-            ),
-            &[],
-            PAUSES,
-            now(),
-        );
-        assert_eq!(a.action, Action::Done(Outcome::Issued));
+    fn codes_as_numbers_and_strings() {
+        let a = parse_answer(r#"{"code":0,"message":"重试成功"}"#.as_bytes()).expect("answer");
+        assert_eq!((a.code.as_str(), a.code_num), ("0", 0));
+        let a = parse_answer(r#"{"code":"0","message":"重试成功"}"#.as_bytes()).expect("answer");
+        assert_eq!((a.code.as_str(), a.code_num), ("0", 0));
+        // A string code keeps its leading zeros; the number does not have any.
+        let a =
+            parse_answer(r#"{"code":"070301","message":"invalid"}"#.as_bytes()).expect("answer");
+        assert_eq!((a.code.as_str(), a.code_num), ("070301", 70301));
+        let a = parse_answer(r#"{"code":70601,"message":"签名错误"}"#.as_bytes()).expect("answer");
+        assert_eq!((a.code.as_str(), a.message.as_str()), ("70601", "签名错误"));
+        let a = parse_answer(
+            r#"{"code":100,"invoice_no":"24312000000022669098","invoice_down_url":"https://x/y.pdf","message":"发票已经生成,不需要重复提交"}"#.as_bytes(),
+        )
+        .expect("answer");
+        assert_eq!(a.code_num, 100);
         assert_eq!(a.invoice_no.as_deref(), Some("24312000000022669098"));
         assert_eq!(a.invoice_down_url.as_deref(), Some("https://x/y.pdf"));
     }
 
     #[test]
-    fn default_message_rules() {
-        assert_eq!(
-            action_of(r#"{"code":1,"message":"发票已生成,无需再重试开票"}"#),
-            Action::Done(Outcome::Issued)
-        );
-        assert_eq!(
-            action_of(r#"{"code":1,"message":"开票中(重试中),请耐心等待开票结果"}"#),
-            Action::Done(Outcome::InProgress)
-        );
-        assert_eq!(
-            action_of(
-                r#"{"code":1,"message":"本次操作需登录电子发票服务平台,请先使用短信验证码登录"}"#
-            ),
-            Action::PauseSeller(PAUSES.seller)
-        );
-        assert_eq!(
-            action_of(r#"{"code":1,"message":"授信额度不足"}"#),
-            Action::PauseSeller(PAUSES.seller)
-        );
-        assert_eq!(
-            action_of(r#"{"code":1,"message":"E9613 该订单今日重试已达20次"}"#),
-            Action::Retry {
-                after: Some(Duration::from_secs(86400))
-            }
-        );
-        assert_eq!(
-            action_of(r#"{"code":70601,"message":"签名错误"}"#),
-            Action::PauseQueue(PAUSES.queue)
-        );
-        assert_eq!(
-            action_of(r#"{"code":"070301","message":"invalid"}"#),
-            Action::PauseQueue(PAUSES.queue)
-        );
-        assert_eq!(
-            action_of(r#"{"code":1,"message":"套餐调用量已用完"}"#),
-            Action::PauseQueue(PAUSES.queue)
-        );
-        // Daily quota: until the next day in China (10:00 UTC = 18:00 CST → 6 h + 1 min).
-        assert_eq!(
-            action_of(r#"{"code":"070201","message":"日调用量超限"}"#),
-            Action::PauseQueue(Duration::from_secs(6 * 3600 + 60))
-        );
-        assert_eq!(
-            action_of(r#"{"code":9,"message":"系统繁忙"}"#),
-            Action::Retry { after: None }
-        );
-    }
-
-    #[test]
-    fn codes_inside_other_numbers_are_not_codes() {
-        assert_eq!(
-            action_of(r#"{"code":1,"message":"订单 2024070301123 不存在"}"#),
-            Action::Retry { after: None }
-        );
-        assert_eq!(
-            action_of(r#"{"code":1,"message":"错误码 070601"}"#),
-            Action::PauseQueue(PAUSES.queue)
-        );
-        assert_eq!(
-            action_of(r#"{"code":70204,"message":"x"}"#),
-            Action::PauseQueue(PAUSES.queue)
-        );
-    }
-
-    #[test]
-    fn operator_rules_come_first() {
-        let rules = vec![MessageRule {
-            contains: "开票中".into(),
-            action: "retry".into(),
-            after: Some(Duration::from_secs(5)),
-        }];
-        let a = classify(
-            &reply(200, r#"{"code":1,"message":"开票中"}"#),
-            &rules,
-            PAUSES,
-            now(),
-        );
-        assert_eq!(
-            a.action,
-            Action::Retry {
-                after: Some(Duration::from_secs(5))
-            }
-        );
-    }
-
-    #[test]
-    fn bad_answers_are_transient() {
+    fn bad_bodies_are_unreadable() {
         for body in [
             "",
             "<html>502 Bad Gateway</html>",
@@ -469,37 +293,92 @@ mod tests {
             r#"{"message":"x"}"#,
             r#"{"code":1.5}"#,
         ] {
-            let a = classify(&reply(200, body), &[], PAUSES, now());
-            assert_eq!(a.action, Action::Retry { after: None }, "{body}");
+            let e = read_reply(reply(200, body), "").expect_err(body);
+            assert!(matches!(e, RebillError::Unreadable { .. }), "{body}: {e:?}");
+            assert_eq!(e.http_status(), Some(200));
         }
-        let a = classify(&reply(500, "oops"), &[], PAUSES, now());
+        let e = read_reply(reply(500, "oops"), "").expect_err("500");
         assert_eq!(
-            (a.action, a.http_status),
-            (Action::Retry { after: None }, Some(500))
+            e,
+            RebillError::Status {
+                status: 500,
+                excerpt: "oops".into()
+            }
         );
+        assert_eq!(e.to_string(), "HTTP 500: oops");
     }
 
     #[test]
-    fn retry_after_is_honoured() {
+    fn busy_answers_carry_retry_after() {
         let mut r = reply(429, "");
         r.retry_after = Some(Duration::from_secs(7));
         assert_eq!(
-            classify(&r, &[], PAUSES, now()).action,
-            Action::Retry {
-                after: Some(Duration::from_secs(7))
-            }
+            read_reply(r, ""),
+            Err(RebillError::Busy {
+                status: 429,
+                retry_after: Some(Duration::from_secs(7))
+            })
         );
+        let e = read_reply(reply(503, "busy"), "").expect_err("503");
+        assert_eq!(e.to_string(), "HTTP 503: server busy");
     }
 
     #[test]
-    fn china_day_boundary() {
-        let just_before = chrono::Utc
-            .with_ymd_and_hms(2026, 11, 22, 15, 59, 0)
-            .single()
-            .expect("date");
-        assert_eq!(
-            until_next_china_day(just_before),
-            Duration::from_secs(60 + 60)
+    fn an_echoed_signature_is_hidden() {
+        const SIG: &str = "e9bffb8a29e2b269660e9022dcfff51a";
+        let a = read_reply(
+            reply(200, &format!(r#"{{"code":1,"message":"sign {SIG} 错误"}}"#)),
+            SIG,
+        )
+        .expect("answer");
+        assert_eq!(a.message, "sign *** 错误");
+        // An error page quoting the signature past the excerpt's cut cannot leak a prefix.
+        let page = format!("<html>{} sign={SIG}</html>", "x".repeat(100));
+        let e = read_reply(reply(502, &page), SIG).expect_err("502");
+        assert!(!e.to_string().contains(&SIG[..8]), "{e}");
+        let e = read_reply(reply(200, &format!("<html>{SIG}</html>")), SIG).expect_err("html");
+        assert!(!e.to_string().contains(SIG), "{e}");
+    }
+
+    #[tokio::test]
+    async fn answers_over_the_wire_are_typed() {
+        let opts = SimOptions::default();
+        let sim = Simulator::start(opts.clone()).await.expect("sim");
+        let client = RebillClient::new(RebillSettings {
+            endpoint: Url::parse(&sim.rebill_url()).expect("url"),
+            appid: opts.rebill_appid.clone(),
+            app_secret: Secret::new(opts.rebill_secret.clone()),
+            timeout: Duration::from_secs(5),
+        })
+        .expect("client");
+        const TAX: &str = "91310117568051222X";
+        let a = client.send(TAX, "OK-1").await.expect("answer");
+        assert_eq!((a.code_num, a.message.as_str()), (0, "重试成功"));
+        sim.script_rebill("ISSUED-1", vec![RebillBehavior::Issued]);
+        let a = client.send(TAX, "ISSUED-1").await.expect("answer");
+        assert_eq!(a.code_num, 100);
+        assert!(
+            a.invoice_no.is_some() && a.invoice_down_url.is_some(),
+            "{a:?}"
         );
+        sim.script_rebill(
+            "BUSY-1",
+            vec![RebillBehavior::TooMany {
+                retry_after_secs: 9,
+            }],
+        );
+        assert_eq!(
+            client.send(TAX, "BUSY-1").await,
+            Err(RebillError::Busy {
+                status: 429,
+                retry_after: Some(Duration::from_secs(9))
+            })
+        );
+        sim.script_rebill("BIG-1", vec![RebillBehavior::Oversized]);
+        assert_eq!(
+            client.send(TAX, "BIG-1").await,
+            Err(RebillError::Transport(TransportError::TooLarge))
+        );
+        assert!(sim.rebill_requests().iter().all(|r| r.verified));
     }
 }

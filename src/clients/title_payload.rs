@@ -1,99 +1,19 @@
-//! The FPTT1001 (发票抬头发送) request payload: the title fields of one row, their JSON and
-//! XML renderings, and the `data` query parameter encoding (Base64, then Java-style URL
+//! The FPTT1001 (发票抬头发送) request payload: the JSON and XML renderings of a row's
+//! [`TitleFields`], and the `data` query parameter encoding (Base64, then Java-style URL
 //! encoding).
 //!
 //! Payloads are built with serde_json and quick-xml's writer, never by pasting strings, so a
 //! buyer name such as `A&B <公司> "引号"` arrives intact.
 
-use std::fmt;
-
 use base64::Engine as _;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, BytesText, Event};
 use quick_xml::Writer;
+use serde::ser::SerializeMap;
 use serde::Serialize;
 
 use crate::config::DataType;
-
-/// The title fields of one `title_submissions` row, named after the protocol fields.
-///
-/// `Debug` masks the buyer phone (`gmf_dh`) and bank account (`gmf_yhzh`).
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct TitleFields {
-    /// `ORDER_NO`: the merchant's order number.
-    pub order_no: String,
-    /// `INVOICETYPE`: `1` 普票 or `2` 专票.
-    pub invoice_type: String,
-    /// `TTQQLSH`: the title request serial number, usable once.
-    pub ttqqlsh: String,
-    /// `ATTACH`: usually the tax device number.
-    pub attach: String,
-    /// `GMF_MC`: buyer name, i.e. the invoice title.
-    pub gmf_mc: String,
-    /// `GMF_NSRSBH`: buyer tax id.
-    pub gmf_nsrsbh: Option<String>,
-    /// `GMF_DZ`: buyer address.
-    pub gmf_dz: Option<String>,
-    /// `GMF_DH`: buyer phone (private; masked in `Debug` and logs).
-    pub gmf_dh: Option<String>,
-    /// `GMF_YHZH`: buyer bank and account (private; masked in `Debug` and logs).
-    pub gmf_yhzh: Option<String>,
-    /// `GMF_YHMC`: buyer bank name.
-    pub gmf_yhmc: Option<String>,
-    /// `REMARK`: shown in 开票精灵's list (e.g. a room number).
-    pub remark: Option<String>,
-    /// `BY1`: spare field 1.
-    pub by1: Option<String>,
-    /// `BY2`: spare field 2.
-    pub by2: Option<String>,
-}
-
-impl fmt::Debug for TitleFields {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TitleFields")
-            .field("order_no", &self.order_no)
-            .field("invoice_type", &self.invoice_type)
-            .field("ttqqlsh", &self.ttqqlsh)
-            .field("attach", &self.attach)
-            .field("gmf_mc", &self.gmf_mc)
-            .field("gmf_nsrsbh", &self.gmf_nsrsbh)
-            .field("gmf_dz", &self.gmf_dz)
-            .field("gmf_dh", &self.gmf_dh.as_deref().map(mask_phone))
-            .field("gmf_yhzh", &self.gmf_yhzh.as_deref().map(mask_account))
-            .field("gmf_yhmc", &self.gmf_yhmc)
-            .field("remark", &self.remark)
-            .field("by1", &self.by1)
-            .field("by2", &self.by2)
-            .finish()
-    }
-}
-
-/// Keeps the last `keep` characters of `value` behind a fixed `****`, and nothing of values
-/// so short that their tail would be most of them. The prefix has a fixed length so the
-/// mask does not reveal the length either.
-fn mask_tail(value: &str, keep: usize) -> String {
-    let chars: Vec<char> = value.chars().collect();
-    if chars.is_empty() {
-        return String::new();
-    }
-    // A tail longer than half the value would give most of it away.
-    let keep = keep.min(chars.len() / 2);
-    let mut out = String::from("****");
-    out.extend(&chars[chars.len() - keep..]);
-    out
-}
-
-/// A buyer phone number for logs and messages: `****` and its last 4 characters
-/// (`13800138000` → `****8000`); short values are masked entirely.
-pub fn mask_phone(phone: &str) -> String {
-    mask_tail(phone, 4)
-}
-
-/// A buyer bank account for logs and messages: `****` and its last 4 characters
-/// (`招商银行 66454545` → `****4545`); short values are masked entirely.
-pub fn mask_account(account: &str) -> String {
-    mask_tail(account, 4)
-}
+use crate::title_fields::TitleFields;
 
 /// Why a payload could not be rendered. Only a writer fault can cause it; callers treat
 /// it as a permanent failure of the row.
@@ -123,50 +43,19 @@ struct JsonRequest<'a> {
     body: JsonBody<'a>,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-struct JsonBody<'a> {
-    order_no: &'a str,
-    #[serde(rename = "INVOICETYPE")]
-    invoice_type: &'a str,
-    ttqqlsh: &'a str,
-    attach: &'a str,
-    gmf_mc: &'a str,
-    gmf_nsrsbh: &'a str,
-    gmf_dz: &'a str,
-    gmf_dh: &'a str,
-    gmf_yhzh: &'a str,
-    gmf_yhmc: &'a str,
-    remark: &'a str,
-    by1: &'a str,
-    by2: &'a str,
-}
+/// `BODY`: the fields as an object in protocol order (serde_json's own map would sort
+/// the keys).
+struct JsonBody<'a>(&'a TitleFields);
 
-impl TitleFields {
-    /// The body elements in protocol order; absent optional fields are empty strings, as
-    /// in the doc's samples (`"REMARK":""`).
-    fn elements(&self) -> [(&'static str, &str); 13] {
-        [
-            ("ORDER_NO", self.order_no.as_str()),
-            ("INVOICETYPE", self.invoice_type.as_str()),
-            ("TTQQLSH", self.ttqqlsh.as_str()),
-            ("ATTACH", self.attach.as_str()),
-            ("GMF_MC", self.gmf_mc.as_str()),
-            ("GMF_NSRSBH", opt(&self.gmf_nsrsbh)),
-            ("GMF_DZ", opt(&self.gmf_dz)),
-            ("GMF_DH", opt(&self.gmf_dh)),
-            ("GMF_YHZH", opt(&self.gmf_yhzh)),
-            ("GMF_YHMC", opt(&self.gmf_yhmc)),
-            ("REMARK", opt(&self.remark)),
-            ("BY1", opt(&self.by1)),
-            ("BY2", opt(&self.by2)),
-        ]
+impl Serialize for JsonBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let elements = self.0.elements();
+        let mut map = serializer.serialize_map(Some(elements.len()))?;
+        for (name, value) in elements {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
     }
-}
-
-/// An optional field as sent: absent is the empty string.
-fn opt(value: &Option<String>) -> &str {
-    value.as_deref().unwrap_or("")
 }
 
 /// The JSON payload (`dataType=0`):
@@ -175,21 +64,7 @@ pub fn json_payload(fields: &TitleFields) -> Result<String, PayloadError> {
     let doc = JsonDocument {
         request: JsonRequest {
             head: "",
-            body: JsonBody {
-                order_no: &fields.order_no,
-                invoice_type: &fields.invoice_type,
-                ttqqlsh: &fields.ttqqlsh,
-                attach: &fields.attach,
-                gmf_mc: &fields.gmf_mc,
-                gmf_nsrsbh: opt(&fields.gmf_nsrsbh),
-                gmf_dz: opt(&fields.gmf_dz),
-                gmf_dh: opt(&fields.gmf_dh),
-                gmf_yhzh: opt(&fields.gmf_yhzh),
-                gmf_yhmc: opt(&fields.gmf_yhmc),
-                remark: opt(&fields.remark),
-                by1: opt(&fields.by1),
-                by2: opt(&fields.by2),
-            },
+            body: JsonBody(fields),
         },
     };
     Ok(serde_json::to_string(&doc)?)
@@ -273,24 +148,7 @@ pub fn encode_data(payload: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample() -> TitleFields {
-        TitleFields {
-            order_no: "ORD-1".into(),
-            invoice_type: "1".into(),
-            ttqqlsh: "IW2024000001".into(),
-            attach: "661234567890".into(),
-            gmf_mc: "A&B <公司> \"引号\"".into(),
-            gmf_nsrsbh: Some("91110000600037341L".into()),
-            gmf_dz: None,
-            gmf_dh: Some("13800138000".into()),
-            gmf_yhzh: Some("招商银行 66454545".into()),
-            gmf_yhmc: None,
-            remark: Some("房间 1".into()),
-            by1: None,
-            by2: Some("b2".into()),
-        }
-    }
+    use crate::title_fields::sample;
 
     /// Java's URLDecoder: `%XX` decoded, `+` read as a space.
     fn java_url_decode(s: &str) -> String {
@@ -327,22 +185,8 @@ mod tests {
         assert!(xml.contains("<GMF_MC>A&amp;B &lt;公司&gt; &quot;引号&quot;</GMF_MC>"));
         assert!(xml.contains("<GMF_DZ></GMF_DZ>"));
         assert!(xml.ends_with("<BY1></BY1><BY2>b2</BY2></BODY></REQUEST>"));
-        // Element order follows the protocol.
-        let names = [
-            "ORDER_NO",
-            "INVOICETYPE",
-            "TTQQLSH",
-            "ATTACH",
-            "GMF_MC",
-            "GMF_NSRSBH",
-            "GMF_DZ",
-            "GMF_DH",
-            "GMF_YHZH",
-            "GMF_YHMC",
-            "REMARK",
-            "BY1",
-            "BY2",
-        ];
+        // Element order follows the protocol (pinned in `title_fields`).
+        let names: Vec<&str> = sample().elements().iter().map(|(k, _)| *k).collect();
         let positions: Vec<usize> = names
             .iter()
             .map(|n| xml.find(&format!("<{n}>")).expect("element present"))
@@ -411,25 +255,5 @@ mod tests {
         assert_eq!(url_encode("aZ09.-*_"), "aZ09.-*_");
         assert_eq!(url_encode("a+b/c=d e~"), "a%2Bb%2Fc%3Dd%20e%7E");
         assert_eq!(url_encode("授权"), "%E6%8E%88%E6%9D%83");
-    }
-
-    #[test]
-    fn debug_masks_phone_and_account() {
-        let dbg = format!("{:?}", sample());
-        assert!(!dbg.contains("13800138000"));
-        assert!(!dbg.contains("66454545"));
-        assert!(dbg.contains("****8000"));
-        assert!(dbg.contains("****4545"));
-        assert!(dbg.contains("A&B"));
-    }
-
-    #[test]
-    fn masks_keep_at_most_half_and_last_four() {
-        assert_eq!(mask_phone("13800138000"), "****8000");
-        assert_eq!(mask_account("招商银行 66454545"), "****4545");
-        assert_eq!(mask_phone(""), "");
-        assert_eq!(mask_phone("12"), "****2");
-        assert_eq!(mask_phone("1"), "****");
-        assert_eq!(mask_phone("123456"), "****456");
     }
 }

@@ -95,6 +95,19 @@ pub fn is_success(reply: &Reply) -> bool {
     success_code(code) || (code == "1000" && reply.body_code.as_deref().is_some_and(success_code))
 }
 
+/// True when a message is about the access token or openID (token / 令牌 / access_token /
+/// openID): the platform refused our token, and renewing it may help (SPEC §2).
+pub fn mentions_token(message: &str) -> bool {
+    let lower = message.to_lowercase();
+    lower.contains("token") || lower.contains("openid") || message.contains("令牌")
+}
+
+/// True when a message says the serial number (TTQQLSH) was used already (重复 / 已存在).
+/// Such a reply is never a token problem, whatever else it mentions.
+pub fn mentions_duplicate(message: &str) -> bool {
+    message.contains("重复") || message.contains("已存在")
+}
+
 /// Parses an answer to FPTT1001 (or any service of the platform) in any of the accepted
 /// shapes.
 pub fn parse_reply(body: &[u8]) -> Result<Reply, ReplyError> {

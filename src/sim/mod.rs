@@ -11,7 +11,8 @@
 //! Tests script answers per order number with [`Simulator::script_rebill`] and
 //! [`Simulator::script_title`]: each request for that order consumes one step and the last
 //! step repeats forever. Without a script, rebill answers `{"code":0,"message":"重试成功"}`
-//! and the title server answers success.
+//! and the title server answers success. [`Simulator::script_token`] scripts TokenAction
+//! the same way (one step per call), for a token service that is down or careless.
 //!
 //! Every request is recorded ([`RebillRecord`], [`TitleRecord`]) so tests can check what
 //! actually went over the wire, which serials the title server accepted
@@ -71,6 +72,9 @@ pub struct SimOptions {
     pub title_client_secret: String,
     /// Added to every rebill and `thirdApi` answer (not to TokenAction / OpenAction).
     pub latency: Duration,
+    /// Added to every TokenAction answer: a slow token service, so that jobs needing a
+    /// token at once really do wait for the same renewal.
+    pub token_latency: Duration,
     /// How `thirdApi` answers an invalid access token: HTTP 401 (`true`) or HTTP 200 with a
     /// reply whose REPLYMSG is `access_token无效` (`false`).
     pub token_reply_401: bool,
@@ -84,6 +88,7 @@ impl Default for SimOptions {
             title_client_id: "sandbox-client".to_owned(),
             title_client_secret: "sandbox-client-secret".to_owned(),
             latency: Duration::ZERO,
+            token_latency: Duration::ZERO,
             token_reply_401: false,
         }
     }
@@ -186,6 +191,16 @@ pub enum TitleBehavior {
     /// Send the headers and part of the body, then abort the connection (serial not
     /// accepted).
     Reset,
+    /// HTTP 503 with `Retry-After: retry_after_secs` and a plain-text body: the platform
+    /// is overloaded (serial not accepted).
+    Busy {
+        /// The `Retry-After` value in seconds.
+        retry_after_secs: u64,
+    },
+    /// HTTP 400 with an HTML error page quoting the request, as a careless servlet
+    /// container does: the decoded `data` and `access_token` parameters and the raw query
+    /// string (serial not accepted). Tests check that clients repeat none of it.
+    EchoQuery,
 }
 
 impl TitleBehavior {
@@ -202,8 +217,24 @@ impl TitleBehavior {
             TitleBehavior::Code1000 => "Code1000",
             TitleBehavior::Garbage => "Garbage",
             TitleBehavior::Reset => "Reset",
+            TitleBehavior::Busy { .. } => "Busy",
+            TitleBehavior::EchoQuery => "EchoQuery",
         }
     }
+}
+
+/// One scripted answer of the title platform's `TokenAction` (see
+/// [`Simulator::script_token`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenBehavior {
+    /// Verify `sign`, `client_id` and `client_secret`; issue a token when they match,
+    /// else refuse with REPLYCODE `1001` (the default).
+    Issue,
+    /// Like [`TokenBehavior::Issue`], but a refusal's REPLYMSG quotes the `client_secret`
+    /// it was sent, as a careless server might (clients must not repeat it).
+    EchoSecret,
+    /// This HTTP status with a small plain-text body; no token is issued.
+    Status(u16),
 }
 
 /// One request the rebill gateway received (also those that failed verification).
@@ -242,6 +273,11 @@ pub struct TitleRecord {
     pub gmf_mc: String,
     /// The `sqm` parameter.
     pub sqm: String,
+    /// The query string exactly as received (still percent-encoded).
+    pub query: String,
+    /// The payload text `data` decoded to (Base64, then UTF-8), when it also parsed as
+    /// the `dataType`'s JSON or XML; empty otherwise.
+    pub payload: String,
     /// True when `data` decoded (Base64, UTF-8, JSON/XML) and the fields passed the rules.
     pub payload_ok: bool,
     /// The REPLYCODE answered, or `HTTP nnn` for answers without one (401, scripted
@@ -279,6 +315,7 @@ struct Shared {
     open_id: String,
     rebill_scripts: Mutex<HashMap<String, Script<RebillBehavior>>>,
     title_scripts: Mutex<HashMap<String, Script<TitleBehavior>>>,
+    token_script: Mutex<Option<Script<TokenBehavior>>>,
     rebill_log: Mutex<Vec<RebillRecord>>,
     title_log: Mutex<Vec<TitleRecord>>,
     tokens: Mutex<HashSet<String>>,
@@ -302,6 +339,13 @@ impl Shared {
             .get_mut(orderno)
             .and_then(Script::next)
             .unwrap_or(RebillBehavior::Accepted)
+    }
+
+    fn next_token(&self) -> TokenBehavior {
+        lock(&self.token_script)
+            .as_mut()
+            .and_then(Script::next)
+            .unwrap_or(TokenBehavior::Issue)
     }
 
     fn next_title(&self, order_no: &str) -> TitleBehavior {
@@ -410,6 +454,7 @@ impl Simulator {
             opts,
             rebill_scripts: Mutex::new(HashMap::new()),
             title_scripts: Mutex::new(HashMap::new()),
+            token_script: Mutex::new(None),
             rebill_log: Mutex::new(Vec::new()),
             title_log: Mutex::new(Vec::new()),
             tokens: Mutex::new(HashSet::new()),
@@ -485,6 +530,12 @@ impl Simulator {
         } else {
             scripts.insert(order_no.to_owned(), Script(steps.into()));
         }
+    }
+
+    /// Scripts TokenAction's answers: one step per call, the last step repeating forever.
+    /// Replaces any earlier script; an empty list restores [`TokenBehavior::Issue`].
+    pub fn script_token(&self, steps: Vec<TokenBehavior>) {
+        *lock(&self.shared.token_script) = (!steps.is_empty()).then(|| Script(steps.into()));
     }
 
     /// Every request the rebill gateway received, in arrival order.

@@ -295,6 +295,18 @@ pub(super) fn typed_reply(
     response
 }
 
+/// A plain-text `status` answer asking the client to come back in `retry_after_secs`.
+pub(super) fn busy_reply(
+    status: StatusCode,
+    retry_after_secs: u64,
+    text: &'static str,
+) -> Response {
+    let mut r = typed_reply(status, "text/plain;charset=UTF-8", text);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    r
+}
+
 /// A status for [`RebillBehavior::Status`]: the given one, or 500 if it cannot be a final
 /// HTTP status.
 pub(super) fn final_status(code: u16) -> StatusCode {
@@ -380,16 +392,11 @@ fn respond(behavior: &RebillBehavior, orderno: &str) -> (Response, Duration) {
                 format!("simulated HTTP {}", status.as_u16()),
             )
         }
-        RebillBehavior::TooMany { retry_after_secs } => {
-            let mut r = typed_reply(
-                StatusCode::TOO_MANY_REQUESTS,
-                "text/plain;charset=UTF-8",
-                "Too Many Requests",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
-            r
-        }
+        RebillBehavior::TooMany { retry_after_secs } => busy_reply(
+            StatusCode::TOO_MANY_REQUESTS,
+            *retry_after_secs,
+            "Too Many Requests",
+        ),
         RebillBehavior::Html => typed_reply(StatusCode::OK, "text/html;charset=UTF-8", HTML_PAGE),
         RebillBehavior::Garbage => json_reply(StatusCode::OK, "\u{1}garbage}{ not json <<"),
         RebillBehavior::Empty => json_reply(StatusCode::OK, Body::empty()),

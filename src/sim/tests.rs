@@ -786,3 +786,78 @@ async fn title_scripted_shapes() {
         ["SIMALT", "SIM1000", "SIMD", "SIMLATE"]
     );
 }
+
+#[tokio::test]
+async fn busy_and_echo_pages_come_after_verification() {
+    let sim = start().await;
+    let s = login(&sim).await;
+    let p = json_payload("T-busy", "SIMBUSY", "买方", "");
+    sim.script_title(
+        "T-busy",
+        vec![TitleBehavior::Busy {
+            retry_after_secs: 9,
+        }],
+    );
+    let r = s.send_with(&p, "0", JAVA_URLENCODE).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "9");
+    let rec = sim.title_requests().pop().unwrap();
+    assert_eq!(rec.payload, p);
+    assert_eq!(rec.reply_code, "HTTP 503");
+    assert_eq!(
+        rec.query,
+        s.third_api_url(&enc("SQM-授权码+1"), &enc(&b64(&p)), "0")
+            .split_once('?')
+            .unwrap()
+            .1
+    );
+
+    let p = json_payload("T-page", "SIMPAGE", "买方", "");
+    sim.script_title("T-page", vec![TitleBehavior::EchoQuery]);
+    let r = s.send_with(&p, "0", JAVA_URLENCODE).await;
+    assert_eq!(r.status(), 400);
+    let page = r.text().await.unwrap();
+    let rec = sim.title_requests().pop().unwrap();
+    assert!(page.contains(&b64(&p)), "{page}");
+    assert!(page.contains(&format!("for {}", s.token)), "{page}");
+    assert!(page.contains(&rec.query), "{page}");
+    assert!(sim.accepted_serials().is_empty());
+
+    // An invalid token is refused as always, whatever the script says.
+    sim.expire_tokens();
+    let r = s.send(&p, "0").await;
+    assert!(r.contains("access_token无效"), "{r}");
+}
+
+#[tokio::test]
+async fn token_action_can_be_down_or_careless() {
+    let sim = start().await;
+    let client = reqwest::Client::new();
+    let opts = SimOptions::default();
+    let url = |secret: &str| {
+        format!(
+            "{}/TokenAction?sign=token&client_id={}&client_secret={}",
+            sim.title_base_url(),
+            enc(&opts.title_client_id),
+            enc(secret)
+        )
+    };
+    sim.script_token(vec![TokenBehavior::Status(500), TokenBehavior::EchoSecret]);
+    let r = client
+        .get(url(&opts.title_client_secret))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    // EchoSecret quotes a wrong secret in its refusal and still issues on the right one.
+    let doc = get_text(&client, url("wrong-secret")).await;
+    assert_eq!(xml_text(&doc, "REPLYCODE").as_deref(), Some("1001"));
+    assert!(doc.contains("wrong-secret"), "{doc}");
+    let doc = get_text(&client, url(&opts.title_client_secret)).await;
+    assert!(xml_text(&doc, "access_token").is_some(), "{doc}");
+    // Without a script, refusals quote nothing.
+    sim.script_token(Vec::new());
+    let doc = get_text(&client, url("wrong-secret")).await;
+    assert!(!doc.contains("wrong-secret"), "{doc}");
+    assert_eq!(sim.token_requests(), 4);
+}

@@ -21,8 +21,8 @@ use quick_xml::escape::escape;
 use quick_xml::events::Event;
 use serde_json::{json, Value};
 
-use super::rebill::{final_status, reset_body, typed_reply as typed};
-use super::{form, lock, FlightGuard, Shared, TitleBehavior, TitleRecord};
+use super::rebill::{busy_reply, final_status, reset_body, typed_reply as typed};
+use super::{form, lock, FlightGuard, Shared, TitleBehavior, TitleRecord, TokenBehavior};
 
 const JSON_CT: &str = "application/json;charset=UTF-8";
 const XML_CT: &str = "application/xml;charset=UTF-8";
@@ -148,6 +148,15 @@ pub(super) async fn token_action(State(shared): State<Arc<Shared>>, uri: Uri) ->
         Ok(p) => p,
         Err(e) => return undecodable(e),
     };
+    let behavior = shared.next_token();
+    if !shared.opts.token_latency.is_zero() {
+        tokio::time::sleep(shared.opts.token_latency).await;
+    }
+    if let TokenBehavior::Status(code) = behavior {
+        let status = final_status(code);
+        let text = format!("simulated HTTP {}", status.as_u16());
+        return typed(status, "text/plain;charset=UTF-8", text);
+    }
     let get = |n: &str| form::first(&params, n).unwrap_or("");
     if get("sign") != "token" {
         return xml_reply(StatusCode::OK, "1004", "sign参数错误(应为token)", "");
@@ -155,7 +164,13 @@ pub(super) async fn token_action(State(shared): State<Arc<Shared>>, uri: Uri) ->
     if get("client_id") != shared.opts.title_client_id
         || get("client_secret") != shared.opts.title_client_secret
     {
-        return xml_reply(StatusCode::OK, "1001", "client_id或client_secret错误", "");
+        let msg = match behavior {
+            TokenBehavior::EchoSecret => {
+                format!("client_id或client_secret({})错误", get("client_secret"))
+            }
+            _ => "client_id或client_secret错误".to_owned(),
+        };
+        return xml_reply(StatusCode::OK, "1001", &msg, "");
     }
     let token = hex::encode(rand::random::<[u8; 16]>());
     lock(&shared.tokens).insert(token.clone());
@@ -194,6 +209,8 @@ pub(super) async fn third_api(State(shared): State<Arc<Shared>>, uri: Uri) -> Re
         data_type: String::new(),
         gmf_mc: String::new(),
         sqm: String::new(),
+        query: uri.query().unwrap_or("").to_owned(),
+        payload: String::new(),
         payload_ok: false,
         reply_code: String::new(),
         answered: "Rejected",
@@ -241,7 +258,8 @@ fn process(
 
     // Decode the payload up front so even refused requests are recorded with it.
     let payload = decode_payload(get("data"), &rec.data_type);
-    if let Ok(fields) = &payload {
+    if let Ok((text, fields)) = &payload {
+        rec.payload = text.clone();
         let field = |k: &str| fields.get(k).cloned().unwrap_or_default();
         rec.order_no = field("ORDER_NO");
         rec.ttqqlsh = field("TTQQLSH");
@@ -276,7 +294,7 @@ fn process(
         ));
     }
     let fields = match payload {
-        Ok(f) => f,
+        Ok((_, f)) => f,
         Err(e) => return done(refuse(rec, fmt, e.code, &e.message)),
     };
     if let Err(msg) = check_fields(&fields) {
@@ -329,6 +347,25 @@ fn process(
                 "text/plain;charset=UTF-8",
                 format!("simulated HTTP {}", status.as_u16()),
             )
+        }
+        TitleBehavior::Busy { retry_after_secs } => {
+            rec.reply_code = "HTTP 503".to_owned();
+            busy_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                *retry_after_secs,
+                "Service Unavailable",
+            )
+        }
+        TitleBehavior::EchoQuery => {
+            rec.reply_code = "HTTP 400".to_owned();
+            let page = format!(
+                "<html><body><h1>HTTP Status 400 – Bad Request</h1><p>Bad data {} for {}: \
+                 [/Entoauth/thirdApi?{}]</p></body></html>",
+                get("data").unwrap_or(""),
+                get("access_token").unwrap_or(""),
+                rec.query,
+            );
+            typed(StatusCode::BAD_REQUEST, "text/html;charset=UTF-8", page)
         }
         TitleBehavior::TokenExpired => token_invalid(shared, fmt, Some(rec)),
         TitleBehavior::AltShape => {
@@ -394,11 +431,11 @@ fn payload_err(code: &'static str, message: impl Into<String>) -> PayloadError {
     }
 }
 
+/// The decoded payload text and the known BODY fields read from it.
+type Decoded = (String, HashMap<&'static str, String>);
+
 /// `data` → strict Base64 → UTF-8 → JSON or XML → the known BODY fields.
-fn decode_payload(
-    data: Option<&str>,
-    data_type: &str,
-) -> Result<HashMap<&'static str, String>, PayloadError> {
+fn decode_payload(data: Option<&str>, data_type: &str) -> Result<Decoded, PayloadError> {
     let data = match data {
         Some(d) if !d.is_empty() => d,
         _ => return Err(payload_err("2004", "data不能为空")),
@@ -408,12 +445,13 @@ fn decode_payload(
         .map_err(|e| payload_err("2004", format!("data不是有效的Base64编码({e})")))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| payload_err("2005", "data报文解析失败: 不是UTF-8文本"))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    match data_type {
-        "1" => parse_xml(text),
-        _ => parse_json(text),
+    let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let fields = match data_type {
+        "1" => parse_xml(body),
+        _ => parse_json(body),
     }
-    .map_err(|why| payload_err("2005", format!("data报文解析失败: {why}")))
+    .map_err(|why| payload_err("2005", format!("data报文解析失败: {why}")))?;
+    Ok((text, fields))
 }
 
 fn parse_json(text: &str) -> Result<HashMap<&'static str, String>, String> {

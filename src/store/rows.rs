@@ -4,6 +4,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::FromRow;
 
 use super::QueueName;
+use crate::title_fields::TitleFields;
 
 /// What a queue's row type must provide to go through the generic machinery.
 pub trait QueueRow: for<'r> FromRow<'r, SqliteRow> + Send + Sync + Unpin + Clone + 'static {
@@ -73,32 +74,9 @@ pub const DEFAULT_SELLER: &str = "(default)";
 pub struct TitleRow {
     /// Row id.
     pub id: i64,
-    /// ORDER_NO
-    pub order_no: String,
-    /// INVOICETYPE, "1" or "2".
-    pub invoice_type: String,
-    /// TTQQLSH; NULL until the worker generates one.
-    pub ttqqlsh: Option<String>,
-    /// ATTACH
-    pub attach: String,
-    /// GMF_MC
-    pub gmf_mc: String,
-    /// GMF_NSRSBH
-    pub gmf_nsrsbh: Option<String>,
-    /// GMF_DZ
-    pub gmf_dz: Option<String>,
-    /// GMF_DH (private: masked in logs)
-    pub gmf_dh: Option<String>,
-    /// GMF_YHZH (private: masked in logs)
-    pub gmf_yhzh: Option<String>,
-    /// GMF_YHMC
-    pub gmf_yhmc: Option<String>,
-    /// REMARK
-    pub remark: Option<String>,
-    /// BY1
-    pub by1: Option<String>,
-    /// BY2
-    pub by2: Option<String>,
+    /// The FPTT1001 fields; TTQQLSH is NULL until the worker generates one.
+    #[sqlx(flatten)]
+    pub fields: TitleFields,
     /// Per-row 开票精灵 authorisation code (NULL = config default).
     pub sqm: Option<String>,
     /// Per-row payload format, 0 JSON / 1 XML (NULL = config default).
@@ -113,9 +91,9 @@ impl std::fmt::Debug for TitleRow {
         // The buyer's phone and bank account are personal data: never printed.
         f.debug_struct("TitleRow")
             .field("id", &self.id)
-            .field("order_no", &self.order_no)
-            .field("ttqqlsh", &self.ttqqlsh)
-            .field("gmf_mc", &self.gmf_mc)
+            .field("order_no", &self.fields.order_no)
+            .field("ttqqlsh", &self.fields.ttqqlsh)
+            .field("gmf_mc", &self.fields.gmf_mc)
             .finish_non_exhaustive()
     }
 }
@@ -130,11 +108,12 @@ impl QueueRow for TitleRow {
         }
     }
     fn order(&self) -> &str {
-        &self.order_no
+        &self.fields.order_no
     }
     fn label(&self) -> String {
-        self.ttqqlsh
+        self.fields
+            .ttqqlsh
             .clone()
-            .unwrap_or_else(|| self.order_no.clone())
+            .unwrap_or_else(|| self.fields.order_no.clone())
     }
 }

@@ -6,7 +6,7 @@
 //! Chinese). Reasons name the protocol field and the rule; they never echo the buyer's
 //! phone or bank account.
 
-use crate::clients::title_payload::TitleFields;
+use crate::title_fields::TitleFields;
 use crate::validate::uscc::uscc_check_digit_ok;
 use crate::validate::Rejection;
 
@@ -165,7 +165,12 @@ pub fn check(fields: &TitleFields, lenient_tax_id: bool) -> Result<(), Rejection
         };
         return Err(Rejection::new("INVOICETYPE", reason));
     }
-    required("TTQQLSH", &fields.ttqqlsh, Some(20), true)?;
+    required(
+        "TTQQLSH",
+        fields.ttqqlsh.as_deref().unwrap_or(""),
+        Some(20),
+        true,
+    )?;
     required("ATTACH", &fields.attach, Some(20), true)?;
     required("GMF_MC", &fields.gmf_mc, Some(100), false)?;
     check_tax_id(
@@ -191,7 +196,7 @@ mod tests {
         TitleFields {
             order_no: "ORD-1".into(),
             invoice_type: "1".into(),
-            ttqqlsh: "IW20240101000001".into(),
+            ttqqlsh: Some("IW20240101000001".into()),
             attach: "661234567890".into(),
             gmf_mc: "北京某某科技有限公司".into(),
             gmf_nsrsbh: Some("91110000600037341L".into()),
@@ -261,7 +266,8 @@ mod tests {
         for (name, set) in [
             (
                 "TTQQLSH",
-                (|f: &mut TitleFields, v: String| f.ttqqlsh = v) as fn(&mut TitleFields, String),
+                (|f: &mut TitleFields, v: String| f.ttqqlsh = Some(v))
+                    as fn(&mut TitleFields, String),
             ),
             ("ATTACH", |f: &mut TitleFields, v: String| f.attach = v),
         ] {
@@ -277,6 +283,15 @@ mod tests {
             assert_eq!(r.field, name);
             assert_eq!(r.reason, "21 characters, at most 20 allowed");
         }
+        // A serial not generated yet counts as empty.
+        let r = rejected(&TitleFields {
+            ttqqlsh: None,
+            ..valid()
+        });
+        assert_eq!(
+            (r.field, r.reason.as_str()),
+            ("TTQQLSH", "required but empty")
+        );
     }
 
     #[test]

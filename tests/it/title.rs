@@ -7,6 +7,7 @@ use crate::common::{wait_until, World, TAX};
 use invoice_worker::config::DataType;
 use invoice_worker::sim::{RebillBehavior, SimOptions, TitleBehavior};
 use invoice_worker::store::admin::NewTitle;
+use invoice_worker::title_fields::TitleFields;
 
 #[derive(Debug, sqlx::FromRow)]
 struct Row {
@@ -28,12 +29,15 @@ async fn row(w: &World, id: i64) -> Row {
 
 fn title(order_no: &str, gmf_mc: &str) -> NewTitle {
     NewTitle {
-        order_no: order_no.to_string(),
-        invoice_type: "1".to_string(),
-        attach: "661234567890".to_string(),
-        gmf_mc: gmf_mc.to_string(),
-        gmf_dh: Some("13800138000".to_string()),
-        gmf_yhzh: Some("6225880123456789".to_string()),
+        fields: TitleFields {
+            order_no: order_no.to_string(),
+            invoice_type: "1".to_string(),
+            attach: "661234567890".to_string(),
+            gmf_mc: gmf_mc.to_string(),
+            gmf_dh: Some("13800138000".to_string()),
+            gmf_yhzh: Some("6225880123456789".to_string()),
+            ..TitleFields::default()
+        },
         ..NewTitle::default()
     }
 }
@@ -51,8 +55,8 @@ async fn titles_are_sent_in_json_and_xml_with_escaping_intact() {
     let mut xml = title("T-XML", tricky);
     xml.data_type = Some(1);
     let mut special = title("T-SPECIAL", "深圳某某电子有限公司");
-    special.invoice_type = "2".into();
-    special.gmf_nsrsbh = Some("9144030071526726XG".into());
+    special.fields.invoice_type = "2".into();
+    special.fields.gmf_nsrsbh = Some("9144030071526726XG".into());
     special.sqm = Some("ROW-SQM".into());
     let ids = vec![
         w.store.enqueue_title(&json).await.expect("insert"),
@@ -208,7 +212,7 @@ async fn a_timed_out_send_that_arrived_counts_as_sent_on_retry() {
 async fn a_duplicate_serial_on_the_first_attempt_fails() {
     let w = World::new().await;
     let mut a = title("T-A", "甲公司");
-    a.ttqqlsh = Some("IWDUP0000000000001".into());
+    a.fields.ttqqlsh = Some("IWDUP0000000000001".into());
     let id_a = w.store.enqueue_title(&a).await.expect("insert");
     let daemon = w.start().await;
     wait_final(&w, &[id_a]).await;
@@ -220,7 +224,7 @@ async fn a_duplicate_serial_on_the_first_attempt_fails() {
         .await
         .expect("delete");
     let mut b = title("T-B", "乙公司");
-    b.ttqqlsh = Some("IWDUP0000000000001".into());
+    b.fields.ttqqlsh = Some("IWDUP0000000000001".into());
     let id_b = w.store.enqueue_title(&b).await.expect("insert");
     wait_final(&w, &[id_b]).await;
     daemon.stop().await;
@@ -234,37 +238,37 @@ async fn every_invalid_title_is_rejected_with_its_reason() {
     let long = |n: usize| "长".repeat(n);
     let mut cases: Vec<(NewTitle, &str)> = Vec::new();
     let mut t = title("V-1", "x");
-    t.gmf_mc = "   ".into();
+    t.fields.gmf_mc = "   ".into();
     cases.push((t, "GMF_MC"));
     let mut t = title("V-2", &long(101));
-    t.order_no = "V-2".into();
+    t.fields.order_no = "V-2".into();
     cases.push((t, "GMF_MC: 101 characters"));
     let mut t = title("V-3", "公司");
-    t.attach = "A".repeat(21);
+    t.fields.attach = "A".repeat(21);
     cases.push((t, "ATTACH"));
     let mut t = title("V-4", "公司");
-    t.ttqqlsh = Some("S".repeat(21));
+    t.fields.ttqqlsh = Some("S".repeat(21));
     cases.push((t, "TTQQLSH"));
     let mut t = title("V-5", "公司");
-    t.invoice_type = "2".into();
+    t.fields.invoice_type = "2".into();
     cases.push((t, "GMF_NSRSBH"));
     let mut t = title("V-6", "公司");
-    t.gmf_nsrsbh = Some("91110000600037341N".into());
+    t.fields.gmf_nsrsbh = Some("91110000600037341N".into());
     cases.push((t, "check digit"));
     let mut t = title("V-7", "公司");
-    t.gmf_nsrsbh = Some("1234".into());
+    t.fields.gmf_nsrsbh = Some("1234".into());
     cases.push((t, "GMF_NSRSBH"));
     let mut t = title("V-8", "公司");
-    t.remark = Some(long(201));
+    t.fields.remark = Some(long(201));
     cases.push((t, "REMARK"));
     let mut t = title("V-9", "公司");
-    t.gmf_dz = Some(long(101));
+    t.fields.gmf_dz = Some(long(101));
     cases.push((t, "GMF_DZ"));
     let mut t = title("V-10", "公司");
-    t.by2 = Some(long(201));
+    t.fields.by2 = Some(long(201));
     cases.push((t, "BY2"));
     let mut t = title("V-11", "公司");
-    t.attach = " ".into();
+    t.fields.attach = " ".into();
     cases.push((t, "ATTACH"));
     let mut ids = Vec::new();
     for (t, _) in &cases {
@@ -275,9 +279,9 @@ async fn every_invalid_title_is_rejected_with_its_reason() {
     daemon.stop().await;
     for ((t, reason), id) in cases.iter().zip(&ids) {
         let r = row(&w, *id).await;
-        assert_eq!(r.status, "rejected", "{}: {r:?}", t.order_no);
+        assert_eq!(r.status, "rejected", "{}: {r:?}", t.fields.order_no);
         let message = r.last_message.unwrap_or_default();
-        assert!(message.contains(reason), "{}: {message}", t.order_no);
+        assert!(message.contains(reason), "{}: {message}", t.fields.order_no);
         assert!(
             !message.contains("13800138000") && !message.contains("6225880123456789"),
             "{message}"
@@ -294,7 +298,7 @@ async fn lenient_tax_id_accepts_sandbox_codes() {
     let mut w = World::new().await;
     w.config.title.lenient_tax_id = true;
     let mut t = title("V-LENIENT", "公司");
-    t.gmf_nsrsbh = Some("91110000600037341N".into());
+    t.fields.gmf_nsrsbh = Some("91110000600037341N".into());
     let id = w.store.enqueue_title(&t).await.expect("insert");
     let daemon = w.start().await;
     wait_final(&w, &[id]).await;

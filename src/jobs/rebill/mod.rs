@@ -1,5 +1,8 @@
-//! Rebilling: validate the order, send it to fw199 `rebillingnew`.
+//! Rebilling: validate the order, send it to fw199 `rebillingnew`, classify the answer.
 
+pub mod classify;
+
+use super::Rules;
 use crate::clients::rebill::RebillClient;
 use crate::queue::attempt::{AttemptRecord, Handler};
 use crate::queue::decide::Processed;
@@ -11,12 +14,13 @@ use crate::validate::invisible::escape_for_log;
 #[derive(Debug, Clone)]
 pub struct RebillJob {
     client: RebillClient,
+    rules: Rules,
 }
 
 impl RebillJob {
-    /// A handler sending through `client`.
-    pub fn new(client: RebillClient) -> Self {
-        RebillJob { client }
+    /// A handler sending through `client` and classifying answers with `rules`.
+    pub fn new(client: RebillClient, rules: Rules) -> Self {
+        RebillJob { client, rules }
     }
 }
 
@@ -28,7 +32,13 @@ impl Handler for RebillJob {
         if let Err(rejection) = validate::rebill::check(&row.orderno, &row.tax_num) {
             return Processed::Rejected(rejection);
         }
-        Processed::Attempted(self.client.send(&row.tax_num, &row.orderno).await)
+        let result = self.client.send(&row.tax_num, &row.orderno).await;
+        Processed::Attempted(classify::classify(
+            result,
+            &self.rules.operator,
+            self.rules.pauses,
+            chrono::Utc::now(),
+        ))
     }
 
     fn log_attempt(&self, row: &RebillRow, record: &AttemptRecord) {

@@ -1,8 +1,11 @@
 //! Titles: pick the format and authorisation code, make sure the row has a serial (stored
-//! before the first send so retries reuse it), validate, send to 开票精灵 FPTT1001.
+//! before the first send so retries reuse it), validate, send to 开票精灵 FPTT1001 and
+//! classify the answer.
 
+pub mod classify;
+
+use super::Rules;
 use crate::clients::title::{TitleClient, TitleRequest};
-use crate::clients::title_payload::TitleFields;
 use crate::config::DataType;
 use crate::queue::action::Attempted;
 use crate::queue::attempt::{AttemptRecord, Handler};
@@ -34,20 +37,29 @@ pub struct TitleJob {
     store: Store,
     client: TitleClient,
     defaults: TitleDefaults,
+    rules: Rules,
 }
 
 impl TitleJob {
-    /// A handler sending through `client`, storing generated serials in `store`.
-    pub fn new(store: Store, client: TitleClient, defaults: TitleDefaults) -> Self {
+    /// A handler sending through `client`, storing generated serials in `store` and
+    /// classifying answers with `rules`.
+    pub fn new(store: Store, client: TitleClient, defaults: TitleDefaults, rules: Rules) -> Self {
         TitleJob {
             store,
             client,
             defaults,
+            rules,
         }
     }
 
     async fn ensure_serial(&self, claimed: &Claimed<TitleRow>) -> Result<String, Processed> {
-        if let Some(serial) = claimed.row.ttqqlsh.as_deref().filter(|s| !s.is_empty()) {
+        if let Some(serial) = claimed
+            .row
+            .fields
+            .ttqqlsh
+            .as_deref()
+            .filter(|s| !s.is_empty())
+        {
             return Ok(serial.to_string());
         }
         let date = chrono::Utc::now().format("%y%m%d").to_string();
@@ -109,31 +121,13 @@ fn to_base36(mut n: u64) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn fields_of(row: &TitleRow, serial: String) -> TitleFields {
-    TitleFields {
-        order_no: row.order_no.clone(),
-        invoice_type: row.invoice_type.clone(),
-        ttqqlsh: serial,
-        attach: row.attach.clone(),
-        gmf_mc: row.gmf_mc.clone(),
-        gmf_nsrsbh: row.gmf_nsrsbh.clone(),
-        gmf_dz: row.gmf_dz.clone(),
-        gmf_dh: row.gmf_dh.clone(),
-        gmf_yhzh: row.gmf_yhzh.clone(),
-        gmf_yhmc: row.gmf_yhmc.clone(),
-        remark: row.remark.clone(),
-        by1: row.by1.clone(),
-        by2: row.by2.clone(),
-    }
-}
-
 impl Handler for TitleJob {
     type Row = TitleRow;
 
     async fn prepare(&self, claimed: &mut Claimed<TitleRow>) -> Option<Processed> {
         match self.ensure_serial(claimed).await {
             Ok(serial) => {
-                claimed.row.ttqqlsh = Some(serial);
+                claimed.row.fields.ttqqlsh = Some(serial);
                 None
             }
             Err(processed) => Some(processed),
@@ -169,14 +163,13 @@ impl Handler for TitleJob {
             }
         };
         // prepare() stored a serial; an empty one here would be a bug, reported as such.
-        let Some(serial) = row.ttqqlsh.clone().filter(|s| !s.is_empty()) else {
+        if row.fields.ttqqlsh.as_deref().is_none_or(str::is_empty) {
             return Processed::Attempted(Attempted::transient(
                 None,
                 "row has no serial after prepare",
             ));
-        };
-        let fields = fields_of(row, serial);
-        if let Err(rejection) = validate::title::check(&fields, self.defaults.lenient_tax_id) {
+        }
+        if let Err(rejection) = validate::title::check(&row.fields, self.defaults.lenient_tax_id) {
             return Processed::Rejected(rejection);
         }
         // A serial that may already have reached the server: a "duplicate" reply then means
@@ -185,12 +178,17 @@ impl Handler for TitleJob {
             || recent_attempts(&claimed.meta.recent_attempts, now_ms()).len() > 1
             || row.last_message.is_some();
         let request = TitleRequest {
-            fields: &fields,
+            fields: &row.fields,
             sqm: &sqm,
             data_type,
-            is_retry,
         };
-        Processed::Attempted(self.client.send(&request).await)
+        let result = self.client.send(&request).await;
+        Processed::Attempted(classify::classify(
+            result,
+            is_retry,
+            &self.rules.operator,
+            self.rules.pauses,
+        ))
     }
 
     fn log_attempt(&self, row: &TitleRow, record: &AttemptRecord) {
@@ -198,7 +196,7 @@ impl Handler for TitleJob {
         // of the line (U+202E): shown escaped.
         let label = row.label();
         let ttqqlsh = escape_for_log(&label);
-        let order_no = escape_for_log(&row.order_no);
+        let order_no = escape_for_log(&row.fields.order_no);
         let seller = row.seller();
         let sqm = escape_for_log(&seller);
         crate::log_attempt!(record, ttqqlsh = %ttqqlsh, order_no = %order_no, sqm = %sqm);
