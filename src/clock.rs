@@ -58,6 +58,12 @@ impl Clock {
         }
     }
 
+    /// The current time as a UTC date and time (for what is decided by the calendar: the
+    /// daily quota's reset, the date in a generated serial).
+    pub fn now_utc(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp_millis(self.now_ms()).unwrap_or_default()
+    }
+
     /// `now_ms() + d`, for deadlines (a lease, a pause) stored in the database.
     pub fn after(&self, d: Duration) -> i64 {
         self.now_ms()
@@ -105,6 +111,8 @@ mod tests {
         assert_eq!(clock.after(Duration::from_secs(1)), 2_250);
         clock.set(7);
         assert_eq!(shared.now_ms(), 7);
+        clock.set(1_764_547_200_000);
+        assert_eq!(clock.now_utc().to_rfc3339(), "2025-12-01T00:00:00+00:00");
     }
 
     #[tokio::test(start_paused = true)]

@@ -64,7 +64,7 @@ fn settings_of(
 }
 
 /// Builds the rebill handler, or says why the queue is off.
-fn rebill_job(config: &Config) -> anyhow::Result<Option<RebillJob>> {
+fn rebill_job(config: &Config, clock: &Clock) -> anyhow::Result<Option<RebillJob>> {
     if !config.rebill.enabled {
         tracing::info!("rebill queue disabled by config (rebill.enabled = false)");
         return Ok(None);
@@ -92,11 +92,11 @@ fn rebill_job(config: &Config) -> anyhow::Result<Option<RebillJob>> {
         operator: config.rebill.rules.clone(),
         pauses: pauses_of(&config.rebill.limits),
     };
-    Ok(Some(RebillJob::new(client, rules)))
+    Ok(Some(RebillJob::new(client, rules, clock.clone())))
 }
 
 /// Builds the title handler, or says why the queue is off.
-fn title_job(config: &Config, store: &Store) -> anyhow::Result<Option<TitleJob>> {
+fn title_job(config: &Config, store: &Store, clock: &Clock) -> anyhow::Result<Option<TitleJob>> {
     let t = &config.title;
     if !t.enabled {
         tracing::info!("title queue disabled by config (title.enabled = false)");
@@ -131,7 +131,13 @@ fn title_job(config: &Config, store: &Store) -> anyhow::Result<Option<TitleJob>>
         operator: t.rules.clone(),
         pauses: pauses_of(&t.limits),
     };
-    Ok(Some(TitleJob::new(store.clone(), client, defaults, rules)))
+    Ok(Some(TitleJob::new(
+        store.clone(),
+        client,
+        defaults,
+        rules,
+        clock.clone(),
+    )))
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then drains and returns. Migrations run
@@ -175,7 +181,7 @@ pub async fn run_with_store(
     let mut loops: Vec<(QueueName, Heartbeat)> = Vec::new();
     let mut writers: Vec<(QueueName, WriteHealth)> = Vec::new();
     let mut workers = Vec::new();
-    if let Some(job) = rebill_job(config)? {
+    if let Some(job) = rebill_job(config, &clock)? {
         let settings = settings_of(config, &instance, &config.rebill.limits, &clock);
         workers.push(spawn_worker(
             Worker::new(store.clone(), Arc::new(job), settings, wake.clone()),
@@ -183,7 +189,7 @@ pub async fn run_with_store(
             &shutdown,
         ));
     }
-    if let Some(job) = title_job(config, &store)? {
+    if let Some(job) = title_job(config, &store, &clock)? {
         let settings = settings_of(config, &instance, &config.title.limits, &clock);
         workers.push(spawn_worker(
             Worker::new(store.clone(), Arc::new(job), settings, wake.clone()),

@@ -109,28 +109,6 @@ pub struct RowSummary {
     pub problem: Option<String>,
 }
 
-/// A column read for display whatever it holds: text as it is, a number as text, a BLOB
-/// described by its first bytes in hex.
-fn shown(col: &str) -> String {
-    format!(
-        "CASE typeof({col}) WHEN 'blob' THEN '(BLOB ' || substr(quote({col}), 1, 42) || ')' \
-         ELSE CAST({col} AS TEXT) END"
-    )
-}
-
-/// An integer column read for display: 0 when it holds something else (see [`wrong_type`]).
-fn shown_int(col: &str) -> String {
-    format!("CASE typeof({col}) WHEN 'integer' THEN {col} ELSE 0 END")
-}
-
-/// A note (ending in `; `) when `col`'s type is not one of `allowed` (SQL string list).
-fn wrong_type(col: &str, allowed: &str) -> String {
-    format!(
-        "CASE WHEN typeof({col}) NOT IN ({allowed}) THEN '{col} holds ' || typeof({col}) || ' ' \
-         || substr(quote({col}), 1, 42) || '; ' ELSE '' END"
-    )
-}
-
 impl Store {
     /// Inserts a rebilling job unless an active row for the same order exists. Uses
     /// `ON CONFLICT DO NOTHING` rather than `INSERT OR IGNORE`: both skip the duplicate, but
@@ -206,18 +184,14 @@ impl Store {
 
     /// Counts per status and the oldest due pending row's age.
     pub async fn counts(&self, queue: QueueName, now: i64) -> Result<QueueCounts, StoreError> {
-        let t = queue.table();
-        let by_status: Vec<(String, i64)> = sqlx::query_as(&format!(
-            "SELECT status, COUNT(*) FROM {t} GROUP BY status ORDER BY status"
-        ))
-        .fetch_all(self.pool())
-        .await?;
-        let (oldest,): (Option<i64>,) = sqlx::query_as(&format!(
-            "SELECT MIN(next_attempt_at) FROM {t} WHERE status = 'pending' AND next_attempt_at <= ?1"
-        ))
-        .bind(now)
-        .fetch_one(self.pool())
-        .await?;
+        let sql = self.sql(queue);
+        let by_status: Vec<(String, i64)> = sqlx::query_as(&sql.counts_by_status)
+            .fetch_all(self.pool())
+            .await?;
+        let (oldest,): (Option<i64>,) = sqlx::query_as(&sql.oldest_due)
+            .bind(now)
+            .fetch_one(self.pool())
+            .await?;
         Ok(QueueCounts {
             queue: queue.as_str(),
             by_status,
@@ -234,40 +208,7 @@ impl Store {
         status: Option<&str>,
         limit: u32,
     ) -> Result<Vec<RowSummary>, StoreError> {
-        let order = queue.order_column();
-        let key = match queue {
-            QueueName::Rebill => "tax_num",
-            QueueName::Title => "ttqqlsh",
-        };
-        let problems = [
-            wrong_type(order, "'text'"),
-            wrong_type(key, "'text', 'null'"),
-            wrong_type("attempts", "'integer'"),
-            wrong_type("next_attempt_at", "'integer'"),
-            wrong_type("updated_at", "'integer'"),
-        ]
-        .join(" || ");
-        let sql = format!(
-            "SELECT id, {order_shown} AS \"order\", {key_shown} AS key, {status} AS status, \
-             {outcome} AS outcome, {attempts} AS attempts, {next} AS next_attempt_at, \
-             {code} AS last_code, {message} AS last_message, {invoice} AS invoice_no, \
-             {url} AS invoice_down_url, {updated} AS updated_at, \
-             NULLIF(RTRIM({problems}, '; '), '') AS problem \
-             FROM {t} WHERE (?1 IS NULL OR status = ?1) ORDER BY id DESC LIMIT ?2",
-            order_shown = shown(order),
-            key_shown = shown(key),
-            status = shown("status"),
-            outcome = shown("outcome"),
-            attempts = shown_int("attempts"),
-            next = shown_int("next_attempt_at"),
-            code = shown("last_code"),
-            message = shown("last_message"),
-            invoice = shown("invoice_no"),
-            url = shown("invoice_down_url"),
-            updated = shown_int("updated_at"),
-            t = queue.table()
-        );
-        Ok(sqlx::query_as(&sql)
+        Ok(sqlx::query_as(&self.sql(queue).list)
             .bind(status)
             .bind(limit as i64)
             .fetch_all(self.pool())
@@ -278,23 +219,12 @@ impl Store {
     /// attempt budget. The 24 h window of recent attempts is kept: an operator retry does
     /// not lift Nuonuo's per-order daily cap. Returns the ids that were changed.
     pub async fn retry(&self, queue: QueueName, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
-        let sql = format!(
-            "UPDATE {} SET status = 'pending', outcome = NULL, attempts = 0, \
-             next_attempt_at = ?2, updated_at = ?2, finished_at = NULL \
-             WHERE id = ?1 AND status IN ('failed', 'rejected', 'cancelled')",
-            queue.table()
-        );
-        self.update_each(&sql, ids).await
+        self.update_each(&self.sql(queue).retry, ids).await
     }
 
     /// Makes every `failed` row of a queue pending again.
     pub async fn retry_all_failed(&self, queue: QueueName) -> Result<u64, StoreError> {
-        let sql = format!(
-            "UPDATE {} SET status = 'pending', outcome = NULL, attempts = 0, \
-             next_attempt_at = ?1, updated_at = ?1, finished_at = NULL WHERE status = 'failed'",
-            queue.table()
-        );
-        let done = sqlx::query(&sql)
+        let done = sqlx::query(&self.sql(queue).retry_all_failed)
             .bind(now_ms())
             .execute(self.pool())
             .await
@@ -304,12 +234,7 @@ impl Store {
 
     /// Cancels pending rows (running rows finish their attempt first). Returns changed ids.
     pub async fn cancel(&self, queue: QueueName, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
-        let sql = format!(
-            "UPDATE {} SET status = 'cancelled', updated_at = ?2, finished_at = ?2, \
-             last_message = 'cancelled by operator' WHERE id = ?1 AND status = 'pending'",
-            queue.table()
-        );
-        self.update_each(&sql, ids).await
+        self.update_each(&self.sql(queue).cancel, ids).await
     }
 
     async fn update_each(&self, sql: &str, ids: &[i64]) -> Result<Vec<i64>, StoreError> {

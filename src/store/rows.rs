@@ -12,10 +12,6 @@ pub trait QueueRow: for<'r> FromRow<'r, SqliteRow> + Send + Sync + Unpin + Clone
     const QUEUE: QueueName;
     /// The seller key (pause scope) of this row.
     fn seller(&self) -> String;
-    /// What identifies the row to a person in logs (orderno, serial).
-    fn label(&self) -> String;
-    /// The order the row is about (orderno, ORDER_NO).
-    fn order(&self) -> &str;
 }
 
 /// The bookkeeping columns every claimed row carries.
@@ -57,12 +53,6 @@ impl QueueRow for RebillRow {
     const QUEUE: QueueName = QueueName::Rebill;
     fn seller(&self) -> String {
         self.tax_num.clone()
-    }
-    fn label(&self) -> String {
-        self.orderno.clone()
-    }
-    fn order(&self) -> &str {
-        &self.orderno
     }
 }
 
@@ -106,14 +96,5 @@ impl QueueRow for TitleRow {
             Some(sqm) if !sqm.is_empty() => sqm.to_string(),
             _ => DEFAULT_SELLER.to_string(),
         }
-    }
-    fn order(&self) -> &str {
-        &self.fields.order_no
-    }
-    fn label(&self) -> String {
-        self.fields
-            .ttqqlsh
-            .clone()
-            .unwrap_or_else(|| self.fields.order_no.clone())
     }
 }

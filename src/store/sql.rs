@@ -44,6 +44,19 @@ pub(crate) struct QueueSql {
     pub complete_batch: String,
     /// `?1` status, `?2` finished before, `?3` limit: deletes finished rows.
     pub prune: String,
+    /// Rows per status.
+    pub counts_by_status: String,
+    /// `?1` now: the oldest due time of a pending row that is due.
+    pub oldest_due: String,
+    /// `?1` status or NULL, `?2` limit: rows for display, newest first, whatever their
+    /// values' types.
+    pub list: String,
+    /// `?1` id, `?2` now: a finished row pending again with a fresh attempt budget.
+    pub retry: String,
+    /// `?1` now: every failed row pending again.
+    pub retry_all_failed: String,
+    /// `?1` id, `?2` now: cancels a pending row.
+    pub cancel: String,
 }
 
 /// The statements of both queues.
@@ -209,6 +222,87 @@ impl QueueSql {
             prune: format!(
                 "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE status = ?1 AND finished_at < ?2 LIMIT ?3)"
             ),
+            counts_by_status: format!(
+                "SELECT status, COUNT(*) FROM {t} GROUP BY status ORDER BY status"
+            ),
+            oldest_due: format!(
+                "SELECT MIN(next_attempt_at) FROM {t} WHERE status = 'pending' AND next_attempt_at <= ?1"
+            ),
+            list: list_sql(queue),
+            retry: format!(
+                "UPDATE {t} SET status = 'pending', outcome = NULL, attempts = 0, \
+                 next_attempt_at = ?2, updated_at = ?2, finished_at = NULL \
+                 WHERE id = ?1 AND status IN ('failed', 'rejected', 'cancelled')"
+            ),
+            retry_all_failed: format!(
+                "UPDATE {t} SET status = 'pending', outcome = NULL, attempts = 0, \
+                 next_attempt_at = ?1, updated_at = ?1, finished_at = NULL WHERE status = 'failed'"
+            ),
+            cancel: format!(
+                "UPDATE {t} SET status = 'cancelled', updated_at = ?2, finished_at = ?2, \
+                 last_message = 'cancelled by operator' WHERE id = ?1 AND status = 'pending'"
+            ),
         }
     }
+}
+
+/// The listing of `queue`'s rows. A value of the wrong type (written around the CHECKs, or
+/// the BLOB order number of a row the daemon rejected) never fails it: it is shown
+/// described, and the row's `problem` column says so.
+fn list_sql(queue: QueueName) -> String {
+    let order = queue.order_column();
+    let key = match queue {
+        QueueName::Rebill => "tax_num",
+        QueueName::Title => "ttqqlsh",
+    };
+    let problems = [
+        wrong_type(order, "'text'"),
+        wrong_type(key, "'text', 'null'"),
+        wrong_type("attempts", "'integer'"),
+        wrong_type("next_attempt_at", "'integer'"),
+        wrong_type("updated_at", "'integer'"),
+    ]
+    .join(" || ");
+    format!(
+        "SELECT id, {order_shown} AS \"order\", {key_shown} AS key, {status} AS status, \
+         {outcome} AS outcome, {attempts} AS attempts, {next} AS next_attempt_at, \
+         {code} AS last_code, {message} AS last_message, {invoice} AS invoice_no, \
+         {url} AS invoice_down_url, {updated} AS updated_at, \
+         NULLIF(RTRIM({problems}, '; '), '') AS problem \
+         FROM {t} WHERE (?1 IS NULL OR status = ?1) ORDER BY id DESC LIMIT ?2",
+        order_shown = shown(order),
+        key_shown = shown(key),
+        status = shown("status"),
+        outcome = shown("outcome"),
+        attempts = shown_int("attempts"),
+        next = shown_int("next_attempt_at"),
+        code = shown("last_code"),
+        message = shown("last_message"),
+        invoice = shown("invoice_no"),
+        url = shown("invoice_down_url"),
+        updated = shown_int("updated_at"),
+        t = queue.table()
+    )
+}
+
+/// A column read for display whatever it holds: text as it is, a number as text, a BLOB
+/// described by its first bytes in hex.
+fn shown(col: &str) -> String {
+    format!(
+        "CASE typeof({col}) WHEN 'blob' THEN '(BLOB ' || substr(quote({col}), 1, 42) || ')' \
+         ELSE CAST({col} AS TEXT) END"
+    )
+}
+
+/// An integer column read for display: 0 when it holds something else (see [`wrong_type`]).
+fn shown_int(col: &str) -> String {
+    format!("CASE typeof({col}) WHEN 'integer' THEN {col} ELSE 0 END")
+}
+
+/// A note (ending in `; `) when `col`'s type is not one of `allowed` (SQL string list).
+fn wrong_type(col: &str, allowed: &str) -> String {
+    format!(
+        "CASE WHEN typeof({col}) NOT IN ({allowed}) THEN '{col} holds ' || typeof({col}) || ' ' \
+         || substr(quote({col}), 1, 42) || '; ' ELSE '' END"
+    )
 }

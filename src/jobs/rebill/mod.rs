@@ -4,6 +4,7 @@ pub mod classify;
 
 use super::Rules;
 use crate::clients::rebill::RebillClient;
+use crate::clock::Clock;
 use crate::queue::attempt::{AttemptRecord, Handler};
 use crate::queue::decide::Processed;
 use crate::store::rows::{Claimed, RebillRow};
@@ -15,12 +16,18 @@ use crate::validate::invisible::escape_for_log;
 pub struct RebillJob {
     client: RebillClient,
     rules: Rules,
+    clock: Clock,
 }
 
 impl RebillJob {
-    /// A handler sending through `client` and classifying answers with `rules`.
-    pub fn new(client: RebillClient, rules: Rules) -> Self {
-        RebillJob { client, rules }
+    /// A handler sending through `client` and classifying answers with `rules`; `clock`
+    /// says when the daily quota resets.
+    pub fn new(client: RebillClient, rules: Rules, clock: Clock) -> Self {
+        RebillJob {
+            client,
+            rules,
+            clock,
+        }
     }
 }
 
@@ -37,7 +44,7 @@ impl Handler for RebillJob {
             result,
             &self.rules.operator,
             self.rules.pauses,
-            chrono::Utc::now(),
+            self.clock.now_utc(),
         ))
     }
 

@@ -6,13 +6,14 @@ pub mod classify;
 
 use super::Rules;
 use crate::clients::title::{TitleClient, TitleRequest};
+use crate::clock::Clock;
 use crate::config::DataType;
 use crate::queue::action::Attempted;
 use crate::queue::attempt::{AttemptRecord, Handler};
 use crate::queue::backoff::recent_attempts;
 use crate::queue::decide::Processed;
 use crate::store::rows::{Claimed, QueueRow, TitleRow};
-use crate::store::{now_ms, Store};
+use crate::store::Store;
 use crate::validate::invisible::escape_for_log;
 use crate::validate::{self, Rejection};
 
@@ -38,17 +39,25 @@ pub struct TitleJob {
     client: TitleClient,
     defaults: TitleDefaults,
     rules: Rules,
+    clock: Clock,
 }
 
 impl TitleJob {
     /// A handler sending through `client`, storing generated serials in `store` and
-    /// classifying answers with `rules`.
-    pub fn new(store: Store, client: TitleClient, defaults: TitleDefaults, rules: Rules) -> Self {
+    /// classifying answers with `rules`; `clock` dates the serials.
+    pub fn new(
+        store: Store,
+        client: TitleClient,
+        defaults: TitleDefaults,
+        rules: Rules,
+        clock: Clock,
+    ) -> Self {
         TitleJob {
             store,
             client,
             defaults,
             rules,
+            clock,
         }
     }
 
@@ -62,7 +71,7 @@ impl TitleJob {
         {
             return Ok(serial.to_string());
         }
-        let date = chrono::Utc::now().format("%y%m%d").to_string();
+        let date = self.clock.now_utc().format("%y%m%d").to_string();
         let mut serial = generate_serial(&self.defaults.ttqqlsh_prefix, &date, claimed.meta.id);
         for tries in 0..3 {
             match self
@@ -175,7 +184,7 @@ impl Handler for TitleJob {
         // A serial that may already have reached the server: a "duplicate" reply then means
         // our own earlier send arrived.
         let is_retry = claimed.meta.attempts > 1
-            || recent_attempts(&claimed.meta.recent_attempts, now_ms()).len() > 1
+            || recent_attempts(&claimed.meta.recent_attempts, self.clock.now_ms()).len() > 1
             || row.last_message.is_some();
         let request = TitleRequest {
             fields: &row.fields,
@@ -194,8 +203,13 @@ impl Handler for TitleJob {
     fn log_attempt(&self, row: &TitleRow, record: &AttemptRecord) {
         // Values written by other systems may hold characters that reorder or hide the rest
         // of the line (U+202E): shown escaped.
-        let label = row.label();
-        let ttqqlsh = escape_for_log(&label);
+        // Rows are known by their serial once they have one.
+        let label = row
+            .fields
+            .ttqqlsh
+            .as_deref()
+            .unwrap_or(&row.fields.order_no);
+        let ttqqlsh = escape_for_log(label);
         let order_no = escape_for_log(&row.fields.order_no);
         let seller = row.seller();
         let sqm = escape_for_log(&seller);
