@@ -109,36 +109,15 @@ fn report_lost(queue: QueueName, batch: &[Completion], applied: &[bool]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::claim::ClaimParams;
     use crate::store::now_ms;
-    use crate::store::pauses::ClaimPlan;
-    use crate::store::rows::RebillRow;
-    use crate::store::test_support::{accepted, temp_store};
+    use crate::store::test_support::{accepted, claim_rebill, insert_due, temp_store};
 
     #[tokio::test]
     async fn a_refused_result_is_recorded_as_failed_and_the_rest_still_land() {
         let (_d, store) = temp_store().await;
-        for o in ["bad", "good"] {
-            sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, 'T')")
-                .bind(o)
-                .execute(store.pool())
-                .await
-                .unwrap();
-        }
+        insert_due(&store, &["bad", "good"]).await;
         let now = now_ms();
-        let claimed = store
-            .claim::<RebillRow>(
-                &ClaimParams {
-                    now,
-                    limit: 2,
-                    lease: Duration::from_secs(30),
-                    claim_token: "tok",
-                    claimed_by: "me",
-                },
-                |_| ClaimPlan::unpaused(),
-            )
-            .await
-            .unwrap();
+        let claimed = claim_rebill(&store, now, 2, Duration::from_secs(30), "tok").await;
         let (tx, rx) = mpsc::channel(8);
         for c in &claimed.rows {
             let mut result = accepted(c.meta.id, "tok", now);

@@ -154,10 +154,7 @@ pub async fn renew_before_sending(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::claim::ClaimParams;
-    use crate::store::pauses::ClaimPlan;
-    use crate::store::rows::RebillRow;
-    use crate::store::test_support::temp_store;
+    use crate::store::test_support::{claim_rebill, insert_due, temp_store};
 
     #[test]
     fn lost_rows_are_neither_renewed_nor_released() {
@@ -180,31 +177,9 @@ mod tests {
     async fn a_renewal_that_changes_nothing_marks_the_row_lost() {
         let (_db, store) = temp_store().await;
         let clock = Clock::manual(1_000_000);
-        for o in ["KEPT", "LOST"] {
-            sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, 'T')")
-                .bind(o)
-                .execute(store.pool())
-                .await
-                .unwrap();
-        }
-        sqlx::query("UPDATE rebill_orders SET next_attempt_at = 0")
-            .execute(store.pool())
-            .await
-            .unwrap();
+        insert_due(&store, &["KEPT", "LOST"]).await;
         let lease = Duration::from_secs(30);
-        let batch = store
-            .claim::<RebillRow>(
-                &ClaimParams {
-                    now: clock.now_ms(),
-                    limit: 2,
-                    lease,
-                    claim_token: "tok",
-                    claimed_by: "me",
-                },
-                |_| ClaimPlan::unpaused(),
-            )
-            .await
-            .unwrap();
+        let batch = claim_rebill(&store, clock.now_ms(), 2, lease, "tok").await;
         let held = HeldRows::default();
         for c in &batch.rows {
             held.hold(c.meta.id, &c.meta.claim_token);

@@ -445,6 +445,45 @@ pub(crate) mod test_support {
         (db, store)
     }
 
+    /// Inserts pending rebill rows of seller `T`, due since the epoch (so that any clock
+    /// finds them due); their ids.
+    pub async fn insert_due(store: &Store, ordernos: &[&str]) -> Vec<i64> {
+        let mut ids = Vec::new();
+        for orderno in ordernos {
+            let done = sqlx::query(
+                "INSERT INTO rebill_orders (orderno, tax_num, next_attempt_at) VALUES (?1, 'T', 0)",
+            )
+            .bind(orderno)
+            .execute(store.pool())
+            .await
+            .expect("insert");
+            ids.push(done.last_insert_rowid());
+        }
+        ids
+    }
+
+    /// Claims up to `limit` due rebill rows at `now` under `token`, as on a queue without
+    /// pauses.
+    pub async fn claim_rebill(
+        store: &Store,
+        now: i64,
+        limit: u32,
+        lease: Duration,
+        token: &str,
+    ) -> super::claim::ClaimBatch<super::rows::RebillRow> {
+        let params = super::claim::ClaimParams {
+            now,
+            limit,
+            lease,
+            claim_token: token,
+            claimed_by: "test",
+        };
+        store
+            .claim(&params, |_| super::pauses::ClaimPlan::unpaused())
+            .await
+            .expect("claim")
+    }
+
     /// A result that marks row `id` (claimed under `token`) `done/accepted` at `now`.
     pub fn accepted(id: i64, token: &str, now: i64) -> super::complete::Completion {
         super::complete::Completion {
