@@ -6,22 +6,33 @@
 //!
 //! # Layout
 //!
+//! Each module owns one thing; the arrows of dependency point down this list, except that
+//! `daemon`, `cli` and `sandbox` at the edges wire everything together.
+//!
 //! - [`cli`] — argument parsing and dispatch to commands; exit codes.
-//! - [`config`] — loads and validates `worker.toml`; secrets via [`secret::Secret`].
-//! - [`clock`] — the time the queue machinery judges leases, due times and backoff by.
+//! - [`config`] — loads and validates `worker.toml` (`schema`, `validate`, `secrets`);
+//!   produces options, builds no pools or clients. Secrets via [`secret::Secret`].
 //! - [`telemetry`] — the tracing subscriber, installed once by the binary.
-//! - [`store`] — the pool, pragmas, migrations and every SQL statement.
-//! - [`queue`] — the machinery both queues share: claim, complete, backoff,
-//!   classification into actions, pauses, rate limits, the worker loop, housekeeping.
-//! - [`clients`] — one struct per remote API: signing, encoding, parsing answers into
-//!   typed results; no retry decisions, no database.
-//! - [`jobs`] — the two queues' handlers: validate, prepare and send one row, and
-//!   classify the client's answer into an action with the queue's rules.
-//! - [`title_fields`] — the 13 FPTT1001 title fields, declared once for the store, the
-//!   validator and the title client; masks the buyer's phone and account.
-//! - [`validate`] — checks a row must pass before it is sent.
 //! - [`daemon`] — wires config, store, clients and queues; systemd notifications.
 //! - [`ops`] — the metrics and health HTTP endpoint.
+//! - [`jobs`] — the two queues' handlers (`rebill/`, `title/`): validate, prepare and send
+//!   one row, classify the client's typed answer into an action with the queue's rules
+//!   (`classify.rs`), and name the row's fields in the attempt's log line.
+//! - [`queue`] — the machinery both queues share, knowing nothing about invoices: the
+//!   producer loop (`worker`), one attempt (`attempt`), the completer, lease renewal
+//!   (`leases`), the rescuer (`rescue`), the pause state machine (`pauses`), backoff,
+//!   actions and operator rules, heartbeats, housekeeping.
+//! - [`clients`] — one struct per remote API: signing, encoding, parsing answers into
+//!   typed results; no retry decisions, no database (imports nothing from `queue` or
+//!   `store`).
+//! - [`store`] — the SQLite store: pool, pragmas, migrations, every SQL statement (built
+//!   once per queue in `sql.rs`), race-safe pause primitives, and the store's own
+//!   background services (commit watcher, WAL keeper). Decides nothing about retries.
+//! - [`validate`] — checks a row must pass before it is sent.
+//! - [`title_fields`] — the 13 FPTT1001 title fields, declared once for the store, the
+//!   validator and the title client; masks the buyer's phone and account.
+//! - [`clock`] — the time the queue machinery judges leases, due times and backoff by,
+//!   passed in so that tests move it instead of sleeping.
 //! - [`sim`] — simulated remote servers used by `sandbox`, the tests and the benchmark.
 //! - [`report`] — the tables `status`, `list` and the sandbox print.
 //! - [`sandbox`] — the self-contained demo run.

@@ -1,6 +1,9 @@
-//! The generic queue machinery both queues share: claim (producer), complete (completer),
-//! backoff, classification into actions, pauses, rate limits and the worker loop. Knows
-//! nothing about invoices: a queue plugs in through [`worker::Handler`].
+//! The generic queue machinery both queues share, in River's shape: a producer loop
+//! ([`worker`]) claims as many rows as it has free slots and runs an [`attempt`] for each;
+//! the [`completer`] writes results in batches; lease renewal ([`leases`]) and the
+//! [`rescue`]r are services of their own; [`pauses`] is the pause state machine; backoff,
+//! actions and operator rules decide what an answer means for the row. Knows nothing
+//! about invoices: a queue plugs in through [`attempt::Handler`].
 
 pub mod action;
 pub mod attempt;

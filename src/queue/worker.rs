@@ -1,5 +1,5 @@
 //! The producer loop every queue runs (River's producer): claim as many due rows as there
-//! are free slots and start an [`attempt`](super::attempt) for each; beside it run the
+//! are free slots and start an [`attempt`] for each; beside it run the
 //! completer, the lease renewal and the rescuer, one task per concern. On shutdown it stops
 //! claiming, lets calls finish within the grace period and puts unfinished rows back.
 

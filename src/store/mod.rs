@@ -1,5 +1,7 @@
-//! The SQLite store: the pool, pragmas, migrations and every SQL statement the worker runs.
-//! It decides nothing about retries and makes no HTTP calls; another backend would replace
+//! The SQLite store: the pool, pragmas, migrations and every SQL statement the worker runs
+//! (each queue's built once, in `sql`), the pause primitives the queue's pause policy uses,
+//! and the store's own background services (the commit watcher and the WAL keeper). It
+//! decides nothing about retries and makes no HTTP calls; another backend would replace
 //! this module alone.
 
 pub mod admin;

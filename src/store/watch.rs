@@ -3,7 +3,7 @@
 //!
 //! Every commit in WAL mode writes the database's `-wal` file, so the kernel's file
 //! notifications (inotify on the database's directory) say the moment one happened. The
-//! watch is one-shot and re-armed after each wake-up, at most every [`PACE`]: SQLite writes
+//! watch is one-shot and re-armed after each wake-up, at most every `PACE` (5 ms): SQLite writes
 //! the WAL a page at a time, and a watch left armed while the daemon drains would deliver
 //! thousands of events a second for nobody (the workers are busy, not waiting). `PRAGMA data_version` on a connection of its own then
 //! confirms that some other connection committed (it ignores a checkpoint, which writes the
