@@ -6,8 +6,9 @@
 //!
 //! # Layout
 //!
-//! Each module owns one thing; the arrows of dependency point down this list, except that
-//! `daemon`, `cli` and `sandbox` at the edges wire everything together.
+//! Each module owns one thing. `daemon`, `cli` and `sandbox` at the edges wire the rest
+//! together; `jobs` builds on `queue`, `clients` and `store`; `queue` on `store`; `clients`
+//! on neither; `config`'s option types are read by all of them.
 //!
 //! - [`cli`] — argument parsing and dispatch to commands; exit codes.
 //! - [`config`] — loads and validates `worker.toml` (`schema`, `validate`, `secrets`);
@@ -18,7 +19,8 @@
 //! - [`jobs`] — the two queues' handlers (`rebill/`, `title/`): validate, prepare and send
 //!   one row, classify the client's typed answer into an action with the queue's rules
 //!   (`classify.rs`), and name the row's fields in the attempt's log line.
-//! - [`queue`] — the machinery both queues share, knowing nothing about invoices: the
+//! - [`queue`] — the machinery both queues share, knowing no queue's fields, wire format or
+//!   rules (it only carries the outcome and an issued invoice's number and URL through): the
 //!   producer loop (`worker`), one attempt (`attempt`), the completer, lease renewal
 //!   (`leases`), the rescuer (`rescue`), the pause state machine (`pauses`), backoff,
 //!   actions and operator rules, heartbeats, housekeeping.

@@ -47,6 +47,10 @@ pub trait Handler: Send + Sync + 'static {
     fn log_attempt(&self, row: &Self::Row, record: &AttemptRecord);
 }
 
+/// The status an attempt record carries when its result is not written (the lease was
+/// lost during the call).
+pub const LOST: &str = "lease_lost";
+
 /// Everything one attempt is remembered by: the log line, the metrics (and, later, the
 /// attempt history) are all made from it.
 #[derive(Debug, Clone)]
@@ -59,7 +63,8 @@ pub struct AttemptRecord {
     pub attempt: i64,
     /// `rejected`, or the action's name (`done`, `retry`, `pause_seller`, …).
     pub action: &'static str,
-    /// The status the row is left in.
+    /// The status the row is left in, or [`LOST`] when the result is not written because
+    /// the lease was lost during the call.
     pub status: &'static str,
     /// The HTTP status, -1 when no answer arrived.
     pub http_status: i64,
@@ -213,6 +218,8 @@ pub(super) async fn run<H: Handler>(
     if !wait_for_turn(&ctx).await {
         return;
     }
+    // From here on the row is let go when the attempt ends, or panics.
+    let hold = ctx.held.until_done(claimed.meta.id);
     // A row that waited for its turn (the rate limit, a frozen or starved process) may have
     // lost its lease meanwhile, and another daemon may be sending it now: check, and renew,
     // before sending. A lost or unverifiable lease means the row is not sent; the lease
@@ -229,7 +236,7 @@ pub(super) async fn run<H: Handler>(
         )
         .await
     {
-        ctx.held.let_go(claimed.meta.id);
+        hold.done();
         return;
     }
     let started = Instant::now();
@@ -264,13 +271,19 @@ pub(super) async fn run<H: Handler>(
         now,
         rand::random::<f64>(),
     );
-    let record = AttemptRecord::new(
+    let mut record = AttemptRecord::new(
         ctx.queue,
         &claimed.meta,
         &processed,
         &completion,
         started.elapsed(),
     );
+    // The lease keeper found the lease gone during the call (and counted it): the row
+    // belongs to another claim, which will write its own result.
+    let lost = ctx.held.is_lost(claimed.meta.id);
+    if lost {
+        record.status = LOST;
+    }
     ctx.handler.log_attempt(&claimed.row, &record);
     record.log_queue_pause();
     record.count();
@@ -283,14 +296,13 @@ pub(super) async fn run<H: Handler>(
         }
     }
     let id = claimed.meta.id;
-    if !ctx.held.let_go(id) {
-        // The lease keeper found the lease gone during the call (and counted it): the row
-        // belongs to another claim, which will write its own result.
+    if lost {
         tracing::warn!(
             queue = ctx.queue.as_str(),
             row_id = id,
             "result not written: the lease was lost during the call"
         );
+        hold.done();
         return;
     }
     if ctx.tx.send(completion).await.is_err() {
@@ -299,5 +311,75 @@ pub(super) async fn run<H: Handler>(
             row_id = id,
             "completer stopped; result left to the lease"
         );
+    }
+    hold.done();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use governor::{Quota, RateLimiter};
+
+    use super::*;
+    use crate::config::RetryConfig;
+    use crate::store::rows::RebillRow;
+    use crate::store::test_support::temp_store;
+
+    /// A handler the turn-taking never reaches.
+    struct Unused;
+
+    impl Handler for Unused {
+        type Row = RebillRow;
+        async fn process(&self, _: &Claimed<RebillRow>) -> Processed {
+            Processed::Attempted(Attempted::transient(None, "not called"))
+        }
+        fn log_attempt(&self, _: &RebillRow, _: &AttemptRecord) {}
+    }
+
+    fn context(store: Store, clock: Clock, hold_until: i64) -> AttemptContext<Unused> {
+        let (tx, _rx) = mpsc::channel(1);
+        AttemptContext {
+            handler: Arc::new(Unused),
+            store,
+            backoff: Backoff::from(&RetryConfig::default()),
+            lease: Duration::from_secs(30),
+            clock,
+            claimed_at: Instant::now(),
+            limiter: Arc::new(RateLimiter::direct(Quota::per_second(NonZeroU32::MIN))),
+            hold_until: Arc::new(AtomicI64::new(hold_until)),
+            held: HeldRows::default(),
+            tx,
+            queue: QueueName::Rebill,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// A Retry-After of an hour holds the next send for exactly that hour of the clock the
+    /// worker was given: tokio's paused time moves it on, nothing sleeps for real.
+    #[tokio::test]
+    async fn a_retry_after_hold_is_waited_out_on_the_clock_passed_in() {
+        let (_db, store) = temp_store().await;
+        tokio::time::pause();
+        let clock = Clock::following_tokio();
+        let ctx = context(store, clock.clone(), clock.after(Duration::from_secs(3600)));
+        let (virtual_start, real_start) = (tokio::time::Instant::now(), std::time::Instant::now());
+        assert!(wait_for_turn(&ctx).await);
+        let waited = virtual_start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(3600) && waited < Duration::from_secs(3601),
+            "{waited:?}"
+        );
+        assert!(real_start.elapsed() < Duration::from_secs(5));
+
+        // Shutdown during a hold: the row is not sent.
+        ctx.hold_until
+            .store(clock.after(Duration::from_secs(600)), Ordering::Relaxed);
+        let stop = ctx.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            stop.cancel();
+        });
+        assert!(!wait_for_turn(&ctx).await);
     }
 }

@@ -77,7 +77,8 @@ async fn one_by_one(store: &Store, queue: QueueName, batch: &[Completion]) {
             outcome: None,
             invoice_no: None,
             invoice_down_url: None,
-            // The answer was real: a probe's pause is lifted as it would have been.
+            // As the refused result would have: a sent probe lifts its pause (a rejected
+            // row, never sent, lifts it too here; it is failed either way).
             pause: PauseChange::LiftProbed,
             refund_attempt: false,
             last_message: Some(format!(

@@ -33,10 +33,10 @@ impl Schedule {
         Ok(job.job_data()?.next_tick_utc())
     }
 
-    /// Time until the next run (an hour when the expression has no future time).
-    pub async fn until_next(&mut self) -> Result<Duration, JobSchedulerError> {
+    /// Time until the next run on `clock` (an hour when the expression has no future time).
+    pub async fn until_next(&mut self, clock: &Clock) -> Result<Duration, JobSchedulerError> {
         Ok(match self.next_tick()? {
-            Some(at) => (at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO),
+            Some(at) => (at - clock.now_utc()).to_std().unwrap_or(Duration::ZERO),
             None => Duration::from_secs(3600),
         })
     }
@@ -51,7 +51,7 @@ pub async fn run_on_schedule(
     stop: CancellationToken,
 ) {
     loop {
-        let wait = match schedule.until_next().await {
+        let wait = match schedule.until_next(&clock).await {
             Ok(wait) => wait,
             Err(e) => {
                 tracing::error!(error = %e, "housekeeping schedule failed; trying again in an hour");
@@ -136,9 +136,10 @@ mod tests {
     #[tokio::test]
     async fn schedule_gives_the_time_to_the_next_run() {
         let mut every_second = Schedule::new("* * * * * *").await.expect("valid");
-        assert!(every_second.until_next().await.expect("next") <= Duration::from_secs(1));
+        let clock = Clock::system();
+        assert!(every_second.until_next(&clock).await.expect("next") <= Duration::from_secs(1));
         let mut daily = Schedule::new("0 17 19 * * *").await.expect("valid");
-        let wait = daily.until_next().await.expect("next");
+        let wait = daily.until_next(&clock).await.expect("next");
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_secs(86_400),
             "{wait:?}"

@@ -47,6 +47,22 @@ impl HeldRows {
         self.lock().remove(&id).is_some_and(|h| !h.lost)
     }
 
+    /// Whether row `id`'s lease was found lost.
+    pub fn is_lost(&self, id: i64) -> bool {
+        self.lock().get(&id).is_some_and(|h| h.lost)
+    }
+
+    /// A guard for row `id`'s attempt: [`HoldGuard::done`] forgets the row when the attempt
+    /// ends, and a panic forgets it too, so that a dead attempt's row is left to its lease
+    /// instead of being renewed for as long as the daemon lives. An attempt cancelled at
+    /// shutdown keeps the row held, to be put back with its attempt refunded.
+    pub fn until_done(&self, id: i64) -> HoldGuard {
+        HoldGuard {
+            held: self.clone(),
+            id,
+        }
+    }
+
     /// The rows whose lease is still held, with their tokens.
     pub fn alive(&self) -> Vec<(i64, String)> {
         self.lock()
@@ -65,9 +81,38 @@ impl HeldRows {
             .collect()
     }
 
-    fn mark_lost(&self, id: i64) {
-        if let Some(h) = self.lock().get_mut(&id) {
-            h.lost = true;
+    /// Marks row `id`'s lease lost; false when the row is no longer held (its attempt
+    /// ended while the renewal ran, so nothing was lost).
+    fn mark_lost(&self, id: i64) -> bool {
+        match self.lock().get_mut(&id) {
+            Some(h) => {
+                h.lost = true;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Forgets its row when the attempt is done or panics (see [`HeldRows::until_done`]).
+#[derive(Debug)]
+pub struct HoldGuard {
+    held: HeldRows,
+    id: i64,
+}
+
+impl HoldGuard {
+    /// The attempt ended: the row is no longer held.
+    pub fn done(self) {
+        // Drop does the work when panicking only; here the attempt ended normally.
+        self.held.let_go(self.id);
+    }
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.held.let_go(self.id);
         }
     }
 }
@@ -110,8 +155,8 @@ pub async fn renew_once(
     match store.renew_leases(queue, &alive, clock.after(lease)).await {
         Ok(renewed) => {
             for ((id, _), ok) in alive.iter().zip(renewed) {
-                if !ok {
-                    held.mark_lost(*id);
+                // A row whose attempt ended meanwhile was written or let go, not lost.
+                if !ok && held.mark_lost(*id) {
                     count_lost(queue);
                     tracing::warn!(
                         queue = queue.as_str(),
@@ -161,13 +206,35 @@ mod tests {
         let held = HeldRows::default();
         held.hold(1, "a");
         held.hold(2, "b");
-        held.mark_lost(2);
+        assert!(held.mark_lost(2));
+        assert!(held.is_lost(2) && !held.is_lost(1));
+        assert!(!held.mark_lost(9), "a row not held cannot be lost");
         assert_eq!(held.alive(), vec![(1, "a".to_string())]);
         assert!(!held.let_go(2), "a lost row is reported as lost");
         assert!(held.let_go(1));
         assert!(!held.let_go(1), "a row let go is no longer held");
         held.hold(3, "c");
         assert_eq!(held.take_alive(), vec![(3, "c".to_string())]);
+        assert!(held.alive().is_empty());
+        held.hold(4, "d");
+        let guard = held.until_done(4);
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _guard = guard;
+            panic!("a bug in the attempt");
+        }));
+        assert!(ended.is_err());
+        assert!(
+            held.alive().is_empty(),
+            "a panicking attempt's row stays held"
+        );
+        held.hold(5, "e");
+        drop(held.until_done(5));
+        assert_eq!(
+            held.alive(),
+            vec![(5, "e".to_string())],
+            "a cancelled attempt's row is kept, to be put back"
+        );
+        held.until_done(5).done();
         assert!(held.alive().is_empty());
     }
 

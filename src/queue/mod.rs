@@ -2,8 +2,10 @@
 //! ([`worker`]) claims as many rows as it has free slots and runs an [`attempt`] for each;
 //! the [`completer`] writes results in batches; lease renewal ([`leases`]) and the
 //! [`rescue`]r are services of their own; [`pauses`] is the pause state machine; backoff,
-//! actions and operator rules decide what an answer means for the row. Knows nothing
-//! about invoices: a queue plugs in through [`attempt::Handler`].
+//! actions and operator rules decide what an answer means for the row. Knows no queue's
+//! row fields, wire format or built-in rules (it carries the outcome and an issued
+//! invoice's number and URL through to the store): a queue plugs in through
+//! [`attempt::Handler`].
 
 pub mod action;
 pub mod attempt;

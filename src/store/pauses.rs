@@ -43,7 +43,8 @@ pub struct ClaimPlan {
 }
 
 impl ClaimPlan {
-    /// Claim every due row, pauses or not (tools and tests on a queue without pauses).
+    /// Claim the due rows of sellers that are not paused, sending no probe and taking no
+    /// notice of a queue-wide pause (tools and tests on a queue without pauses).
     pub fn unpaused() -> ClaimPlan {
         ClaimPlan {
             hold: false,

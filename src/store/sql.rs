@@ -38,7 +38,9 @@ pub(crate) struct QueueSql {
     pub release: String,
     /// `?1` now: the next due time after now.
     pub next_due_after: String,
-    /// One completion (see `store::complete` for the placeholders).
+    /// One completion: `?1` id, `?2` token, `?3` status, `?4` outcome, `?5` next attempt,
+    /// `?6` refund the attempt, `?7` code, `?8` message, `?9` invoice number, `?10` PDF URL
+    /// (both rebill only), `?11` recent attempts, `?12` now.
     pub complete: String,
     /// A batch of completions as one JSON array, `?1`.
     pub complete_batch: String,
