@@ -42,13 +42,16 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// SQLite file, created (mode 0600) if missing.
+    /// SQLite file, created if missing (mode 0600, or 0660 with `group_writable`).
     pub path: PathBuf,
     /// How long a statement waits for another connection's write lock.
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
     /// The size the `-wal` file is kept under (`"16MiB"`, `"64 MB"`, or bytes).
     pub wal_limit: bytesize::ByteSize,
+    /// Database files 0660 instead of 0600, so that writers in the daemon's group (other
+    /// systems inserting rows) need not run as the daemon's user.
+    pub group_writable: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -57,6 +60,7 @@ impl Default for DatabaseConfig {
             path: PathBuf::from("invoice-worker.db"),
             busy_timeout: Duration::from_secs(5),
             wal_limit: bytesize::ByteSize::b(crate::store::DEFAULT_WAL_LIMIT),
+            group_writable: false,
         }
     }
 }

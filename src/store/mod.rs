@@ -109,6 +109,16 @@ pub enum StoreError {
         /// Why.
         source: std::io::Error,
     },
+    /// A database file's mode could not be set (`[database] group_writable`).
+    #[error("cannot give {path} mode {mode:o} ([database] group_writable): {source}")]
+    Mode {
+        /// The file.
+        path: PathBuf,
+        /// The mode asked for.
+        mode: u32,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 impl StoreError {
@@ -160,12 +170,15 @@ impl Store {
         Store::open_limited(path, busy_timeout, DEFAULT_WAL_LIMIT).await
     }
 
-    /// Opens and migrates the database `[database]` describes.
+    /// Opens and migrates the database `[database]` describes, its files in the mode it
+    /// asks for.
     pub async fn open_configured(
         database: &crate::config::DatabaseConfig,
     ) -> Result<Store, StoreError> {
         let limit = database.wal_limit.as_u64();
-        let store = Store::open_limited(&database.path, database.busy_timeout, limit).await?;
+        let mode = FileMode::of(database.group_writable);
+        let store =
+            Store::open_with_mode(&database.path, database.busy_timeout, limit, mode).await?;
         store.migrate().await?;
         Ok(store)
     }
@@ -177,7 +190,18 @@ impl Store {
         busy_timeout: Duration,
         wal_limit: u64,
     ) -> Result<Store, StoreError> {
-        create_private_file(path)?;
+        Store::open_with_mode(path, busy_timeout, wal_limit, FileMode::Private).await
+    }
+
+    /// Like [`Store::open_limited`], with the database files in `mode`.
+    pub async fn open_with_mode(
+        path: &Path,
+        busy_timeout: Duration,
+        wal_limit: u64,
+        mode: FileMode,
+    ) -> Result<Store, StoreError> {
+        create_file(path, mode)?;
+        set_file_modes(path, mode)?;
         ensure_wal(path, busy_timeout).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -405,9 +429,67 @@ fn connect_options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions 
         .statement_cache_capacity(256)
 }
 
-/// Creates the database file with mode 0600 so SQLite (and its -wal/-shm files, which take
-/// the database file's mode) never make it readable by others.
-fn create_private_file(path: &Path) -> Result<(), StoreError> {
+/// Who may read and write the database files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileMode {
+    /// 0600: the daemon's user only; writers run as that user.
+    Private,
+    /// 0660: the daemon's group too, for writers that join it.
+    GroupWritable,
+}
+
+impl FileMode {
+    /// The mode `[database] group_writable` asks for.
+    pub fn of(group_writable: bool) -> FileMode {
+        if group_writable {
+            FileMode::GroupWritable
+        } else {
+            FileMode::Private
+        }
+    }
+
+    /// The permission bits.
+    pub fn bits(self) -> u32 {
+        match self {
+            FileMode::Private => 0o600,
+            FileMode::GroupWritable => 0o660,
+        }
+    }
+}
+
+/// Gives the database file and its `-wal`/`-shm` files (where present) `mode`, whatever
+/// the umask made of them or an earlier configuration left. SQLite creates the `-wal` and
+/// `-shm` files later with the database file's mode. A file this user does not own but
+/// whose mode is already right is left alone (a writer in the group running the CLI).
+fn set_file_modes(path: &Path, mode: FileMode) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut other = path.as_os_str().to_owned();
+        other.push(suffix);
+        files.push(PathBuf::from(other));
+    }
+    for file in files {
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o777 == mode.bits() {
+            continue;
+        }
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode.bits())).map_err(
+            |source| StoreError::Mode {
+                path: file.clone(),
+                mode: mode.bits(),
+                source,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Creates the database file with `mode` (0600 by default) so SQLite (and its -wal/-shm
+/// files, which take the database file's mode) never make it readable by others.
+fn create_file(path: &Path, mode: FileMode) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     if path.exists() {
         return Ok(());
@@ -421,7 +503,7 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode.bits())
         .open(path)
     {
         Ok(_) => Ok(()),
@@ -525,6 +607,45 @@ mod tests {
             .expect("pragma");
         assert_eq!(journal, "wal");
         store.migrate().await.expect("migrations are idempotent");
+    }
+
+    /// `group_writable` makes the database and the files SQLite adds beside it 0660, for
+    /// writers in the daemon's group; turning it off again makes them 0600.
+    #[tokio::test]
+    async fn group_writable_files_are_0660_and_back() {
+        use super::{FileMode, Store};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("q.db");
+        let modes = || {
+            ["", "-wal", "-shm"].map(|suffix| {
+                let file = dir.path().join(format!("q.db{suffix}"));
+                std::fs::metadata(&file)
+                    .map(|m| m.permissions().mode() & 0o777)
+                    .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            })
+        };
+        let busy = std::time::Duration::from_secs(5);
+        let store = Store::open_with_mode(
+            &path,
+            busy,
+            super::DEFAULT_WAL_LIMIT,
+            FileMode::GroupWritable,
+        )
+        .await
+        .expect("open");
+        store.migrate().await.expect("migrate");
+        sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES ('M', 'T')")
+            .execute(store.pool())
+            .await
+            .expect("insert");
+        assert_eq!(modes(), [0o660; 3]);
+        let private =
+            Store::open_with_mode(&path, busy, super::DEFAULT_WAL_LIMIT, FileMode::Private)
+                .await
+                .expect("reopen");
+        assert_eq!(modes(), [0o600; 3]);
+        private.close().await;
+        store.close().await;
     }
 
     /// Several connections asking for WAL at once on a new file used to make all but one
