@@ -347,6 +347,10 @@ fn report_changed(what: &str, asked: &[i64], changed: &[i64]) {
     }
 }
 
+/// Validates the configuration and prints it redacted. Stricter than `run`, which starts
+/// with a queue lacking credentials switched off: here a queue left enabled without them
+/// is an error (exit 2) naming the missing keys, so that an installation is not started
+/// half configured.
 fn check_config(config: &Config, path: &std::path::Path) -> Result<(), CliError> {
     // Resolving credentials reads *_file secrets, so an unreadable file fails here too.
     let rebill = config.rebill_credentials()?;
@@ -354,26 +358,38 @@ fn check_config(config: &Config, path: &std::path::Path) -> Result<(), CliError>
     warn_if_exposed(config, path);
     print!("{}", config.redacted_toml());
     println!();
-    println!(
-        "# rebill queue: {}",
-        if !config.rebill.enabled {
-            "disabled by config"
-        } else if rebill.is_some() {
-            "enabled"
-        } else {
-            "disabled (credentials missing)"
-        }
-    );
-    println!(
-        "# title queue: {}",
-        if !config.title.enabled {
-            "disabled by config"
-        } else if title.is_some() {
-            "enabled"
-        } else {
-            "disabled (base_url or credentials missing)"
-        }
-    );
+    let mut missing = Vec::new();
+    let rebill_state = if !config.rebill.enabled {
+        "disabled by config"
+    } else if rebill.is_some() {
+        "enabled"
+    } else {
+        missing.push(format!(
+            "rebill.appid and rebill.app_secret (or rebill.app_secret_file, or ${})",
+            crate::config::ENV_REBILL_SECRET
+        ));
+        "credentials missing"
+    };
+    let title_state = if !config.title.enabled {
+        "disabled by config"
+    } else if title.is_some() {
+        "enabled"
+    } else {
+        missing.push(format!(
+            "title.base_url, title.client_id and title.client_secret (or title.client_secret_file, or ${})",
+            crate::config::ENV_TITLE_SECRET
+        ));
+        "base_url or credentials missing"
+    };
+    println!("# rebill queue: {rebill_state}");
+    println!("# title queue: {title_state}");
+    if !missing.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{}: missing credentials: {}; set them, or switch the queue off with enabled = false",
+            path.display(),
+            missing.join("; ")
+        )));
+    }
     println!("# config OK: {}", path.display());
     Ok(())
 }

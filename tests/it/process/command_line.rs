@@ -446,3 +446,38 @@ fn every_command_has_help_and_unknown_ones_exit_2() {
     }
     cli_code(dir, &["no-such-command"], 2, "unknown subcommand");
 }
+
+/// The shipped `worker.toml` (what the Debian package installs) has no credentials: the
+/// daemon would start with both queues off, so check-config refuses it with exit 2 naming
+/// what is missing; switched off on purpose, the same file passes.
+#[test]
+fn check_config_names_missing_credentials_and_exits_2() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = dir.path();
+    let shipped = include_str!("../../../worker.toml");
+    let path = write_cfg(dir, "worker.toml", shipped);
+    let err = cli_err(
+        dir,
+        &["check-config", "--config", &path],
+        2,
+        "check-config on the shipped file",
+    );
+    for key in [
+        "missing credentials",
+        "rebill.appid",
+        "rebill.app_secret",
+        "title.base_url",
+        "title.client_secret",
+    ] {
+        assert!(err.contains(key), "stderr does not name {key:?}: {err}");
+    }
+    // The first two `enabled` keys are [rebill]'s and [title]'s.
+    let off = shipped.replacen("enabled = true", "enabled = false", 2);
+    let off_path = write_cfg(dir, "off.toml", &off);
+    cli_ok(
+        dir,
+        &["check-config", "--config", &off_path],
+        "check-config with both queues switched off",
+        &["rebill queue: disabled by config", "config OK"],
+    );
+}
