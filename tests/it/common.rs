@@ -1,6 +1,5 @@
 //! Shared helpers for the integration tests: a simulator on port 0, a fresh database file,
 //! a config pointing at both, the daemon in-process or as the real binary.
-#![allow(dead_code)]
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -281,20 +280,6 @@ where
 /// The real binary.
 pub fn binary() -> Command {
     Command::new(env!("CARGO_BIN_EXE_invoice-worker"))
-}
-
-/// Starts `invoice-worker run --config PATH` with stderr captured to a file.
-pub fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    let stderr = std::fs::File::create(log).expect("log file");
-    binary()
-        .args(["run", "--config"])
-        .arg(config)
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn daemon")
 }
 
 pub fn send_signal(child: &Child, signal: nix::sys::signal::Signal) {
