@@ -20,7 +20,11 @@ use crate::store::{QueueName, Store};
 /// The rows a worker holds, by id: the claim token each was claimed under, and whether its
 /// lease was found lost. Cloning shares the same set.
 #[derive(Debug, Clone, Default)]
-pub struct HeldRows(Arc<Mutex<HashMap<i64, Hold>>>);
+pub struct HeldRows {
+    rows: Arc<Mutex<HashMap<i64, Hold>>>,
+    /// Told when a row is held, so that the renewal of an idle worker needs no timer.
+    held: Arc<tokio::sync::Notify>,
+}
 
 #[derive(Debug)]
 struct Hold {
@@ -31,7 +35,7 @@ struct Hold {
 impl HeldRows {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Hold>> {
         // A poisoned map only means a task panicked mid-insert; the data is still usable.
-        self.0
+        self.rows
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -40,6 +44,14 @@ impl HeldRows {
     pub fn hold(&self, id: i64, token: &str) {
         let token = token.to_string();
         self.lock().insert(id, Hold { token, lost: false });
+        self.held.notify_one();
+    }
+
+    /// Waits until some row is held (at once when one is).
+    async fn wait_for_rows(&self) {
+        if self.lock().is_empty() {
+            self.held.notified().await;
+        }
     }
 
     /// Forgets a row whose attempt ended; true when its lease was still held.
@@ -133,6 +145,11 @@ pub async fn keep_renewed(
 ) {
     let every = (lease / 3).max(Duration::from_millis(200));
     loop {
+        // An idle worker holds nothing to renew: no timer until it claims a row.
+        tokio::select! {
+            _ = held.wait_for_rows() => {}
+            _ = stop.cancelled() => return,
+        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,

@@ -37,8 +37,14 @@ pub async fn run(
     }
 }
 
-/// One round at time `now`: unschedulable rows first, then expired leases.
+/// One round at time `now`: unschedulable rows first, then expired leases; nothing but one
+/// read when there is neither.
 pub async fn rescue_once(store: &Store, queue: QueueName, settings: &RescueSettings, now: i64) {
+    match store.rescue_needed(queue, now).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => return maintenance_failed(queue, "looking for rows to rescue", &e),
+    }
     match store.reject_unschedulable(queue, now).await {
         Ok(0) => {}
         Ok(n) => tracing::warn!(
@@ -92,7 +98,16 @@ mod tests {
             every: Duration::from_secs(1),
             max_attempts: 3,
         };
+        assert!(
+            !store
+                .rescue_needed(QueueName::Rebill, now - 2)
+                .await
+                .unwrap(),
+            "no lease has expired yet"
+        );
+        assert!(store.rescue_needed(QueueName::Rebill, now).await.unwrap());
         rescue_once(&store, QueueName::Rebill, &settings, now).await;
+        assert!(!store.rescue_needed(QueueName::Rebill, now).await.unwrap());
         let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
             "SELECT orderno, status, claim_token FROM rebill_orders ORDER BY orderno",
         )

@@ -56,7 +56,9 @@ const BUSY_PATIENCE: Duration = Duration::from_secs(30);
 /// rows) to be written.
 const STOP_WRITE_LIMIT: Duration = Duration::from_secs(5);
 
-/// How often an idle loop beats its heartbeat (the watchdog and `/healthz` judge it by that).
+/// How often a loop that waits for anything but new work (a free slot, a Retry-After hold,
+/// a failing store) goes round and beats its heartbeat, which the watchdog and `/healthz`
+/// judge it by. A loop idle for lack of work tells the heartbeat until when it waits instead.
 const IDLE_TICK: Duration = Duration::from_secs(2);
 
 /// How long an idle loop goes without asking the database when nothing woke it: commits
@@ -336,25 +338,23 @@ impl<H: Handler> Worker<H> {
         }
     }
 
-    /// Sleeps for `nap` or until a commit wakes the loop, beating the heartbeat every
-    /// [`IDLE_TICK`] meanwhile; false when shutdown came first.
+    /// Sleeps for `nap` or until a commit wakes the loop; false when shutdown came first.
+    /// The heartbeat knows the loop waits idle until then, so nothing wakes it meanwhile.
     async fn wait_idle(&mut self, nap: Duration, shutdown: &CancellationToken) -> bool {
         let until = tokio::time::Instant::now() + nap;
-        loop {
-            let tick = (tokio::time::Instant::now() + IDLE_TICK).min(until);
+        self.heartbeat.idle_until(self.settings.clock.after(nap));
+        let woken = loop {
             tokio::select! {
                 changed = self.wake.changed(), if self.watching => match changed {
-                    Ok(()) => return true,
-                    // The commit watcher is gone (it only ends at shutdown): ticks only.
+                    Ok(()) => break true,
+                    // The commit watcher is gone (it only ends at shutdown): timer only.
                     Err(_) => self.watching = false,
                 },
-                _ = tokio::time::sleep_until(tick) => {}
-                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep_until(until) => break true,
+                _ = shutdown.cancelled() => break false,
             }
-            self.heartbeat.beat();
-            if tick >= until {
-                return true;
-            }
-        }
+        };
+        self.heartbeat.not_idle();
+        woken
     }
 }

@@ -20,6 +20,16 @@ impl Store {
             .await
     }
 
+    /// Whether [`Store::rescue_expired`] or [`Store::reject_unschedulable`] has anything to
+    /// do at `now`: one indexed read, so that an idle daemon's rescuer takes no write lock.
+    pub async fn rescue_needed(&self, queue: QueueName, now: i64) -> Result<bool, StoreError> {
+        let (needed,): (bool,) = sqlx::query_as(&self.sql(queue).rescue_needed)
+            .bind(now)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(needed)
+    }
+
     /// Returns rows whose lease expired (their daemon died) to `pending`, or to `failed`
     /// when that attempt was their last. Only rows still `running` with an expired lease
     /// are touched, so a row that just completed is never rescued. Returns how many were.

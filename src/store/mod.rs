@@ -213,6 +213,10 @@ impl Store {
             // fails and sqlx still counts the connection as inside a transaction, so every
             // later BEGIN on it would fail ("non-zero transaction depth") for ever.
             .after_release(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
+            // No ping before each use: an in-process SQLite connection does not drop like a
+            // network one, and the ping was a second round trip to the connection's thread
+            // for every statement (the hook below covers the one way one goes bad).
+            .test_before_acquire(false)
             .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .connect_with(
                 connect_options(path, busy_timeout)

@@ -30,6 +30,9 @@ pub(crate) struct QueueSql {
     pub lift_idle_seller_pause: String,
     /// Extends a held row's lease. `?1` until, `?2` id, `?3` token.
     pub renew: String,
+    /// `?1` now: is there anything for the rescuer (a running row whose lease expired, a
+    /// pending row that can never fall due)? A read, so an idle rescuer takes no lock.
+    pub rescue_needed: String,
     /// `?1` now, `?2` default max attempts: returns rows whose lease expired.
     pub rescue: String,
     /// `?1` now: rejects pending rows whose `next_attempt_at` is not an integer.
@@ -163,6 +166,10 @@ impl QueueSql {
             ),
             renew: format!(
                 "UPDATE {t} SET lease_expires_at = ?1 WHERE id = ?2 AND claim_token = ?3 AND status = 'running'"
+            ),
+            rescue_needed: format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} INDEXED BY {t}_leases WHERE status = 'running' AND lease_expires_at <= ?1) \
+                 OR EXISTS (SELECT 1 FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND next_attempt_at >= '')"
             ),
             rescue: format!(
                 "UPDATE {t} SET \
