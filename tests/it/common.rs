@@ -127,6 +127,30 @@ impl World {
             .last_insert_rowid()
     }
 
+    /// Claims up to 10 due rebill rows at `now` as daemon `daemon` would, under `token` with
+    /// `lease` (another daemon's claim, as the tests play it).
+    pub async fn claim_rebill_as(
+        &self,
+        now: i64,
+        lease: Duration,
+        token: &str,
+        daemon: &str,
+    ) -> invoice_worker::store::claim::ClaimBatch<invoice_worker::store::rows::RebillRow> {
+        let params = invoice_worker::store::claim::ClaimParams {
+            now,
+            limit: 10,
+            lease,
+            claim_token: token,
+            claimed_by: daemon,
+        };
+        self.store
+            .claim(&params, |_| {
+                invoice_worker::store::pauses::ClaimPlan::unpaused()
+            })
+            .await
+            .expect("claim")
+    }
+
     /// Order numbers of the rebill requests the simulator accepted as correctly signed.
     pub fn verified_ordernos(&self) -> std::collections::HashSet<String> {
         self.sim

@@ -6,11 +6,9 @@ use std::time::Duration;
 use crate::common::{wait_until, World, TAX};
 use invoice_worker::secret::Secret;
 use invoice_worker::sim::{issued_invoice, RebillBehavior};
-use invoice_worker::store::claim::ClaimParams;
 use invoice_worker::store::complete::{Completion, FinalStatus};
 use invoice_worker::store::now_ms;
-use invoice_worker::store::pauses::{ClaimPlan, PauseChange};
-use invoice_worker::store::rows::RebillRow;
+use invoice_worker::store::pauses::PauseChange;
 use invoice_worker::store::QueueName;
 
 const OTHER_SELLER: &str = "91440300715267260A";
@@ -371,19 +369,8 @@ async fn a_lost_claim_is_never_overwritten() {
     let id = w.insert_rebill("FENCED", TAX).await;
     let now = now_ms();
     let first = w
-        .store
-        .claim::<RebillRow>(
-            &ClaimParams {
-                now,
-                limit: 10,
-                lease: Duration::from_millis(1),
-                claim_token: "old-holder",
-                claimed_by: "daemon-a",
-            },
-            |_| ClaimPlan::unpaused(),
-        )
-        .await
-        .expect("claim");
+        .claim_rebill_as(now, Duration::from_millis(1), "old-holder", "daemon-a")
+        .await;
     assert_eq!(first.rows.len(), 1);
     // The lease runs out, another daemon rescues and re-claims the row.
     let later = now + 10;
@@ -395,19 +382,8 @@ async fn a_lost_claim_is_never_overwritten() {
         1
     );
     let second = w
-        .store
-        .claim::<RebillRow>(
-            &ClaimParams {
-                now: later,
-                limit: 10,
-                lease: Duration::from_secs(30),
-                claim_token: "new-holder",
-                claimed_by: "daemon-b",
-            },
-            |_| ClaimPlan::unpaused(),
-        )
-        .await
-        .expect("claim");
+        .claim_rebill_as(later, Duration::from_secs(30), "new-holder", "daemon-b")
+        .await;
     assert_eq!(second.rows.len(), 1);
     assert_eq!(
         second.rows[0].meta.attempts, 2,
@@ -481,19 +457,8 @@ async fn rows_of_a_dead_daemon_are_rescued() {
     w.config.worker.lease = Duration::from_secs(1);
     let id = w.insert_rebill("ORPHAN", TAX).await;
     // Another daemon claimed the row and died: its lease is about to run out.
-    w.store
-        .claim::<RebillRow>(
-            &ClaimParams {
-                now: now_ms(),
-                limit: 1,
-                lease: Duration::from_millis(500),
-                claim_token: "dead",
-                claimed_by: "dead-daemon",
-            },
-            |_| ClaimPlan::unpaused(),
-        )
-        .await
-        .expect("claim");
+    w.claim_rebill_as(now_ms(), Duration::from_millis(500), "dead", "dead-daemon")
+        .await;
     let started = std::time::Instant::now();
     let daemon = w.start().await;
     wait_final(&w, &[id]).await;
