@@ -41,6 +41,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod alerts;
 pub mod cli;
 pub mod clients;
 pub mod clock;

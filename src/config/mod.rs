@@ -11,10 +11,14 @@ mod secrets;
 mod validate;
 
 pub use schema::{
-    Config, DataType, DatabaseConfig, HousekeepingConfig, HttpConfig, LimitsConfig, LogConfig,
-    LogFormat, RebillConfig, RetryConfig, TitleConfig, WorkerConfig, DEFAULT_REBILL_ENDPOINT,
+    AlertKind, AlertTargetConfig, AlertingConfig, Config, DataType, DatabaseConfig,
+    HousekeepingConfig, HttpConfig, LimitsConfig, LogConfig, LogFormat, RebillConfig, RetryConfig,
+    TitleConfig, WorkerConfig, DEFAULT_REBILL_ENDPOINT,
 };
-pub use secrets::{RebillCredentials, TitleCredentials, ENV_REBILL_SECRET, ENV_TITLE_SECRET};
+pub use secrets::{
+    alert_env_prefix, AlertTarget, RebillCredentials, TitleCredentials, ENV_REBILL_SECRET,
+    ENV_TITLE_SECRET,
+};
 pub use validate::check_endpoint;
 
 use validate::describe_toml_error;

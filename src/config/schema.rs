@@ -36,6 +36,11 @@ pub struct Config {
     pub log: LogConfig,
     /// `[housekeeping]`
     pub housekeeping: HousekeepingConfig,
+    /// `[alerting]`: when alerts are raised.
+    pub alerting: AlertingConfig,
+    /// `[[alert]]`: where alerts go (group-chat robots, webhooks); none = no alerts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alert: Vec<AlertTargetConfig>,
 }
 
 /// `[database]`: where the queue lives.
@@ -178,6 +183,15 @@ pub struct RebillConfig {
     pub limits: LimitsConfig,
     /// Extra `message contains → action` rules, checked before the built-in ones.
     pub rules: Vec<MessageRule>,
+    /// Keep an accepted (code 0) or in-progress row pending and call again until the
+    /// gateway answers with its invoice number (code 100).
+    pub confirm: bool,
+    /// The waits between confirmation checks, counted from the first acceptance; the last
+    /// one repeats.
+    pub confirm_schedule: Vec<humantime_serde::Serde<Duration>>,
+    /// How long a row is checked before it is left `done`/`accepted` without a number.
+    #[serde(with = "humantime_serde")]
+    pub confirm_for: Duration,
 }
 
 impl Default for RebillConfig {
@@ -191,6 +205,11 @@ impl Default for RebillConfig {
             allow_insecure_http: false,
             limits: LimitsConfig::default(),
             rules: Vec::new(),
+            confirm: false,
+            confirm_schedule: [2 * 60, 10 * 60, 30 * 60, 3600]
+                .map(|s| Duration::from_secs(s).into())
+                .to_vec(),
+            confirm_for: Duration::from_secs(3 * 86400),
         }
     }
 }
@@ -353,6 +372,99 @@ impl Default for HousekeepingConfig {
             batch_size: 500,
         }
     }
+}
+
+/// `[alerting]`: when the daemon raises alerts, and how long it tries to deliver them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertingConfig {
+    /// At most one "rows failed permanently" digest per this interval.
+    #[serde(with = "humantime_serde")]
+    pub digest_every: Duration,
+    /// A queue whose oldest due pending row waited longer than this is reported stuck.
+    #[serde(with = "humantime_serde")]
+    pub stuck_after: Duration,
+    /// How long one alert is retried before it is given up (and logged as lost).
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
+    /// A target failing for this long is reported in the log and in `status`.
+    #[serde(with = "humantime_serde")]
+    pub report_failing_after: Duration,
+}
+
+impl Default for AlertingConfig {
+    fn default() -> Self {
+        AlertingConfig {
+            digest_every: Duration::from_secs(15 * 60),
+            stuck_after: Duration::from_secs(3600),
+            give_up_after: Duration::from_secs(86400),
+            report_failing_after: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The robot or endpoint an `[[alert]]` entry posts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertKind {
+    /// 企业微信 group robot (`qyapi.weixin.qq.com/cgi-bin/webhook/send?key=…`).
+    Wecom,
+    /// 钉钉 custom robot (`oapi.dingtalk.com/robot/send?access_token=…`), signed with `secret`.
+    Dingtalk,
+    /// 飞书 custom bot (`open.feishu.cn/open-apis/bot/v2/hook/…`), signed with `secret`.
+    Feishu,
+    /// Any HTTPS endpoint taking the event as JSON, HMAC-signed with `secret`.
+    Webhook,
+}
+
+impl AlertKind {
+    /// The name used in config, logs and `status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::Wecom => "wecom",
+            AlertKind::Dingtalk => "dingtalk",
+            AlertKind::Feishu => "feishu",
+            AlertKind::Webhook => "webhook",
+        }
+    }
+}
+
+/// One `[[alert]]` entry: a place alerts are posted to.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertTargetConfig {
+    /// What kind of robot or endpoint it is.
+    pub kind: AlertKind,
+    /// A name for logs and `status` (default `KIND-N`, N counting entries from 1); also
+    /// names the environment variables `INVOICE_WORKER_ALERT_<NAME>_URL` / `_SECRET`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The robot's URL, inline: a secret, it carries the robot's key.
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// A file holding the URL; `$CREDENTIALS_DIRECTORY` is expanded.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    /// The signing secret (DingTalk 加签, Feishu 签名校验, webhook HMAC), inline.
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    /// A file holding the signing secret.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Only these events (`seller_paused`, `queue_paused`, `pause_lifted`, `rows_failed`,
+    /// `queue_stuck`, `queue_recovered`); absent = all of them.
+    #[serde(default)]
+    pub events: Option<Vec<crate::alerts::EventKind>>,
+    /// Messages per minute this target is sent at most (WeCom and DingTalk robots allow 20).
+    #[serde(default = "default_alert_rate")]
+    pub rate_per_minute: u32,
+    /// Allow `http://` to a non-loopback host (never in production).
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+}
+
+fn default_alert_rate() -> u32 {
+    20
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{invalid, Config, ConfigError};
+use super::{invalid, AlertKind, Config, ConfigError};
+use crate::alerts::EventKind;
 use crate::secret::Secret;
 
 /// Credentials for the rebill queue, resolved from wherever they were given.
@@ -72,7 +73,115 @@ impl Config {
 
     /// True when any secret is written inline in the file (for the permissions warning).
     pub fn has_inline_secret(&self) -> bool {
-        self.rebill.app_secret.is_some() || self.title.client_secret.is_some()
+        self.rebill.app_secret.is_some()
+            || self.title.client_secret.is_some()
+            || self
+                .alert
+                .iter()
+                .any(|a| a.url.is_some() || a.secret.is_some())
+    }
+
+    /// Every `[[alert]]` target with its URL and signing secret resolved. An entry without
+    /// a URL anywhere is an error naming it: an alert that silently goes nowhere is worse
+    /// than none.
+    pub fn alert_targets(&self) -> Result<Vec<AlertTarget>, ConfigError> {
+        let mut targets: Vec<AlertTarget> = Vec::with_capacity(self.alert.len());
+        for (i, entry) in self.alert.iter().enumerate() {
+            let key = format!("alert[{i}]");
+            let name = entry
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", entry.kind.as_str(), i + 1));
+            if name.is_empty() || targets.iter().any(|t| t.name == name) {
+                return Err(invalid(
+                    &format!("{key}.name"),
+                    format!("{name:?}: every alert target needs a name of its own"),
+                ));
+            }
+            let env = alert_env_prefix(&name);
+            let url = resolve_secret(
+                &format!("{key}.url"),
+                entry.url.as_ref(),
+                entry.url_file.as_deref(),
+                &format!("{env}_URL"),
+            )?
+            .ok_or_else(|| {
+                invalid(
+                    &format!("{key}.url"),
+                    format!("target {name:?} has no URL: set url, url_file or {env}_URL"),
+                )
+            })?;
+            super::check_endpoint(
+                &format!("{key}.url"),
+                url.expose(),
+                entry.allow_insecure_http,
+            )
+            .map_err(|_| {
+                invalid(
+                    &format!("{key}.url"),
+                    "must be an https:// URL (http:// only to loopback or with allow_insecure_http)",
+                )
+            })?;
+            let secret = resolve_secret(
+                &format!("{key}.secret"),
+                entry.secret.as_ref(),
+                entry.secret_file.as_deref(),
+                &format!("{env}_SECRET"),
+            )?;
+            targets.push(AlertTarget {
+                name,
+                kind: entry.kind,
+                url,
+                secret,
+                events: entry.events.clone(),
+                rate_per_minute: entry.rate_per_minute,
+            });
+        }
+        Ok(targets)
+    }
+}
+
+/// `INVOICE_WORKER_ALERT_<NAME>`: the name upper-cased, anything but letters and digits
+/// turned into `_`.
+pub fn alert_env_prefix(name: &str) -> String {
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("INVOICE_WORKER_ALERT_{name}")
+}
+
+/// One `[[alert]]` target, resolved: where to post and how to sign.
+#[derive(Debug, Clone)]
+pub struct AlertTarget {
+    /// Its name in logs, `status` and the outbox.
+    pub name: String,
+    /// What kind of robot or endpoint it is.
+    pub kind: AlertKind,
+    /// The URL (it carries the robot's key, so it is a secret).
+    pub url: Secret,
+    /// The signing secret, when the robot uses one.
+    pub secret: Option<Secret>,
+    /// The events it wants; `None` = all.
+    pub events: Option<Vec<EventKind>>,
+    /// Most messages per minute.
+    pub rate_per_minute: u32,
+}
+
+impl AlertTarget {
+    /// Whether this target wants events of `kind` (a test message goes everywhere).
+    pub fn wants(&self, kind: EventKind) -> bool {
+        kind == EventKind::Test
+            || self
+                .events
+                .as_ref()
+                .is_none_or(|events| events.contains(&kind))
     }
 }
 
