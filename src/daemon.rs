@@ -92,7 +92,10 @@ fn rebill_job(config: &Config, clock: &Clock) -> anyhow::Result<Option<RebillJob
         operator: config.rebill.rules.clone(),
         pauses: pauses_of(&config.rebill.limits),
     };
-    Ok(Some(RebillJob::new(client, rules, clock.clone())))
+    let confirm = crate::jobs::rebill::confirm::ConfirmPolicy::from_config(&config.rebill);
+    Ok(Some(
+        RebillJob::new(client, rules, clock.clone()).confirming(confirm),
+    ))
 }
 
 /// Builds the title handler, or says why the queue is off.

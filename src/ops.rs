@@ -58,7 +58,7 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
 /// The `# HELP` lines of `/metrics`.
 fn describe_metrics() {
     use metrics::Unit;
-    metrics::describe_counter!("invoice_worker_attempts_total", "Attempts finished, by queue and action (done, retry, pause_seller, pause_queue, fail, rejected).");
+    metrics::describe_counter!("invoice_worker_attempts_total", "Attempts finished, by queue and action (done, retry, await_confirmation, pause_seller, pause_queue, fail, rejected).");
     metrics::describe_counter!(
         "invoice_worker_lost_claims_total",
         "Completions discarded because the row's lease had expired and the row was claimed again."
@@ -76,6 +76,10 @@ fn describe_metrics() {
         "invoice_worker_oldest_pending_age_seconds",
         Unit::Seconds,
         "How long the oldest pending row has been due (0 when none is due)."
+    );
+    metrics::describe_gauge!(
+        "invoice_worker_awaiting_confirmation",
+        "Pending rows the gateway accepted whose invoice number is still awaited ([rebill] confirm)."
     );
     metrics::describe_gauge!(
         "invoice_worker_paused_sellers",
@@ -236,8 +240,12 @@ pub async fn status_line(store: &Store) -> String {
     let mut parts = Vec::new();
     for queue in QueueName::ALL {
         if let Ok(c) = store.counts(queue, now).await {
+            let awaiting = match c.awaiting_confirmation {
+                0 => String::new(),
+                n => format!(" ({n} awaiting confirmation)"),
+            };
             parts.push(format!(
-                "{}: {} pending, {} running, {} done, {} failed",
+                "{}: {} pending{awaiting}, {} running, {} done, {} failed",
                 queue.as_str(),
                 c.count("pending"),
                 c.count("running"),
@@ -269,6 +277,8 @@ pub async fn refresh_gauges(store: &Store) {
         }
         metrics::gauge!("invoice_worker_oldest_pending_age_seconds", "queue" => queue.as_str())
             .set(counts.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+        metrics::gauge!("invoice_worker_awaiting_confirmation", "queue" => queue.as_str())
+            .set(counts.awaiting_confirmation as f64);
     }
     if let Ok(pauses) = store.pauses().await {
         for queue in QueueName::ALL {

@@ -90,6 +90,12 @@ pub async fn print_status(store: &Store, json: bool) -> anyhow::Result<()> {
             age
         );
     }
+    for c in counts.iter().filter(|c| c.awaiting_confirmation > 0) {
+        println!(
+            "{}: {} pending rows accepted, awaiting confirmation (invoice number not yet seen)",
+            c.queue, c.awaiting_confirmation
+        );
+    }
     if pauses.is_empty() {
         println!("no pauses");
     }

@@ -41,6 +41,7 @@ fn done_completion(c: &Claimed<RebillRow>, now: i64) -> Completion {
         invoice_down_url: None,
         recent_attempts: None,
         pause: PauseChange::Nothing,
+        confirm_since: None,
         now,
     }
 }

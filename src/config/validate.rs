@@ -56,6 +56,34 @@ impl Config {
         validate_limits("rebill", &self.rebill.limits)?;
         validate_limits("title", &self.title.limits)?;
         validate_rules("rebill", &self.rebill.rules)?;
+        if self.rebill.confirm_schedule.iter().any(|d| d.is_zero()) {
+            return Err(invalid(
+                "rebill.confirm_schedule",
+                "every wait must be greater than 0",
+            ));
+        }
+        if self.rebill.confirm_for.is_zero() {
+            return Err(invalid("rebill.confirm_for", "must be greater than 0"));
+        }
+        let a = &self.alerting;
+        for (key, value) in [
+            ("alerting.digest_every", a.digest_every),
+            ("alerting.stuck_after", a.stuck_after),
+            ("alerting.give_up_after", a.give_up_after),
+            ("alerting.report_failing_after", a.report_failing_after),
+        ] {
+            if value < Duration::from_secs(1) {
+                return Err(invalid(key, "must be at least 1s"));
+            }
+        }
+        for (i, target) in self.alert.iter().enumerate() {
+            if target.rate_per_minute == 0 {
+                return Err(invalid(
+                    &format!("alert[{i}].rate_per_minute"),
+                    "must be at least 1",
+                ));
+            }
+        }
         validate_rules("title", &self.title.rules)?;
         check_endpoint(
             "rebill.endpoint",

@@ -18,6 +18,17 @@ pub enum Action {
     PauseQueue(Duration),
     /// A permanent error: the row becomes `failed` now.
     Fail,
+    /// The remote side accepted the work but its result is not known yet: the row stays
+    /// pending with `outcome` saying what was seen, and is asked again at `at` (ms). The
+    /// check is not the row's failure, so it uses up none of its attempts.
+    AwaitConfirmation {
+        /// What the last answer said (`accepted`, `in_progress`, `issued` without values).
+        outcome: Outcome,
+        /// When the first acceptance was seen (ms).
+        since: i64,
+        /// When to ask again (ms); the per-day cap may push it later.
+        at: i64,
+    },
 }
 
 /// The outcome recorded in a `done` row.
@@ -65,6 +76,7 @@ impl Action {
             Action::PauseSeller(_) => "pause_seller",
             Action::PauseQueue(_) => "pause_queue",
             Action::Fail => "fail",
+            Action::AwaitConfirmation { .. } => "await_confirmation",
         }
     }
 }

@@ -93,7 +93,9 @@ impl AttemptRecord {
             Processed::Rejected(_) => ("rejected", tracing::Level::WARN, -1, "", None),
             Processed::Attempted(a) => {
                 let level = match a.action {
-                    Action::Done(_) | Action::Retry { .. } => tracing::Level::INFO,
+                    Action::Done(_) | Action::Retry { .. } | Action::AwaitConfirmation { .. } => {
+                        tracing::Level::INFO
+                    }
                     Action::Fail | Action::PauseSeller(_) => tracing::Level::WARN,
                     Action::PauseQueue(_) => tracing::Level::ERROR,
                 };

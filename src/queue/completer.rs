@@ -80,6 +80,7 @@ async fn one_by_one(store: &Store, queue: QueueName, batch: &[Completion]) {
             // As the refused result would have: a sent probe lifts its pause (a rejected
             // row, never sent, lifts it too here; it is failed either way).
             pause: PauseChange::LiftProbed,
+            confirm_since: None,
             refund_attempt: false,
             last_message: Some(format!(
                 "result could not be recorded ({refused}); last answer: {}",

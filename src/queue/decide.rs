@@ -41,6 +41,7 @@ pub fn plan(
         invoice_down_url: None,
         recent_attempts: serde_json::to_string(&recent).ok(),
         pause: PauseChange::Nothing,
+        confirm_since: None,
         now,
     };
     let attempted = match processed {
@@ -61,6 +62,18 @@ pub fn plan(
             c.invoice_down_url = attempted.invoice_down_url.clone();
         }
         Action::Fail => c.status = FinalStatus::Failed,
+        Action::AwaitConfirmation { outcome, since, at } => {
+            c.outcome = Some(outcome.as_str());
+            c.confirm_since = Some(*since);
+            c.refund_attempt = true;
+            c.invoice_no = attempted.invoice_no.clone();
+            c.invoice_down_url = attempted.invoice_down_url.clone();
+            // Each check is a call, so it counts toward the per-day cap like any other.
+            c.next_attempt_at = match backoff.daily_cap_allows_at(&recent, now) {
+                Some(cap) => cap.max(*at),
+                None => *at,
+            };
+        }
         Action::Retry { after } => {
             if backoff.exhausted(meta.attempts, meta.max_attempts) {
                 c.status = FinalStatus::Failed;
@@ -114,6 +127,8 @@ mod tests {
             max_attempts: None,
             recent_attempts: "[1000]".into(),
             claim_token: "tok".into(),
+            outcome: None,
+            confirm_since: None,
         }
     }
 
@@ -204,6 +219,43 @@ mod tests {
             "{:?}",
             c.pause
         );
+    }
+
+    #[test]
+    fn awaiting_confirmation_stays_pending_without_using_an_attempt() {
+        let c = plan(
+            &meta(3),
+            "S",
+            &attempted(Action::AwaitConfirmation {
+                outcome: Outcome::Accepted,
+                since: 1500,
+                at: 9000,
+            }),
+            &backoff(),
+            2000,
+            0.5,
+        );
+        assert_eq!(c.status, FinalStatus::Pending);
+        assert_eq!(c.outcome, Some("accepted"));
+        assert_eq!((c.confirm_since, c.next_attempt_at), (Some(1500), 9000));
+        assert!(c.refund_attempt);
+        // Twenty calls in the last day: the next check waits for the oldest to age out.
+        let mut full = meta(3);
+        full.recent_attempts =
+            serde_json::to_string(&(0..20).map(|i| 1000 + i).collect::<Vec<i64>>()).unwrap();
+        let c = plan(
+            &full,
+            "S",
+            &attempted(Action::AwaitConfirmation {
+                outcome: Outcome::InProgress,
+                since: 1500,
+                at: 9000,
+            }),
+            &backoff(),
+            2000,
+            0.5,
+        );
+        assert_eq!(c.next_attempt_at, 1000 + 86_400_000);
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct QueueCounts {
     pub by_status: Vec<(String, i64)>,
     /// Age in ms of the oldest due pending row.
     pub oldest_pending_age_ms: Option<i64>,
+    /// Pending rows the remote side accepted whose result is still awaited
+    /// (`[rebill] confirm`).
+    pub awaiting_confirmation: i64,
 }
 
 impl QueueCounts {
@@ -192,10 +195,14 @@ impl Store {
             .bind(now)
             .fetch_one(self.pool())
             .await?;
+        let (awaiting,): (i64,) = sqlx::query_as(&sql.awaiting_confirmation)
+            .fetch_one(self.pool())
+            .await?;
         Ok(QueueCounts {
             queue: queue.as_str(),
             by_status,
             oldest_pending_age_ms: oldest.map(|at| (now - at).max(0)),
+            awaiting_confirmation: awaiting,
         })
     }
 

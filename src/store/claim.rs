@@ -155,6 +155,8 @@ fn decode<R: QueueRow>(r: &sqlx::sqlite::SqliteRow) -> Result<(ClaimMeta, R), sq
         max_attempts: r.try_get("max_attempts")?,
         recent_attempts: r.try_get("recent_attempts")?,
         claim_token: r.try_get("claim_token")?,
+        outcome: r.try_get("outcome")?,
+        confirm_since: r.try_get("confirm_since")?,
     };
     Ok((meta, R::from_row(r)?))
 }

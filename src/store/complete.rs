@@ -55,6 +55,8 @@ pub struct Completion {
     pub recent_attempts: Option<String>,
     /// What the result does to pauses (the queue's pause policy decides).
     pub pause: PauseChange,
+    /// When confirmation began, for a row left pending to await it (kept when `None`).
+    pub confirm_since: Option<i64>,
     /// Current time, ms.
     pub now: i64,
 }
@@ -67,7 +69,7 @@ fn batch_json(items: &[Completion]) -> String {
                 "id": c.id, "token": c.claim_token, "status": c.status.as_str(), "outcome": c.outcome,
                 "next": c.next_attempt_at, "refund": c.refund_attempt, "code": c.last_code,
                 "message": c.last_message, "invoice_no": c.invoice_no, "url": c.invoice_down_url,
-                "recent": c.recent_attempts, "now": c.now,
+                "recent": c.recent_attempts, "since": c.confirm_since, "now": c.now,
             })
         })
         .collect();
@@ -115,6 +117,7 @@ impl Store {
                 .bind(&c.invoice_down_url)
                 .bind(&c.recent_attempts)
                 .bind(c.now)
+                .bind(c.confirm_since)
                 .execute(&mut *tx)
                 .await
                 .map_err(StoreError::classify)?;

@@ -389,7 +389,8 @@ async fn ensure_wal(path: &Path, busy_timeout: Duration) -> Result<(), StoreErro
 }
 
 /// True when a migration failed because another connection applied it meanwhile: a
-/// duplicate row in `_sqlx_migrations`, a table that now exists, or a busy database.
+/// duplicate row in `_sqlx_migrations`, a table that now exists, a column already added
+/// (`ALTER TABLE … ADD COLUMN` has no `IF NOT EXISTS`), or a busy database.
 fn lost_a_migration_race(error: &sqlx::migrate::MigrateError) -> bool {
     use sqlx::migrate::MigrateError;
     let sqlx::Error::Database(db) = (match error {
@@ -398,7 +399,10 @@ fn lost_a_migration_race(error: &sqlx::migrate::MigrateError) -> bool {
     }) else {
         return false;
     };
-    db.is_unique_violation() || db.message().contains("already exists") || is_busy_code(&**db)
+    db.is_unique_violation()
+        || db.message().contains("already exists")
+        || db.message().contains("duplicate column name")
+        || is_busy_code(&**db)
 }
 
 /// True for SQLITE_BUSY and its extended codes.
@@ -587,6 +591,7 @@ pub(crate) mod test_support {
             invoice_down_url: None,
             recent_attempts: None,
             pause: super::pauses::PauseChange::Nothing,
+            confirm_since: None,
             now,
         }
     }

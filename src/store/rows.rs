@@ -27,6 +27,11 @@ pub struct ClaimMeta {
     pub recent_attempts: String,
     /// The claim token this worker must present to complete the row.
     pub claim_token: String,
+    /// On a row awaiting confirmation: what the last check saw (`accepted`, `in_progress`,
+    /// or `issued` without the invoice's number).
+    pub outcome: Option<String>,
+    /// When the row was first accepted, if it is being confirmed (ms).
+    pub confirm_since: Option<i64>,
 }
 
 /// A row claimed by this worker: bookkeeping plus the queue's own columns.

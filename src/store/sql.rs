@@ -43,7 +43,8 @@ pub(crate) struct QueueSql {
     pub next_due_after: String,
     /// One completion: `?1` id, `?2` token, `?3` status, `?4` outcome, `?5` next attempt,
     /// `?6` refund the attempt, `?7` code, `?8` message, `?9` invoice number, `?10` PDF URL
-    /// (both rebill only), `?11` recent attempts, `?12` now.
+    /// (both rebill only), `?11` recent attempts, `?12` now, `?13` confirmation start (kept
+    /// when NULL).
     pub complete: String,
     /// A batch of completions as one JSON array, `?1`.
     pub complete_batch: String,
@@ -53,6 +54,8 @@ pub(crate) struct QueueSql {
     pub counts_by_status: String,
     /// `?1` now: the oldest due time of a pending row that is due.
     pub oldest_due: String,
+    /// Pending rows awaiting confirmation (an outcome is recorded only on those).
+    pub awaiting_confirmation: String,
     /// `?1` status or NULL, `?2` limit: rows for display, newest first, whatever their
     /// values' types.
     pub list: String,
@@ -202,6 +205,7 @@ impl QueueSql {
                    attempts = CASE WHEN ?6 THEN MAX(attempts - 1, 0) ELSE attempts END, \
                    last_code = ?7, last_message = ?8, {invoice}\
                    recent_attempts = COALESCE(?11, recent_attempts), updated_at = ?12, \
+                   confirm_since = COALESCE(?13, confirm_since), \
                    finished_at = CASE WHEN ?3 = 'pending' THEN NULL ELSE ?12 END, \
                    claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL \
                  WHERE id = ?1 AND claim_token = ?2 AND status = 'running'"
@@ -216,6 +220,7 @@ impl QueueSql {
                    attempts = CASE WHEN j.refund THEN MAX(r.attempts - 1, 0) ELSE r.attempts END, \
                    last_code = j.last_code, last_message = j.last_message, {batch_invoice}\
                    recent_attempts = COALESCE(j.recent_attempts, r.recent_attempts), updated_at = j.now, \
+                   confirm_since = COALESCE(j.confirm_since, r.confirm_since), \
                    finished_at = CASE WHEN j.status = 'pending' THEN NULL ELSE j.now END, \
                    claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL \
                  FROM (SELECT value ->> 'id' AS id, value ->> 'token' AS token, value ->> 'status' AS status, \
@@ -223,7 +228,7 @@ impl QueueSql {
                          value ->> 'refund' AS refund, value ->> 'code' AS last_code, \
                          value ->> 'message' AS last_message, value ->> 'invoice_no' AS invoice_no, \
                          value ->> 'url' AS invoice_down_url, value ->> 'recent' AS recent_attempts, \
-                         value ->> 'now' AS now \
+                         value ->> 'since' AS confirm_since, value ->> 'now' AS now \
                        FROM json_each(?1)) AS j \
                  WHERE r.id = j.id AND +r.claim_token = j.token AND +r.status = 'running' \
                  RETURNING id"
@@ -237,14 +242,17 @@ impl QueueSql {
             oldest_due: format!(
                 "SELECT MIN(next_attempt_at) FROM {t} WHERE status = 'pending' AND next_attempt_at <= ?1"
             ),
+            awaiting_confirmation: format!(
+                "SELECT COUNT(*) FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND outcome IS NOT NULL"
+            ),
             list: list_sql(queue),
             retry: format!(
-                "UPDATE {t} SET status = 'pending', outcome = NULL, attempts = 0, \
+                "UPDATE {t} SET status = 'pending', outcome = NULL, attempts = 0, confirm_since = NULL, \
                  next_attempt_at = ?2, updated_at = ?2, finished_at = NULL \
                  WHERE id = ?1 AND status IN ('failed', 'rejected', 'cancelled')"
             ),
             retry_all_failed: format!(
-                "UPDATE {t} SET status = 'pending', outcome = NULL, attempts = 0, \
+                "UPDATE {t} SET status = 'pending', outcome = NULL, attempts = 0, confirm_since = NULL, \
                  next_attempt_at = ?1, updated_at = ?1, finished_at = NULL WHERE status = 'failed'"
             ),
             cancel: format!(

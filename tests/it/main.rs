@@ -6,6 +6,7 @@
 
 mod cli;
 mod common;
+mod confirm;
 mod ops;
 mod process;
 mod rebill;

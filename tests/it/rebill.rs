@@ -403,6 +403,7 @@ async fn a_lost_claim_is_never_overwritten() {
         invoice_down_url: None,
         recent_attempts: None,
         pause: PauseChange::Nothing,
+        confirm_since: None,
         now: later,
     };
     let applied = w

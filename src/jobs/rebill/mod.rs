@@ -1,6 +1,7 @@
 //! Rebilling: validate the order, send it to fw199 `rebillingnew`, classify the answer.
 
 pub mod classify;
+pub mod confirm;
 
 use super::Rules;
 use crate::clients::rebill::RebillClient;
@@ -10,6 +11,7 @@ use crate::queue::decide::Processed;
 use crate::store::rows::{Claimed, RebillRow};
 use crate::validate;
 use crate::validate::invisible::escape_for_log;
+use confirm::ConfirmPolicy;
 
 /// Handles `rebill_orders` rows.
 #[derive(Debug, Clone)]
@@ -17,6 +19,7 @@ pub struct RebillJob {
     client: RebillClient,
     rules: Rules,
     clock: Clock,
+    confirm: Option<ConfirmPolicy>,
 }
 
 impl RebillJob {
@@ -27,7 +30,14 @@ impl RebillJob {
             client,
             rules,
             clock,
+            confirm: None,
         }
+    }
+
+    /// The same handler following accepted rows to their invoice number (`[rebill]
+    /// confirm`); `None` leaves an acceptance `done`.
+    pub fn confirming(self, confirm: Option<ConfirmPolicy>) -> Self {
+        RebillJob { confirm, ..self }
     }
 }
 
@@ -40,12 +50,16 @@ impl Handler for RebillJob {
             return Processed::Rejected(rejection);
         }
         let result = self.client.send(&row.tax_num, &row.orderno).await;
-        Processed::Attempted(classify::classify(
+        let attempted = classify::classify(
             result,
             &self.rules.operator,
             self.rules.pauses,
             self.clock.now_utc(),
-        ))
+        );
+        Processed::Attempted(match &self.confirm {
+            Some(policy) => policy.apply(attempted, &claimed.meta, self.clock.now_ms()),
+            None => attempted,
+        })
     }
 
     fn log_attempt(&self, row: &RebillRow, record: &AttemptRecord) {
