@@ -3,8 +3,10 @@
 //!
 //! State changes write an [`Event`] into the store's outbox in the same transaction that
 //! makes the change (`store::outbox`); the deliverer posts each one to every target that
-//! wants it, with retries, surviving restarts.
+//! wants it, with retries, surviving restarts. [`text()`] writes what a person reads.
 
 pub mod event;
+pub mod text;
 
 pub use event::{Event, EventKind, FailedRow, MAX_EXAMPLES};
+pub use text::text;
