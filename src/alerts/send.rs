@@ -88,8 +88,8 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-/// DingTalk's 加签 `sign` parameter for `timestamp_ms`: Base64(HMAC-SHA256(key = secret,
-/// message = "<timestamp>\n<secret>")), already percent-encoded for the query string.
+/// DingTalk's 加签 `sign` parameter for `timestamp_ms`: `Base64(HMAC-SHA256(key = secret,
+/// message = "<timestamp>\n<secret>"))`, already percent-encoded for the query string.
 pub fn sign_dingtalk(secret: &str, timestamp_ms: i64) -> String {
     let mac = hmac_sha256(
         secret.as_bytes(),
@@ -99,15 +99,15 @@ pub fn sign_dingtalk(secret: &str, timestamp_ms: i64) -> String {
     utf8_percent_encode(&b64, QUERY_VALUE).to_string()
 }
 
-/// Feishu's `sign` field for `timestamp_s`: Base64(HMAC-SHA256(key = "<timestamp>\n<secret>",
-/// message = empty)). Feishu really does use the text as the key and sign nothing.
+/// Feishu's `sign` field for `timestamp_s`: `Base64(HMAC-SHA256(key = "<timestamp>\n<secret>",
+/// message = empty))`. Feishu really does use the text as the key and sign nothing.
 pub fn sign_feishu(secret: &str, timestamp_s: i64) -> String {
     let mac = hmac_sha256(format!("{timestamp_s}\n{secret}").as_bytes(), b"");
     base64::engine::general_purpose::STANDARD.encode(mac)
 }
 
 /// The webhook's [`HEADER_SIGNATURE`] value: `sha256=` and the lowercase hex
-/// HMAC-SHA256(key = secret, message = "<timestamp>." + body). The timestamp is signed too,
+/// `HMAC-SHA256(key = secret, message = "<timestamp>." + body)`. The timestamp is signed too,
 /// so a captured post cannot be replayed later with a fresh timestamp.
 pub fn sign_webhook(secret: &str, timestamp_s: i64, body: &[u8]) -> String {
     let mut message = format!("{timestamp_s}.").into_bytes();

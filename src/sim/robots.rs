@@ -305,7 +305,7 @@ pub(super) async fn dingtalk(State(shared): State<Arc<Shared>>, uri: Uri, body: 
 }
 
 /// DingTalk's check: the timestamp (ms) within an hour, and `sign` equal to
-/// Base64(HMAC-SHA256(secret, "<timestamp>\n<secret>")).
+/// `Base64(HMAC-SHA256(secret, "<timestamp>\n<secret>"))`.
 fn dingtalk_sign_ok(secret: &str, timestamp: &str, sign: &str) -> bool {
     let Ok(ts) = timestamp.parse::<i64>() else {
         return false;
@@ -371,7 +371,7 @@ pub(super) async fn feishu(
 }
 
 /// Feishu's check: the timestamp (s, a string) within an hour, and `sign` equal to
-/// Base64(HMAC-SHA256(key = "<timestamp>\n<secret>", message = empty)).
+/// `Base64(HMAC-SHA256(key = "<timestamp>\n<secret>", message = empty))`.
 fn feishu_sign_ok(secret: &str, timestamp: &str, sign: &str) -> bool {
     let Ok(ts) = timestamp.parse::<i64>() else {
         return false;
@@ -455,7 +455,7 @@ pub(super) async fn webhook(
 }
 
 /// The webhook receiver's check: the timestamp (s) within five minutes, and the signature
-/// `sha256=` + hex HMAC-SHA256(secret, "<timestamp>." + body).
+/// `sha256=` + hex `HMAC-SHA256(secret, "<timestamp>." + body)`.
 fn webhook_sign_ok(secret: &str, timestamp: &str, signature: &str, body: &[u8]) -> bool {
     let Ok(ts) = timestamp.parse::<i64>() else {
         return false;
