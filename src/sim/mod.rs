@@ -1,5 +1,6 @@
-//! Simulated remote servers: the fw199 `rebillingnew` gateway and 开票精灵's
-//! `TokenAction` / `OpenAction` / `thirdApi` (FPTT1001) endpoints.
+//! Simulated remote servers: the fw199 `rebillingnew` gateway, 开票精灵's
+//! `TokenAction` / `OpenAction` / `thirdApi` (FPTT1001) endpoints, and the alert robots
+//! (WeCom, DingTalk, Feishu and a plain JSON webhook, see `robots`).
 //!
 //! One [`Simulator`] runs a single axum server on `127.0.0.1:0` that serves every route.
 //! It is used by `invoice-worker sandbox`, the integration tests and the benchmark, so it
@@ -18,17 +19,25 @@
 //! actually went over the wire, which serials the title server accepted
 //! ([`Simulator::accepted_serials`]) and whether the same order was ever sent twice at once
 //! ([`Simulator::overlapping_sends`]).
+//!
+//! The robots verify their signatures with [`SimOptions::robot_secret`] (a signature is
+//! optional unless [`Simulator::require_robot_signature`] asks for one), answer per robot
+//! key as [`Simulator::script_robot`] says (success by default) and record every message
+//! ([`Simulator::robot_messages`]).
 
 mod form;
 mod rebill;
+mod robots;
 mod title;
 
+#[cfg(test)]
+mod robot_tests;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -38,6 +47,7 @@ use axum::Router;
 use md5::{Digest, Md5};
 
 pub use rebill::issued_invoice;
+pub use robots::{RobotBehavior, RobotMessage};
 
 /// A configuration that points both queues at `sim` with the credentials `opts` gave it,
 /// on the database `db`, housekeeping off. Callers adjust timings and limits.
@@ -78,6 +88,8 @@ pub struct SimOptions {
     /// How `thirdApi` answers an invalid access token: HTTP 401 (`true`) or HTTP 200 with a
     /// reply whose REPLYMSG is `access_token无效` (`false`).
     pub token_reply_401: bool,
+    /// The signing secret the DingTalk, Feishu and webhook robots verify signatures with.
+    pub robot_secret: String,
 }
 
 impl Default for SimOptions {
@@ -90,6 +102,7 @@ impl Default for SimOptions {
             latency: Duration::ZERO,
             token_latency: Duration::ZERO,
             token_reply_401: false,
+            robot_secret: "sandbox-robot-secret".to_owned(),
         }
     }
 }
@@ -324,6 +337,9 @@ struct Shared {
     accepted: Mutex<Accepted>,
     in_flight: Mutex<HashMap<String, usize>>,
     overlaps: AtomicUsize,
+    robot_scripts: Mutex<HashMap<String, Script<RobotBehavior>>>,
+    robot_log: Mutex<Vec<RobotMessage>>,
+    robot_signature_required: AtomicBool,
 }
 
 #[derive(Default)]
@@ -437,6 +453,16 @@ impl std::fmt::Debug for Simulator {
     }
 }
 
+/// `value` percent-encoded for a URL's query or path segment (RFC 3986 unreserved kept).
+fn query_value(value: &str) -> String {
+    const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(value, UNRESERVED).to_string()
+}
+
 /// The openID OpenAction hands out for a client: stable, derived from the `client_id`.
 fn open_id_for(client_id: &str) -> String {
     let digest = Md5::digest(format!("sim-openid:{client_id}").as_bytes());
@@ -444,8 +470,8 @@ fn open_id_for(client_id: &str) -> String {
 }
 
 impl Simulator {
-    /// Starts one axum server on `127.0.0.1:0` serving the rebill gateway and the title
-    /// platform. Must be called inside a tokio runtime; the server runs on a spawned task.
+    /// Starts one axum server on `127.0.0.1:0` serving the rebill gateway, the title
+    /// platform and the alert robots. Must be called inside a tokio runtime; the server runs on a spawned task.
     pub async fn start(opts: SimOptions) -> std::io::Result<Simulator> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
@@ -463,12 +489,25 @@ impl Simulator {
             accepted: Mutex::new(Accepted::default()),
             in_flight: Mutex::new(HashMap::new()),
             overlaps: AtomicUsize::new(0),
+            robot_scripts: Mutex::new(HashMap::new()),
+            robot_log: Mutex::new(Vec::new()),
+            robot_signature_required: AtomicBool::new(false),
         });
         let app = Router::new()
             .route(rebill::PATH, post(rebill::handle))
             .route("/Entoauth/TokenAction", get(title::token_action))
             .route("/Entoauth/OpenAction", get(title::open_action))
             .route("/Entoauth/thirdApi", post(title::third_api))
+            .route(robots::WECOM_PATH, post(robots::wecom))
+            .route(robots::DINGTALK_PATH, post(robots::dingtalk))
+            .route(
+                &format!("{}/{{token}}", robots::FEISHU_PREFIX),
+                post(robots::feishu),
+            )
+            .route(
+                &format!("{}/{{name}}", robots::WEBHOOK_PREFIX),
+                post(robots::webhook),
+            )
             .with_state(Arc::clone(&shared));
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let listener = listener.tap_io(|tcp| {
@@ -548,12 +587,13 @@ impl Simulator {
         lock(&self.shared.title_log).clone()
     }
 
-    /// Forgets the recorded rebill and title requests (the logs grow with every request;
-    /// a long benchmark may clear them between runs). Counters, tokens, scripts and
-    /// accepted serials are kept.
+    /// Forgets the recorded rebill and title requests and robot messages (the logs grow
+    /// with every request; a long benchmark may clear them between runs). Counters, tokens,
+    /// scripts and accepted serials are kept.
     pub fn clear_requests(&self) {
         lock(&self.shared.rebill_log).clear();
         lock(&self.shared.title_log).clear();
+        lock(&self.shared.robot_log).clear();
     }
 
     /// How many TokenAction calls arrived.
@@ -582,6 +622,72 @@ impl Simulator {
     /// far enough to name their order count.
     pub fn overlapping_sends(&self) -> usize {
         self.shared.overlaps.load(Ordering::Relaxed)
+    }
+
+    /// `http://127.0.0.1:PORT/robot/wecom/send?key=KEY`.
+    pub fn wecom_url(&self, key: &str) -> String {
+        format!(
+            "http://{}{}?key={}",
+            self.addr,
+            robots::WECOM_PATH,
+            query_value(key)
+        )
+    }
+
+    /// `http://127.0.0.1:PORT/robot/dingtalk/send?access_token=TOKEN`.
+    pub fn dingtalk_url(&self, token: &str) -> String {
+        format!(
+            "http://{}{}?access_token={}",
+            self.addr,
+            robots::DINGTALK_PATH,
+            query_value(token)
+        )
+    }
+
+    /// `http://127.0.0.1:PORT/robot/feishu/hook/TOKEN`.
+    pub fn feishu_url(&self, token: &str) -> String {
+        format!(
+            "http://{}{}/{}",
+            self.addr,
+            robots::FEISHU_PREFIX,
+            query_value(token)
+        )
+    }
+
+    /// `http://127.0.0.1:PORT/robot/webhook/NAME`.
+    pub fn webhook_url(&self, name: &str) -> String {
+        format!(
+            "http://{}{}/{}",
+            self.addr,
+            robots::WEBHOOK_PREFIX,
+            query_value(name)
+        )
+    }
+
+    /// Whether the DingTalk, Feishu and webhook robots refuse a message that carries no
+    /// signature (off by default; a signature that is present is always checked). WeCom
+    /// never signs.
+    pub fn require_robot_signature(&self, required: bool) {
+        self.shared
+            .robot_signature_required
+            .store(required, Ordering::Relaxed);
+    }
+
+    /// Scripts the answers of the robot with this key (WeCom `key`, DingTalk
+    /// `access_token`, Feishu token, webhook name): one step per verified request, the last
+    /// step repeating forever. Replaces any earlier script; an empty list removes it.
+    pub fn script_robot(&self, key: &str, steps: Vec<RobotBehavior>) {
+        let mut scripts = lock(&self.shared.robot_scripts);
+        if steps.is_empty() {
+            scripts.remove(key);
+        } else {
+            scripts.insert(key.to_owned(), Script(steps.into()));
+        }
+    }
+
+    /// Every message the robots received, in arrival order.
+    pub fn robot_messages(&self) -> Vec<RobotMessage> {
+        lock(&self.shared.robot_log).clone()
     }
 
     /// Stops accepting connections and lets in-flight requests finish (graceful). Returns
