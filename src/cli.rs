@@ -108,6 +108,16 @@ pub enum Command {
     },
     /// Run the whole thing against simulated servers: no credentials, no network.
     Sandbox,
+    /// Alert targets (`[[alert]]`).
+    #[command(subcommand)]
+    Alert(AlertCommand),
+}
+
+/// `alert` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AlertCommand {
+    /// Send one test message to every target now; exits 1 if any target refused it.
+    Test,
 }
 
 /// `enqueue` targets.
@@ -250,9 +260,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::CheckConfig => check_config(&config, &path),
         Command::Enqueue(what) => enqueue(&open(&config).await?, *what).await,
-        Command::Status { json } => crate::report::print_status(&open(&config).await?, json)
-            .await
-            .map_err(CliError::Runtime),
+        Command::Status { json } => {
+            let alerting = (!config.alert.is_empty()).then_some(&config.alerting);
+            crate::report::print_status(&open(&config).await?, json, alerting)
+                .await
+                .map_err(CliError::Runtime)
+        }
         Command::List {
             queue,
             status,
@@ -327,14 +340,46 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Sandbox => Ok(()),
+        Command::Alert(AlertCommand::Test) => alert_test(&config).await,
     }
 }
 
 async fn open(config: &Config) -> Result<Store, CliError> {
-    Store::open_configured(&config.database)
+    let store = Store::open_configured(&config.database)
         .await
         .with_context(|| format!("opening database {}", config.database.path.display()))
-        .map_err(CliError::Runtime)
+        .map_err(CliError::Runtime)?;
+    // An operator's resume tells the group chat too.
+    Ok(store.with_alerts(!config.alert.is_empty()))
+}
+
+/// `alert test`: one message to every target, each answer printed.
+async fn alert_test(config: &Config) -> Result<(), CliError> {
+    let targets = config.alert_targets()?;
+    if targets.is_empty() {
+        return Err(CliError::Usage(
+            "no [[alert]] target is configured".to_string(),
+        ));
+    }
+    let instance = crate::daemon::instance_name();
+    let results =
+        crate::alerts::deliver::send_test(&targets, &instance, crate::store::now_ms()).await;
+    let mut failed = 0;
+    for (name, result) in results {
+        match result {
+            Ok(()) => println!("{name}: delivered"),
+            Err(e) => {
+                failed += 1;
+                println!("{name}: FAILED: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(CliError::Runtime(anyhow::anyhow!(
+            "{failed} alert target(s) did not take the test message"
+        )));
+    }
+    Ok(())
 }
 
 fn report_changed(what: &str, asked: &[i64], changed: &[i64]) {
@@ -355,6 +400,7 @@ fn check_config(config: &Config, path: &std::path::Path) -> Result<(), CliError>
     // Resolving credentials reads *_file secrets, so an unreadable file fails here too.
     let rebill = config.rebill_credentials()?;
     let title = config.title_credentials()?;
+    let alerts = config.alert_targets()?;
     warn_if_exposed(config, path);
     print!("{}", config.redacted_toml());
     println!();
@@ -383,6 +429,20 @@ fn check_config(config: &Config, path: &std::path::Path) -> Result<(), CliError>
     };
     println!("# rebill queue: {rebill_state}");
     println!("# title queue: {title_state}");
+    if alerts.is_empty() {
+        println!("# alerts: none configured");
+    }
+    for t in &alerts {
+        let events = t.events.as_ref().map_or("all events".to_string(), |e| {
+            e.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+        });
+        let signed = if t.secret.is_some() { ", signed" } else { "" };
+        println!(
+            "# alert target {}: {}{signed}, {events}",
+            t.name,
+            t.kind.as_str()
+        );
+    }
     if !missing.is_empty() {
         return Err(CliError::Usage(format!(
             "{}: missing credentials: {}; set them, or switch the queue off with enabled = false",
@@ -411,6 +471,7 @@ fn warn_if_exposed(config: &Config, path: &std::path::Path) {
 async fn run_daemon(config: &Config, path: &std::path::Path) -> Result<(), CliError> {
     config.rebill_credentials()?;
     config.title_credentials()?;
+    config.alert_targets()?;
     warn_if_exposed(config, path);
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));

@@ -8,6 +8,7 @@ use anyhow::Context;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::Deliverer;
 use crate::clients::rebill::{RebillClient, RebillSettings};
 use crate::clients::title::{TitleClient, TitleSettings};
 use crate::clock::Clock;
@@ -170,6 +171,8 @@ pub async fn run_with_store(
     // Leases, due times and backoff are judged by the wall clock, as the other writers'
     // rows are stamped.
     let clock = Clock::system();
+    let alert_targets = config.alert_targets()?;
+    let store = store.with_alerts(!alert_targets.is_empty());
     let internal_stop = CancellationToken::new();
     let store_services = store
         .start_services(config.worker.poll_interval, internal_stop.clone())
@@ -205,6 +208,31 @@ pub async fn run_with_store(
             "no queue is enabled: nothing will be sent until credentials are configured"
         );
     }
+    let alerting = if alert_targets.is_empty() {
+        Vec::new()
+    } else {
+        let names: Vec<&str> = alert_targets.iter().map(|t| t.name.as_str()).collect();
+        tracing::info!(targets = %names.join(", "), "alerts enabled");
+        let deliverer = Deliverer::new(
+            store.clone(),
+            alert_targets,
+            config.alerting.clone(),
+            clock.clone(),
+            &instance,
+        )
+        .context("building the alert HTTP client")?;
+        let running: Vec<QueueName> = loops.iter().map(|(queue, _)| *queue).collect();
+        vec![
+            tokio::spawn(deliverer.run(wake.clone(), internal_stop.clone())),
+            tokio::spawn(crate::alerts::monitor::run(
+                store.clone(),
+                running,
+                config.alerting.clone(),
+                clock.clone(),
+                internal_stop.clone(),
+            )),
+        ]
+    };
 
     let health = Health {
         store: store.clone(),
@@ -267,6 +295,9 @@ pub async fn run_with_store(
     }
     internal_stop.cancel();
     if let Some(task) = housekeeper {
+        let _ = task.await;
+    }
+    for task in alerting {
         let _ = task.await;
     }
     let _ = supervisor.await;

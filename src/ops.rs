@@ -63,6 +63,10 @@ fn describe_metrics() {
         "invoice_worker_lost_claims_total",
         "Completions discarded because the row's lease had expired and the row was claimed again."
     );
+    metrics::describe_counter!(
+        "invoice_worker_alert_posts_total",
+        "Alert posts to each [[alert]] target, by result (ok, failed)."
+    );
     metrics::describe_histogram!(
         "invoice_worker_request_duration_seconds",
         Unit::Seconds,

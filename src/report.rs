@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::store::admin::RowSummary;
+use crate::store::outbox::AlertReport;
 use crate::store::{now_ms, QueueName, Store};
 
 fn clip(text: &str, width: usize) -> String {
@@ -54,16 +55,65 @@ pub fn rows_table(queue: QueueName, rows: &[RowSummary]) -> String {
     out
 }
 
-/// Prints per-queue counts, the oldest pending age and pauses (`invoice-worker status`).
-pub async fn print_status(store: &Store, json: bool) -> anyhow::Result<()> {
+fn ago(now: i64, at: i64) -> String {
+    humantime::format_duration(Duration::from_secs(((now - at).max(0) / 1000) as u64)).to_string()
+}
+
+/// The outbox and each alert target's health, as `status` prints them; a target failing
+/// for `report_failing_after` or longer is marked FAILING.
+pub fn alerts_text(report: &AlertReport, now: i64, report_failing_after: Duration) -> String {
+    let mut out = format!(
+        "alerts: {} undelivered{}, {} given up",
+        report.pending,
+        report
+            .oldest_pending_at
+            .map(|at| format!(" (oldest raised {} ago)", ago(now, at)))
+            .unwrap_or_default(),
+        report.given_up
+    );
+    if let Some(error) = &report.last_error {
+        out.push_str(&format!("; last error: {}", clip(error, 120)));
+    }
+    out.push('\n');
+    for t in &report.targets {
+        let state = match t.failing_since {
+            Some(since) if now - since >= report_failing_after.as_millis() as i64 => {
+                format!("FAILING for {}", ago(now, since))
+            }
+            Some(since) => format!("failing for {}", ago(now, since)),
+            None => match t.last_ok_at {
+                Some(at) => format!("ok, last delivery {} ago", ago(now, at)),
+                None => "ok".to_string(),
+            },
+        };
+        let error = match (t.failing_since, &t.last_error) {
+            (Some(_), Some(e)) => format!(": {}", clip(e, 100)),
+            _ => String::new(),
+        };
+        out.push_str(&format!("alert target {}: {state}{error}\n", t.name));
+    }
+    out
+}
+
+/// Prints per-queue counts, the oldest pending age, pauses and, when alerts are
+/// configured (`alerting`), the outbox (`invoice-worker status`).
+pub async fn print_status(
+    store: &Store,
+    json: bool,
+    alerting: Option<&crate::config::AlertingConfig>,
+) -> anyhow::Result<()> {
     let now = now_ms();
     let mut counts = Vec::new();
     for queue in QueueName::ALL {
         counts.push(store.counts(queue, now).await?);
     }
     let pauses = store.pauses().await?;
+    let alerts = match alerting {
+        Some(_) => Some(store.alert_report().await?),
+        None => None,
+    };
     if json {
-        let value = serde_json::json!({ "queues": counts, "pauses": pauses, "now_ms": now });
+        let value = serde_json::json!({ "queues": counts, "pauses": pauses, "alerts": alerts, "now_ms": now });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
@@ -116,6 +166,12 @@ pub async fn print_status(store: &Store, json: bool) -> anyhow::Result<()> {
             "expired; next row probes".to_string()
         };
         println!("paused: {} {what} {when}: {}", p.queue, clip(&p.reason, 80));
+    }
+    if let (Some(report), Some(settings)) = (&alerts, alerting) {
+        print!(
+            "{}",
+            alerts_text(report, now, settings.report_failing_after)
+        );
     }
     Ok(())
 }

@@ -29,8 +29,9 @@ pub async fn run() -> anyhow::Result<()> {
     let config = sandbox_config(&sim, &dir)?;
     crate::telemetry::init(&config.log);
     let _ = std::fs::remove_file(&config.database.path);
-    let store =
-        Store::open_and_migrate(&config.database.path, config.database.busy_timeout).await?;
+    let store = Store::open_and_migrate(&config.database.path, config.database.busy_timeout)
+        .await?
+        .with_alerts(true);
     seed(&store, &sim).await?;
     println!(
         "sandbox: simulated servers on {}, database {}",
@@ -51,6 +52,14 @@ pub async fn run() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The SMS-login seller's pause raised an alert: wait for the robot to have it.
+    while sim.robot_messages().iter().all(|m| m.answered != "Ok") {
+        if started.elapsed() > DRAIN_LIMIT {
+            shutdown.cancel();
+            anyhow::bail!("the sandbox's alert did not reach the simulated robot");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     shutdown.cancel();
     daemon.await.context("daemon task")??;
     sim.shutdown();
@@ -64,7 +73,15 @@ pub async fn run() -> anyhow::Result<()> {
         );
         println!();
     }
-    crate::report::print_status(&store, false).await?;
+    crate::report::print_status(&store, false, Some(&config.alerting)).await?;
+    for message in sim.robot_messages().iter().filter(|m| m.answered == "Ok") {
+        println!();
+        println!(
+            "== alert received by the simulated {} robot ==",
+            message.kind
+        );
+        println!("{}", message.text);
+    }
     println!(
         "simulator saw {} rebill requests, {} title submissions, {} token requests; drained in {:.1}s",
         sim.rebill_requests().len(),
@@ -86,6 +103,19 @@ fn sandbox_config(sim: &Simulator, dir: &std::path::Path) -> anyhow::Result<Conf
     c.title.ttqqlsh_prefix = "SBX".to_string();
     c.title.data_type = DataType::Json;
     c.title.limits.timeout = Duration::from_secs(2);
+    c.alert = vec![crate::config::AlertTargetConfig {
+        kind: crate::config::AlertKind::Wecom,
+        name: Some("sandbox-wecom".to_string()),
+        url: Some(crate::secret::Secret::new(
+            sim.wecom_url("sandbox-robot-key"),
+        )),
+        url_file: None,
+        secret: None,
+        secret_file: None,
+        events: None,
+        rate_per_minute: 20,
+        allow_insecure_http: false,
+    }];
     c.validate()?;
     Ok(c)
 }

@@ -6,10 +6,13 @@
 //! wants it, with retries, surviving restarts. [`text()`] writes what a person reads and
 //! [`Poster`] posts it in each robot's own format.
 
+pub mod deliver;
 pub mod event;
+pub mod monitor;
 pub mod send;
 pub mod text;
 
+pub use deliver::Deliverer;
 pub use event::{Event, EventKind, FailedRow, MAX_EXAMPLES};
 pub use send::{PostError, Poster};
 pub use text::text;

@@ -338,10 +338,21 @@ fn queue_recovered(event: &Event, queue: &str) -> (String, String) {
 
 fn test_message(event: &Event) -> (String, String) {
     let at = beijing_time(event.at);
+    // Who sent it (`invoice-worker alert test from HOST`), when given.
+    let from = event
+        .reason
+        .as_deref()
+        .map(|r| format!("（{}）", sanitize(r)))
+        .unwrap_or_default();
+    let from_en = event
+        .reason
+        .as_deref()
+        .map(|r| format!(" ({})", sanitize(r)))
+        .unwrap_or_default();
     (
-        format!("测试消息\n这是一条测试消息，发送于北京时间 {at}。收到即说明此告警目标可用。\n"),
+        format!("测试消息{from}\n这是一条测试消息，发送于北京时间 {at}。收到即说明此告警目标可用。\n"),
         format!(
-            "Test message\nThis is a test message, sent at {at} Beijing time. If you can read it, \
+            "Test message{from_en}\nThis is a test message, sent at {at} Beijing time. If you can read it, \
              this alert target works.\n"
         ),
     )

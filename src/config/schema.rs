@@ -390,6 +390,9 @@ pub struct AlertingConfig {
     /// A target failing for this long is reported in the log and in `status`.
     #[serde(with = "humantime_serde")]
     pub report_failing_after: Duration,
+    /// The wait after an alert's first failed delivery, doubled each time up to 5 min.
+    #[serde(with = "humantime_serde")]
+    pub retry_delay: Duration,
 }
 
 impl Default for AlertingConfig {
@@ -399,6 +402,7 @@ impl Default for AlertingConfig {
             stuck_after: Duration::from_secs(3600),
             give_up_after: Duration::from_secs(86400),
             report_failing_after: Duration::from_secs(3600),
+            retry_delay: Duration::from_secs(5),
         }
     }
 }

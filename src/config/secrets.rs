@@ -279,6 +279,60 @@ mod tests {
     }
 
     #[test]
+    fn alert_targets_take_their_url_from_a_file_or_inline_and_name_their_variable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("url");
+        std::fs::write(
+            &file,
+            "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=from-file\n",
+        )
+        .expect("write");
+        // (The environment is tested through the binary: setting a variable here would
+        // race with the other tests' threads.)
+        let env = format!("{}_URL", alert_env_prefix("ops.feishu-unit"));
+        assert_eq!(env, "INVOICE_WORKER_ALERT_OPS_FEISHU_UNIT_URL");
+        let text = format!(
+            "[[alert]]\nkind = \"wecom\"\nurl_file = \"{}\"\nevents = [\"seller_paused\"]\n\n\
+             [[alert]]\nkind = \"feishu\"\nname = \"ops.feishu-unit\"\nurl = \"https://open.feishu.cn/open-apis/bot/v2/hook/inline\"\nsecret = \"s\"\n\n\
+             [[alert]]\nkind = \"webhook\"\nurl = \"https://hooks.example.com/x\"\n",
+            file.display()
+        );
+        let c = Config::from_toml(&text).expect("valid");
+        let targets = c.alert_targets().expect("resolves");
+        let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["wecom-1", "ops.feishu-unit", "webhook-3"]);
+        assert!(targets[0].url.expose().ends_with("key=from-file"));
+        assert!(targets[1].url.expose().ends_with("/inline"));
+        assert_eq!(targets[1].secret.as_ref().map(Secret::expose), Some("s"));
+        assert!(
+            targets[0].wants(EventKind::SellerPaused) && !targets[0].wants(EventKind::RowsFailed)
+        );
+        assert!(
+            targets[0].wants(EventKind::Test),
+            "a test message goes everywhere"
+        );
+        assert!(targets[2].wants(EventKind::RowsFailed));
+        assert!(!format!("{targets:?}").contains("from-file"));
+        let missing =
+            Config::from_toml("[[alert]]\nkind = \"feishu\"\nname = \"ops.feishu-unit\"\n")
+                .expect("parses")
+                .alert_targets()
+                .unwrap_err()
+                .to_string();
+        assert!(
+            missing.contains("alert[0].url") && missing.contains(&env),
+            "{missing}"
+        );
+        let err = Config::from_toml(
+            "[[alert]]\nkind = \"wecom\"\nurl = \"https://a/\"\nurl_file = \"/x\"\n",
+        )
+        .expect("parses")
+        .alert_targets()
+        .unwrap_err();
+        assert_eq!(key_of(err), "alert[0].url");
+    }
+
+    #[test]
     fn missing_credentials_disable_not_fail() {
         let c = Config::from_toml("").expect("valid");
         if std::env::var(ENV_REBILL_SECRET).is_err() {

@@ -76,6 +76,9 @@ impl Config {
                 return Err(invalid(key, "must be at least 1s"));
             }
         }
+        if a.retry_delay.is_zero() {
+            return Err(invalid("alerting.retry_delay", "must be greater than 0"));
+        }
         for (i, target) in self.alert.iter().enumerate() {
             if target.rate_per_minute == 0 {
                 return Err(invalid(
@@ -152,7 +155,8 @@ pub(super) fn describe_toml_error(text: &str, error: &toml::de::Error) -> String
     let line_no = before.matches('\n').count() + 1;
     let line = text.lines().nth(line_no - 1).unwrap_or("");
     let key = line.split('=').next().unwrap_or("").trim();
-    let message = if line.to_lowercase().contains("secret") {
+    // A robot's URL carries its key: as secret as a secret.
+    let message = if line.to_lowercase().contains("secret") || key == "url" {
         message
             .split('`')
             .enumerate()

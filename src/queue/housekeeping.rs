@@ -66,6 +66,7 @@ pub async fn run_on_schedule(
             Ok(report) => tracing::info!(
                 done_deleted = report.done_deleted,
                 failed_deleted = report.failed_deleted,
+                alerts_deleted = report.alerts_deleted,
                 "housekeeping done"
             ),
             Err(e) => tracing::error!(error = %e, "housekeeping failed"),
@@ -82,6 +83,8 @@ pub struct Report {
     pub done_deleted: u64,
     /// `failed`, `rejected` and `cancelled` rows deleted.
     pub failed_deleted: u64,
+    /// Delivered or given-up alerts deleted (kept as long as `done` rows).
+    pub alerts_deleted: u64,
 }
 
 /// Runs one pass with `now` (ms) as the current time.
@@ -103,6 +106,14 @@ pub async fn run_once(
             cfg.batch_size,
         )
         .await?;
+    }
+    loop {
+        let deleted = store.prune_alerts(done_before, cfg.batch_size).await?;
+        report.alerts_deleted += deleted;
+        if deleted == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     store.checkpoint().await?;
     store.optimize().await?;
@@ -216,7 +227,8 @@ mod tests {
             report,
             Report {
                 done_deleted: 1,
-                failed_deleted: 2
+                failed_deleted: 2,
+                alerts_deleted: 0,
             }
         );
         let left: Vec<(String,)> =

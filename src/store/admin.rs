@@ -288,8 +288,15 @@ impl Store {
 
     /// Lifts a pause at once. True when there was one.
     pub async fn resume(&self, queue: QueueName, scope: &str) -> Result<bool, StoreError> {
-        let mut conn = self.pool().acquire().await?;
-        Ok(super::pauses::delete(&mut conn, queue, scope).await? > 0)
+        let (_turn, mut tx) = self.begin_write().await?;
+        let lifted = super::pauses::delete(&mut tx, queue, scope).await? > 0;
+        if lifted && self.alerts_on() {
+            let now = now_ms();
+            let event = super::pauses::lifted_event(queue, scope, "resumed by an operator", now);
+            super::outbox::raise(&mut tx, &event).await?;
+        }
+        tx.commit().await?;
+        Ok(lifted)
     }
 
     /// Every recorded pause (active, probing or expired-but-unprobed).

@@ -80,7 +80,14 @@ impl Store {
                         }
                     }
                     None if step.lift_when_idle => {
-                        pauses::lift_idle_seller(&mut tx, sql, queue, &step.scope, p.now).await?;
+                        let lifted =
+                            pauses::lift_idle_seller(&mut tx, sql, queue, &step.scope, p.now)
+                                .await?;
+                        if lifted && self.alerts_on() {
+                            let how = "ended with no row left to send";
+                            let event = pauses::lifted_event(queue, &step.scope, how, p.now);
+                            super::outbox::raise(&mut tx, &event).await?;
+                        }
                     }
                     None => {}
                 }

@@ -127,8 +127,20 @@ impl Store {
                 continue;
             }
             match &c.pause {
-                PauseChange::Start(pause) => pauses::start(&mut tx, queue, pause, c.now).await?,
-                PauseChange::LiftProbed => pauses::lift_probed(&mut tx, queue, c.id).await?,
+                PauseChange::Start(pause) => {
+                    if pauses::start(&mut tx, queue, pause, c.now).await? && self.alerts_on() {
+                        let event = pauses::paused_event(queue, pause, c.now);
+                        super::outbox::raise(&mut tx, &event).await?;
+                    }
+                }
+                PauseChange::LiftProbed => {
+                    let lifted = pauses::lift_probed(&mut tx, queue, c.id).await?;
+                    if let Some(scope) = lifted.filter(|_| self.alerts_on()) {
+                        let how = format!("row {} went through", c.id);
+                        let event = pauses::lifted_event(queue, &scope, &how, c.now);
+                        super::outbox::raise(&mut tx, &event).await?;
+                    }
+                }
                 PauseChange::Nothing => {}
             }
         }

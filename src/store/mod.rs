@@ -9,6 +9,7 @@ pub mod claim;
 pub mod complete;
 pub mod housekeeping;
 pub mod leases;
+pub mod outbox;
 pub mod pauses;
 pub mod rows;
 pub mod scratch;
@@ -161,6 +162,8 @@ pub struct Store {
     write_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// Every per-queue statement's text, built once.
     statements: std::sync::Arc<sql::Statements>,
+    /// Whether pauses started and lifted raise alerts (`outbox`).
+    alerts: bool,
 }
 
 impl Store {
@@ -231,6 +234,7 @@ impl Store {
             wal_limit,
             write_gate: std::sync::Arc::default(),
             statements: std::sync::Arc::new(sql::Statements::new()),
+            alerts: false,
         })
     }
 

@@ -119,30 +119,72 @@ pub(super) async fn mark_probe(
     Ok(done.rows_affected() == 1)
 }
 
-/// Ends `seller`'s ended pause when no pending row is left to probe it with.
+/// Ends `seller`'s ended pause when no pending row is left to probe it with; true when it
+/// did.
 pub(super) async fn lift_idle_seller(
     conn: &mut SqliteConnection,
     sql: &QueueSql,
     queue: QueueName,
     seller: &str,
     now: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(&sql.lift_idle_seller_pause)
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(&sql.lift_idle_seller_pause)
         .bind(queue.as_str())
         .bind(seller)
         .bind(now)
         .execute(&mut *conn)
         .await?;
-    Ok(())
+    Ok(done.rows_affected() > 0)
+}
+
+/// The alert a new pause raises: a seller that must act, or a whole queue stopped.
+pub(super) fn paused_event(
+    queue: QueueName,
+    pause: &PauseRecord,
+    now: i64,
+) -> crate::alerts::Event {
+    use crate::alerts::{Event, EventKind};
+    let kind = if pause.scope == WHOLE_QUEUE {
+        EventKind::QueuePaused
+    } else {
+        EventKind::SellerPaused
+    };
+    let mut event = Event::new(kind, queue.as_str(), now);
+    event.scope = Some(pause.scope.clone());
+    event.reason = Some(pause.reason.clone());
+    event.until = Some(pause.until);
+    event
+}
+
+/// The alert a lifted pause raises, saying how it ended.
+pub(super) fn lifted_event(
+    queue: QueueName,
+    scope: &str,
+    how: &str,
+    now: i64,
+) -> crate::alerts::Event {
+    use crate::alerts::{Event, EventKind};
+    let mut event = Event::new(EventKind::PauseLifted, queue.as_str(), now);
+    event.scope = Some(scope.to_string());
+    event.reason = Some(how.to_string());
+    event
 }
 
 /// Starts a pause, or extends one already there (its probe, if any, no longer counts).
+/// True when it is a new pause, not the extension of one (an alert is raised once per
+/// pause, however many rows hit it and however many probes find it still needed).
 pub(super) async fn start(
     conn: &mut SqliteConnection,
     queue: QueueName,
     pause: &PauseRecord,
     now: i64,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
+    let (existed,): (bool,) =
+        sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pauses WHERE queue = ?1 AND scope = ?2)")
+            .bind(queue.as_str())
+            .bind(&pause.scope)
+            .fetch_one(&mut *conn)
+            .await?;
     sqlx::query(
         "INSERT INTO pauses (queue, scope, until_at, reason, probe_row_id, created_at) \
          VALUES (?1, ?2, ?3, ?4, NULL, ?5) \
@@ -157,21 +199,22 @@ pub(super) async fn start(
     .execute(&mut *conn)
     .await
     .map_err(StoreError::classify)?;
-    Ok(())
+    Ok(!existed)
 }
 
-/// Lifts the pause whose probe was `row_id`, and no other.
+/// Lifts the pause whose probe was `row_id`, and no other; the scope it lifted, if any.
 pub(super) async fn lift_probed(
     conn: &mut SqliteConnection,
     queue: QueueName,
     row_id: i64,
-) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM pauses WHERE queue = ?1 AND probe_row_id = ?2")
-        .bind(queue.as_str())
-        .bind(row_id)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
+) -> Result<Option<String>, StoreError> {
+    let lifted: Option<(String,)> =
+        sqlx::query_as("DELETE FROM pauses WHERE queue = ?1 AND probe_row_id = ?2 RETURNING scope")
+            .bind(queue.as_str())
+            .bind(row_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(lifted.map(|(scope,)| scope))
 }
 
 /// Whether `queue` has any pause at all (most completions run without one).

@@ -56,6 +56,15 @@ pub(crate) struct QueueSql {
     pub oldest_due: String,
     /// Pending rows awaiting confirmation (an outcome is recorded only on those).
     pub awaiting_confirmation: String,
+    /// `?1` after, `?2` until (ms): how many rows became `failed` in that window.
+    pub failed_between_count: String,
+    /// `?1` after, `?2` until, `?3` limit: the first of them (id, order, seller, message).
+    pub failed_between: String,
+    /// `?1` now, `?2` queue name: the oldest due time of a pending row whose seller is
+    /// not paused (rows of paused sellers wait on purpose, and were alerted as such).
+    pub oldest_due_unpaused: String,
+    /// `?1` now: how many pending rows are due.
+    pub due_count: String,
     /// `?1` status or NULL, `?2` limit: rows for display, newest first, whatever their
     /// values' types.
     pub list: String,
@@ -244,6 +253,22 @@ impl QueueSql {
             ),
             awaiting_confirmation: format!(
                 "SELECT COUNT(*) FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND outcome IS NOT NULL"
+            ),
+            failed_between_count: format!(
+                "SELECT COUNT(*) FROM {t} WHERE status = 'failed' AND finished_at > ?1 AND finished_at <= ?2"
+            ),
+            failed_between: format!(
+                "SELECT id, CAST({order} AS TEXT), CAST({seller} AS TEXT), COALESCE(CAST(last_message AS TEXT), '') \
+                 FROM {t} WHERE status = 'failed' AND finished_at > ?1 AND finished_at <= ?2 \
+                 ORDER BY finished_at LIMIT ?3",
+                order = queue.order_column()
+            ),
+            oldest_due_unpaused: format!(
+                "SELECT MIN(next_attempt_at) FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND next_attempt_at <= ?1 \
+                 AND {seller} NOT IN (SELECT p.scope FROM pauses p WHERE p.queue = ?2)"
+            ),
+            due_count: format!(
+                "SELECT COUNT(*) FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND next_attempt_at <= ?1"
             ),
             list: list_sql(queue),
             retry: format!(

@@ -4,6 +4,7 @@
 //! One module per concern; `common` holds the shared helpers (a simulator on port 0, a
 //! scratch database, configs, the binary started as a child process).
 
+mod alerts;
 mod cli;
 mod common;
 mod confirm;

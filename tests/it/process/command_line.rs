@@ -106,7 +106,9 @@ async fn check_config_never_prints_a_secret_inline_or_from_a_file() {
         "secrets.toml",
         &format!(
             "[database]\npath = \"{}\"\n[rebill]\nappid = \"app-1\"\napp_secret = \"appsecret-XYZZY-41\"\n\
-             [title]\nbase_url = \"https://127.0.0.1:9/Entoauth\"\nclient_id = \"cid-1\"\nclient_secret = \"clientsecret-PLUGH-42\"\n",
+             [title]\nbase_url = \"https://127.0.0.1:9/Entoauth\"\nclient_id = \"cid-1\"\nclient_secret = \"clientsecret-PLUGH-42\"\n\
+             [[alert]]\nkind = \"dingtalk\"\nname = \"ops-ding\"\nurl = \"https://oapi.dingtalk.com/robot/send?access_token=robotkey-XYZZY-45\"\n\
+             secret = \"SECding-XYZZY-46\"\n",
             dir.join("secrets.db").display()
         ),
     );
@@ -117,7 +119,12 @@ async fn check_config_never_prints_a_secret_inline_or_from_a_file() {
         let out = cli(dir, &args);
         expect_code(&out, 0, "check-config");
         let (so, se) = (text(&out.stdout), text(&out.stderr));
-        for secret in ["appsecret-XYZZY-41", "clientsecret-PLUGH-42"] {
+        for secret in [
+            "appsecret-XYZZY-41",
+            "clientsecret-PLUGH-42",
+            "robotkey-XYZZY-45",
+            "SECding-XYZZY-46",
+        ] {
             assert!(
                 !so.contains(secret) && !se.contains(secret),
                 "check-config printed {secret}:\n{so}\n{se}"
@@ -130,6 +137,10 @@ async fn check_config_never_prints_a_secret_inline_or_from_a_file() {
         assert!(
             so.contains("app-1") && so.contains("cid-1"),
             "check-config should show non-secret values:\n{so}"
+        );
+        assert!(
+            so.contains("alert target ops-ding: dingtalk, signed, all events"),
+            "check-config should list the alert targets:\n{so}"
         );
     }
 
@@ -173,6 +184,50 @@ async fn check_config_never_prints_a_secret_inline_or_from_a_file() {
         err.contains("app_secret_file"),
         "stderr should name the key: {err}"
     );
+}
+
+/// A bad `[[alert]]` entry exits 2 naming its key, and never repeats the URL (it holds
+/// the robot's key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_config_errors_name_the_key_and_never_show_the_url() {
+    let world = World::new().await;
+    let dir = world.dir();
+    let db = dir.join("alerts.db");
+    let cases = [
+        ("[[alert]]\nkind = \"wecom\"\n", "alert[0].url"),
+        (
+            "[[alert]]\nkind = \"wecom\"\nurl = \"http://qyapi.example.com/send?key=robotkey-PLUGH-47\"\n",
+            "alert[0].url",
+        ),
+        (
+            "[[alert]]\nkind = \"wecom\"\nurl = \"https://a/?key=robotkey-PLUGH-47\"\n\
+             [[alert]]\nkind = \"wecom\"\nname = \"wecom-1\"\nurl = \"https://b/\"\n",
+            "alert[1].name",
+        ),
+        ("[[alert]]\nkind = \"teams\"\nurl = \"https://a/?key=robotkey-PLUGH-47\"\n", "kind"),
+        ("[[alert]]\nkind = \"wecom\"\nurl = \"https://a/?key=robotkey-PLUGH-47\n", "url"),
+        ("[alerting]\ndigest_every = \"0s\"\n", "alerting.digest_every"),
+    ];
+    for (i, (alert, key)) in cases.iter().enumerate() {
+        let cfg = write_cfg(
+            dir,
+            &format!("alert-{i}.toml"),
+            &format!("[database]\npath = \"{}\"\n{alert}", db.display()),
+        );
+        for command in ["check-config", "run"] {
+            let out = cli(dir, &[command, "--config", &cfg]);
+            expect_code(&out, 2, &format!("case {i} {command}"));
+            let (so, se) = (text(&out.stdout), text(&out.stderr));
+            assert!(
+                se.contains(key),
+                "case {i} {command}: should name {key}: {se}"
+            );
+            assert!(
+                !so.contains("robotkey-PLUGH-47") && !se.contains("robotkey-PLUGH-47"),
+                "case {i} {command} printed the robot key:\n{so}\n{se}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
