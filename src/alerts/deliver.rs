@@ -92,17 +92,21 @@ impl Deliverer {
     /// the next due time, or the fallback poll.
     pub async fn run(mut self, mut wake: watch::Receiver<u64>, stop: CancellationToken) {
         loop {
-            let worked = match self.round().await {
-                Ok(n) => n > 0,
+            // A read first: most wake-ups are other commits, and a claim takes the write lock.
+            let next = match self.store.next_alert_due().await {
+                Ok(next) => next,
                 Err(e) => {
                     tracing::warn!(error = %e, "alert outbox unreadable; retrying");
-                    false
+                    None
                 }
             };
-            if worked {
-                continue;
+            if next.is_some_and(|at| at <= self.clock.now_ms()) {
+                match self.round().await {
+                    Ok(n) if n > 0 => continue,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "alert delivery round failed; retrying"),
+                }
             }
-            let next = self.store.next_alert_due().await.ok().flatten();
             let wait = next
                 .map(|at| Duration::from_millis((at - self.clock.now_ms()).max(0) as u64))
                 .unwrap_or(FALLBACK_POLL)
