@@ -90,6 +90,11 @@ async fn metrics_and_health_move_with_the_queues() {
         after.value("invoice_worker_paused_sellers", &[("queue", "rebill")]),
         Some(0.0)
     );
+    // No row awaits confirmation here ([rebill] confirm is off); confirm.rs counts them.
+    assert_eq!(
+        after.value("invoice_worker_awaiting_confirmation", &[("queue", "rebill")]),
+        Some(0.0)
+    );
     assert_eq!(
         after.value("invoice_worker_queue_paused", &[("queue", "rebill")]),
         Some(0.0)
