@@ -92,7 +92,10 @@ async fn metrics_and_health_move_with_the_queues() {
     );
     // No row awaits confirmation here ([rebill] confirm is off); confirm.rs counts them.
     assert_eq!(
-        after.value("invoice_worker_awaiting_confirmation", &[("queue", "rebill")]),
+        after.value(
+            "invoice_worker_awaiting_confirmation",
+            &[("queue", "rebill")]
+        ),
         Some(0.0)
     );
     assert_eq!(
