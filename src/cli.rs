@@ -66,6 +66,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show one row with every column and its attempt history; exits 1 when there is no
+    /// such row.
+    Show {
+        /// Which queue.
+        #[arg(long, default_value = "rebill", value_parser = parse_queue)]
+        queue: QueueName,
+        /// Row id.
+        id: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make failed, rejected or cancelled rows pending again with a fresh attempt budget.
     Retry {
         /// Which queue.
@@ -283,6 +295,23 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 );
             } else {
                 print!("{}", crate::report::rows_table(queue, &rows));
+            }
+            Ok(())
+        }
+        Command::Show { queue, id, json } => {
+            let Some(detail) = open(&config).await?.show(queue, id).await? else {
+                return Err(CliError::Runtime(anyhow::anyhow!(
+                    "no row {id} in the {} queue",
+                    queue.as_str()
+                )));
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&detail).context("rendering JSON")?
+                );
+            } else {
+                print!("{}", crate::report::row_detail_text(&detail));
             }
             Ok(())
         }

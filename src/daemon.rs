@@ -172,7 +172,9 @@ pub async fn run_with_store(
     // rows are stamped.
     let clock = Clock::system();
     let alert_targets = config.alert_targets()?;
-    let store = store.with_alerts(!alert_targets.is_empty());
+    let store = store
+        .with_alerts(!alert_targets.is_empty())
+        .with_history(config.worker.history);
     let internal_stop = CancellationToken::new();
     let store_services = store
         .start_services(config.worker.poll_interval, internal_stop.clone())

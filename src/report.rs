@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::store::admin::RowSummary;
 use crate::store::outbox::AlertReport;
+use crate::store::show::RowDetail;
 use crate::store::{now_ms, QueueName, Store};
 
 fn clip(text: &str, width: usize) -> String {
@@ -174,4 +175,73 @@ pub async fn print_status(
         );
     }
     Ok(())
+}
+
+/// An epoch-ms time as UTC, to the millisecond (`2026-12-02 13:25:53.120Z`).
+pub fn utc(ms: i64) -> String {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string(),
+        None => ms.to_string(),
+    }
+}
+
+/// Columns holding epoch-ms times, shown as UTC next to the number.
+const TIME_COLUMNS: &[&str] = &[
+    "next_attempt_at",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "lease_expires_at",
+    "confirm_since",
+];
+
+/// One row with every column and its attempts, as `invoice-worker show` prints it.
+pub fn row_detail_text(detail: &RowDetail) -> String {
+    let mut out = format!("{} row {}\n", detail.queue.as_str(), detail.id);
+    let width = detail
+        .columns
+        .iter()
+        .map(|(name, _)| name.chars().count())
+        .max()
+        .unwrap_or(0);
+    for (name, value) in &detail.columns {
+        let shown = match value {
+            None => "NULL".to_string(),
+            Some(v) => match v.parse::<i64>() {
+                Ok(ms) if TIME_COLUMNS.contains(&name.as_str()) => format!("{ms} ({})", utc(ms)),
+                _ => clip(v, 200),
+            },
+        };
+        out.push_str(&format!("  {name:<width$}  {shown}\n"));
+    }
+    if detail.history.is_empty() {
+        out.push_str("attempts: none recorded\n");
+        return out;
+    }
+    out.push_str(&format!("attempts ({}):\n", detail.history.len()));
+    out.push_str(&format!(
+        "  {:>3}  {:<24}  {:>7}  {:>4}  {:<6}  {:<18}  {:<9}  {:<16}  {}\n",
+        "#", "started (UTC)", "took", "http", "code", "action", "status", "instance", "message"
+    ));
+    for h in &detail.history {
+        out.push_str(&format!(
+            "  {:>3}  {:<24}  {:>7}  {:>4}  {:<6}  {:<18}  {:<9}  {:<16}  {}\n",
+            h.attempt,
+            utc(h.started_at),
+            h.duration_ms
+                .map(|ms| format!("{ms}ms"))
+                .unwrap_or_else(|| "?".to_string()),
+            if h.http_status < 0 {
+                "-".to_string()
+            } else {
+                h.http_status.to_string()
+            },
+            clip(h.code.as_deref().unwrap_or("-"), 6),
+            h.action,
+            h.status,
+            clip(h.instance.as_deref().unwrap_or("-"), 16),
+            clip(h.message.as_deref().unwrap_or(""), 100),
+        ));
+    }
+    out
 }

@@ -127,6 +127,16 @@ pub fn mask_account(account: &str) -> String {
     mask_tail(account, 4)
 }
 
+/// A `title_submissions` column's value as it may be shown to an operator: the buyer's
+/// phone (`gmf_dh`) and bank account (`gmf_yhzh`) masked, everything else as it is.
+pub fn mask_column(column: &str, value: &str) -> String {
+    match column {
+        "gmf_dh" => mask_phone(value),
+        "gmf_yhzh" => mask_account(value),
+        _ => value.to_string(),
+    }
+}
+
 /// A title whose fields need escaping in both payloads, with a phone and an account, for
 /// the tests of the modules that use these fields.
 #[cfg(test)]

@@ -42,6 +42,7 @@ fn done_completion(c: &Claimed<RebillRow>, now: i64) -> Completion {
         recent_attempts: None,
         pause: PauseChange::Nothing,
         confirm_since: None,
+        attempt: None,
         now,
     }
 }

@@ -55,13 +55,15 @@ pub async fn drain(
     max_in_flight: u32,
     rate: u32,
     claim_batch: u32,
+    history: bool,
     label: &str,
 ) -> BenchResult<Drain> {
     let scratch = ScratchDatabase::new(Duration::from_secs(5)).await?;
     let db = scratch.path();
     let store = scratch.store().clone();
     let sim = Simulator::start(opts.clone()).await?;
-    let config = bench_config(&sim, &opts, &db, max_in_flight, rate, claim_batch)?;
+    let mut config = bench_config(&sim, &opts, &db, max_in_flight, rate, claim_batch)?;
+    config.worker.history = history;
     let t_insert = Instant::now();
     insert_pending_into(&db, "BENCH-", n).await?;
     // The bulk insert's own WAL (tens of MB for 100k rows) is not the daemon's doing.
@@ -320,7 +322,7 @@ impl Runs {
     }
 }
 
-async fn e2e_runs(n: u64, runs: usize, label: &str) -> BenchResult<Runs> {
+async fn e2e_runs(n: u64, runs: usize, history: bool, label: &str) -> BenchResult<Runs> {
     let mut out = Vec::with_capacity(runs);
     for i in 0..runs {
         let label = format!("{label} #{}", i + 1);
@@ -330,6 +332,7 @@ async fn e2e_runs(n: u64, runs: usize, label: &str) -> BenchResult<Runs> {
             E2E_MAX_IN_FLIGHT,
             E2E_RATE,
             E2E_CLAIM_BATCH,
+            history,
             &label,
         )
         .await
@@ -355,11 +358,14 @@ pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
     let limit_rows = knobs.rows(20_000);
     let store_rate = store_loop(limit_rows, 64, 64).await?.rate;
     let (http_rate, _) = http_loop(limit_rows, 64).await?;
-    let small = e2e_runs(knobs.rows(10_000), E2E_RUNS_SMALL, "10k").await?;
-    let large = e2e_runs(knobs.rows(100_000), E2E_RUNS_LARGE, "100k").await?;
+    let small = e2e_runs(knobs.rows(10_000), E2E_RUNS_SMALL, true, "10k").await?;
+    // The attempt history's cost: the same drain without it (`[worker] history = false`).
+    let bare = e2e_runs(knobs.rows(10_000), E2E_RUNS_SMALL, false, "10k no history").await?;
+    let large = e2e_runs(knobs.rows(100_000), E2E_RUNS_LARGE, true, "100k").await?;
     let ratio_best = large.best().rate / small.best().rate;
     let ratio_median = large.median_rate() / small.median_rate();
     println!("  N={}: {}", small.rows, small.describe());
+    println!("  N={} without history: {}", bare.rows, bare.describe());
     println!("  N={}: {}", large.rows, large.describe());
     println!(
         "  large/small rate: {:.1} % (best vs best), {:.1} % (median vs median)",
@@ -375,6 +381,18 @@ pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
         format!(">= 90 % ({})", verdict(ratio_best >= 0.9)),
     );
     add_costs(summary, &small, &large);
+    let cost = 1.0 - small.median_rate() / bare.median_rate();
+    summary.add(
+        1,
+        format!("e2e N={} median with / without attempt history", small.rows),
+        format!(
+            "{:.0} / {:.0} rows/s = {:.1} % cost",
+            small.median_rate(),
+            bare.median_rate(),
+            cost * 100.0
+        ),
+        format!("<= 15 % ({})", verdict(cost <= 0.15)),
+    );
     Ok(())
 }
 

@@ -31,6 +31,7 @@ pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
         LAT_MAX_IN_FLIGHT,
         E2E_RATE,
         E2E_CLAIM_BATCH,
+        true,
         "latency",
     )
     .await?;

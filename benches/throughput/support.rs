@@ -55,8 +55,8 @@ pub fn bench_config(
 
 pub fn describe_config(c: &Config) -> String {
     format!(
-        "max_in_flight={} rate_per_second={} claim_batch={} poll_interval={:?} lease={:?} (title queue enabled, empty)",
-        c.rebill.limits.max_in_flight, c.rebill.limits.rate_per_second, c.worker.claim_batch, c.worker.poll_interval, c.worker.lease
+        "max_in_flight={} rate_per_second={} claim_batch={} poll_interval={:?} lease={:?} history={} (title queue enabled, empty)",
+        c.rebill.limits.max_in_flight, c.rebill.limits.rate_per_second, c.worker.claim_batch, c.worker.poll_interval, c.worker.lease, c.worker.history
     )
 }
 

@@ -88,6 +88,9 @@ pub struct WorkerConfig {
     /// How long in-flight calls may run on after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Whether every attempt is recorded in `attempt_history` (for `show` and the console),
+    /// in the transaction that records its result.
+    pub history: bool,
 }
 
 impl Default for WorkerConfig {
@@ -97,6 +100,7 @@ impl Default for WorkerConfig {
             poll_interval: Duration::from_millis(250),
             claim_batch: 64,
             shutdown_grace: Duration::from_secs(30),
+            history: true,
         }
     }
 }

@@ -20,6 +20,7 @@ use super::decide::{plan, Processed};
 use super::leases::{self, HeldRows};
 use crate::clock::Clock;
 use crate::store::complete::Completion;
+use crate::store::history::AttemptFacts;
 use crate::store::rows::{ClaimMeta, Claimed, QueueRow};
 use crate::store::{QueueName, Store};
 use crate::validate::invisible::escape_for_log;
@@ -51,8 +52,8 @@ pub trait Handler: Send + Sync + 'static {
 /// lost during the call).
 pub const LOST: &str = "lease_lost";
 
-/// Everything one attempt is remembered by: the log line, the metrics (and, later, the
-/// attempt history) are all made from it.
+/// Everything one attempt is remembered by: the log line, the metrics and the attempt
+/// history are all made from it.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     /// The queue.
@@ -126,6 +127,17 @@ impl AttemptRecord {
             duration,
             level,
             paused_queue_for,
+        }
+    }
+
+    /// What the history keeps of this attempt, which started at `started_at` (epoch ms).
+    pub fn facts(&self, started_at: i64) -> AttemptFacts {
+        AttemptFacts {
+            started_at,
+            duration_ms: self.duration_ms() as i64,
+            http_status: self.http_status,
+            action: self.action,
+            message: self.reason.clone(),
         }
     }
 
@@ -242,6 +254,7 @@ pub(super) async fn run<H: Handler>(
         return;
     }
     let started = Instant::now();
+    let started_at = ctx.clock.now_ms();
     let handled = AssertUnwindSafe(async {
         match ctx.handler.prepare(&mut claimed).await {
             Some(processed) => processed,
@@ -265,7 +278,7 @@ pub(super) async fn run<H: Handler>(
     });
     let now = ctx.clock.now_ms();
     let seller = claimed.row.seller();
-    let completion = plan(
+    let mut completion = plan(
         &claimed.meta,
         &seller,
         &processed,
@@ -286,6 +299,7 @@ pub(super) async fn run<H: Handler>(
     if lost {
         record.status = LOST;
     }
+    completion.attempt = Some(record.facts(started_at));
     ctx.handler.log_attempt(&claimed.row, &record);
     record.log_queue_pause();
     record.count();

@@ -42,6 +42,7 @@ pub fn plan(
         recent_attempts: serde_json::to_string(&recent).ok(),
         pause: PauseChange::Nothing,
         confirm_since: None,
+        attempt: None,
         now,
     };
     let attempted = match processed {

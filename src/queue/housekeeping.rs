@@ -67,6 +67,7 @@ pub async fn run_on_schedule(
                 done_deleted = report.done_deleted,
                 failed_deleted = report.failed_deleted,
                 alerts_deleted = report.alerts_deleted,
+                minutes_deleted = report.minutes_deleted,
                 "housekeeping done"
             ),
             Err(e) => tracing::error!(error = %e, "housekeeping failed"),
@@ -85,7 +86,12 @@ pub struct Report {
     pub failed_deleted: u64,
     /// Delivered or given-up alerts deleted (kept as long as `done` rows).
     pub alerts_deleted: u64,
+    /// Per-minute attempt counts deleted (kept a day: the console charts the last hour).
+    pub minutes_deleted: u64,
 }
+
+/// How long the per-minute attempt counts are kept.
+const MINUTES_KEPT: Duration = Duration::from_secs(86_400);
 
 /// Runs one pass with `now` (ms) as the current time.
 pub async fn run_once(
@@ -115,6 +121,9 @@ pub async fn run_once(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    report.minutes_deleted = store
+        .prune_minutes(now - MINUTES_KEPT.as_millis() as i64)
+        .await?;
     store.checkpoint().await?;
     store.optimize().await?;
     Ok(report)
@@ -229,6 +238,7 @@ mod tests {
                 done_deleted: 1,
                 failed_deleted: 2,
                 alerts_deleted: 0,
+                minutes_deleted: 0,
             }
         );
         let left: Vec<(String,)> =

@@ -67,7 +67,8 @@ impl Store {
                 } else {
                     (&sql.claim_seller, step.scope.as_str())
                 };
-                let probe = claim_rows::<R>(&mut tx, sql, statement, p, 1, key).await?;
+                let probe =
+                    claim_rows::<R>(&mut tx, sql, self.history_on(), statement, p, 1, key).await?;
                 match probe.into_iter().next() {
                     Some(row) => {
                         if pauses::mark_probe(&mut tx, sql, queue, &step.scope, row.meta.id, p.now)
@@ -95,7 +96,10 @@ impl Store {
             let room = p.limit.saturating_sub(rows.len() as u32);
             if plan.claim_rest && room > 0 {
                 let key = queue.as_str();
-                rows.extend(claim_rows::<R>(&mut tx, sql, &sql.claim, p, room, key).await?);
+                rows.extend(
+                    claim_rows::<R>(&mut tx, sql, self.history_on(), &sql.claim, p, room, key)
+                        .await?,
+                );
             }
         }
         tx.commit().await?;
@@ -123,10 +127,12 @@ impl Store {
 }
 
 /// Runs a claim `statement` for at most `limit` rows; `key` fills `?6` (the queue name or
-/// a seller). Rows that cannot be read are rejected on the spot.
+/// a seller). Rows that cannot be read are rejected on the spot (and the rejection recorded
+/// in the history when `history`).
 async fn claim_rows<R: QueueRow>(
     conn: &mut SqliteConnection,
     sql: &QueueSql,
+    history: bool,
     statement: &str,
     p: &ClaimParams<'_>,
     limit: u32,
@@ -149,7 +155,7 @@ async fn claim_rows<R: QueueRow>(
             Ok((meta, row)) => rows.push(Claimed { meta, row }),
             // A value the worker cannot read (written around the CHECKs, or by an older
             // schema) rejects that row alone instead of failing every claim.
-            Err(e) => reject_unreadable(conn, sql, R::QUEUE, id, p.now, &e).await?,
+            Err(e) => reject_unreadable(conn, sql, R::QUEUE, id, p.now, &e, history).await?,
         }
     }
     Ok(rows)
@@ -189,6 +195,7 @@ async fn reject_unreadable(
     id: i64,
     now: i64,
     error: &sqlx::Error,
+    history: bool,
 ) -> Result<(), StoreError> {
     let reason = match error {
         sqlx::Error::ColumnDecode { index, .. } => {
@@ -197,6 +204,14 @@ async fn reject_unreadable(
         other => format!("row unreadable: {other}"),
     };
     tracing::warn!(queue = queue.as_str(), row_id = id, %reason, "row rejected: it cannot be read");
+    if history {
+        sqlx::query(&sql.history_of_unreadable)
+            .bind(id)
+            .bind(&reason)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+    }
     sqlx::query(&sql.reject_unreadable)
         .bind(id)
         .bind(reason)

@@ -1,5 +1,6 @@
 //! Writing the result of attempts back, in batches, each row guarded by its claim token.
 
+use super::history::AttemptFacts;
 use super::pauses::{self, PauseChange};
 use super::{QueueName, Store, StoreError};
 
@@ -57,6 +58,9 @@ pub struct Completion {
     pub pause: PauseChange,
     /// When confirmation began, for a row left pending to await it (kept when `None`).
     pub confirm_since: Option<i64>,
+    /// The attempt behind this result, for the history (none for results that are not
+    /// attempts, such as a test's).
+    pub attempt: Option<AttemptFacts>,
     /// Current time, ms.
     pub now: i64,
 }
@@ -70,6 +74,11 @@ fn batch_json(items: &[Completion]) -> String {
                 "next": c.next_attempt_at, "refund": c.refund_attempt, "code": c.last_code,
                 "message": c.last_message, "invoice_no": c.invoice_no, "url": c.invoice_down_url,
                 "recent": c.recent_attempts, "since": c.confirm_since, "now": c.now,
+                "action": c.attempt.as_ref().map(|a| a.action),
+                "started": c.attempt.as_ref().map(|a| a.started_at),
+                "duration": c.attempt.as_ref().map(|a| a.duration_ms),
+                "http": c.attempt.as_ref().map(|a| a.http_status),
+                "hmessage": c.attempt.as_ref().map(|a| a.message.as_str()),
             })
         })
         .collect();
@@ -86,7 +95,10 @@ impl Store {
         items: &[Completion],
     ) -> Result<Vec<bool>, StoreError> {
         let sql = self.sql(queue);
+        let batch = batch_json(items);
         let (_turn, mut tx) = self.begin_write().await?;
+        // First, while the rows still carry their claim: the history joins on it.
+        super::history::record_batch(&mut tx, self, queue, &batch).await?;
         // The common case, no pause anywhere and none to start: one statement for the whole
         // batch (a probe's lift has nothing to lift then).
         let starts = items
@@ -94,7 +106,7 @@ impl Store {
             .any(|c| matches!(c.pause, PauseChange::Start(_)));
         if !starts && !pauses::any(&mut tx, queue).await? {
             let done: Vec<(i64,)> = sqlx::query_as(&sql.complete_batch)
-                .bind(batch_json(items))
+                .bind(&batch)
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(StoreError::classify)?;

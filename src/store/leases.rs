@@ -16,7 +16,7 @@ impl Store {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        self.update_held(&self.sql(queue).renew, held, lease_until)
+        self.update_held(None, &self.sql(queue).renew, held, lease_until)
             .await
     }
 
@@ -39,12 +39,21 @@ impl Store {
         now: i64,
         default_max_attempts: u32,
     ) -> Result<u64, StoreError> {
-        let _turn = self.write_turn().await;
-        let done = sqlx::query(&self.sql(queue).rescue)
+        let sql = self.sql(queue);
+        let (_turn, mut tx) = self.begin_write().await?;
+        if self.history_on() {
+            sqlx::query(&sql.history_of_rescue)
+                .bind(now)
+                .bind(default_max_attempts as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let done = sqlx::query(&sql.rescue)
             .bind(now)
             .bind(default_max_attempts as i64)
-            .execute(self.pool())
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
@@ -58,11 +67,19 @@ impl Store {
         queue: QueueName,
         now: i64,
     ) -> Result<u64, StoreError> {
-        let _turn = self.write_turn().await;
-        let done = sqlx::query(&self.sql(queue).reject_unschedulable)
+        let sql = self.sql(queue);
+        let (_turn, mut tx) = self.begin_write().await?;
+        if self.history_on() {
+            sqlx::query(&sql.history_of_unschedulable)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let done = sqlx::query(&sql.reject_unschedulable)
             .bind(now)
-            .execute(self.pool())
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 
@@ -77,9 +94,9 @@ impl Store {
         if held.is_empty() {
             return Ok(0);
         }
-        let changed = self
-            .update_held(&self.sql(queue).release, held, now)
-            .await?;
+        let sql = self.sql(queue);
+        let record = self.history_on().then_some(sql.history_of_release.as_str());
+        let changed = self.update_held(record, &sql.release, held, now).await?;
         Ok(changed.into_iter().filter(|c| *c).count() as u64)
     }
 
@@ -98,9 +115,11 @@ impl Store {
     }
 
     /// Runs `sql` (`?1` = `value`, `?2` = id, `?3` = claim token) for every held row in one
-    /// write transaction; says, per row, whether it changed.
+    /// write transaction, each after `record` (the history of the change, same parameters)
+    /// when given; says, per row, whether it changed.
     async fn update_held(
         &self,
+        record: Option<&str>,
         sql: &str,
         held: &[(i64, String)],
         value: i64,
@@ -108,6 +127,14 @@ impl Store {
         let (_turn, mut tx) = self.begin_write().await?;
         let mut changed = Vec::with_capacity(held.len());
         for (id, token) in held {
+            if let Some(record) = record {
+                sqlx::query(record)
+                    .bind(value)
+                    .bind(id)
+                    .bind(token)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let done = sqlx::query(sql)
                 .bind(value)
                 .bind(id)

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod claim;
 pub mod complete;
+pub mod history;
 pub mod housekeeping;
 pub mod leases;
 pub mod outbox;
@@ -14,6 +15,7 @@ pub mod pauses;
 pub mod rows;
 pub mod scratch;
 pub mod services;
+pub mod show;
 mod sql;
 pub mod wal;
 pub mod watch;
@@ -32,7 +34,8 @@ pub const DEFAULT_WAL_LIMIT: u64 = 16 * 1024 * 1024;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Which queue a statement is about. The two tables share their bookkeeping columns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum QueueName {
     /// `rebill_orders`, drained to fw199 `rebillingnew`.
     Rebill,
@@ -164,6 +167,8 @@ pub struct Store {
     statements: std::sync::Arc<sql::Statements>,
     /// Whether pauses started and lifted raise alerts (`outbox`).
     alerts: bool,
+    /// Whether attempts are recorded in the history (`history`).
+    history: bool,
 }
 
 impl Store {
@@ -235,6 +240,7 @@ impl Store {
             write_gate: std::sync::Arc::default(),
             statements: std::sync::Arc::new(sql::Statements::new()),
             alerts: false,
+            history: true,
         })
     }
 
@@ -596,6 +602,7 @@ pub(crate) mod test_support {
             recent_attempts: None,
             pause: super::pauses::PauseChange::Nothing,
             confirm_since: None,
+            attempt: None,
             now,
         }
     }

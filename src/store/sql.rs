@@ -48,6 +48,22 @@ pub(crate) struct QueueSql {
     pub complete: String,
     /// A batch of completions as one JSON array, `?1`.
     pub complete_batch: String,
+    /// `?1` the completion batch's JSON array: records the attempt of every item that has
+    /// one and is still held under its token (run before `complete_batch`, whose guard it
+    /// shares).
+    pub history_of_batch: String,
+    /// `?1` the completion batch's JSON array: counts its attempts per minute.
+    pub count_minutes: String,
+    /// `?1` now, `?2` default max attempts: records the attempts `rescue` is about to end
+    /// (run first, same condition).
+    pub history_of_rescue: String,
+    /// `?1` now, `?2` id, `?3` token: records the release `release` is about to make.
+    pub history_of_release: String,
+    /// `?1` id, `?2` reason, `?3` now: records the rejection `reject_unreadable` is about
+    /// to make.
+    pub history_of_unreadable: String,
+    /// `?1` now: records the rejections `reject_unschedulable` is about to make.
+    pub history_of_unschedulable: String,
     /// `?1` status, `?2` finished before, `?3` limit: deletes finished rows.
     pub prune: String,
     /// Rows per status.
@@ -125,9 +141,15 @@ fn probe_in_flight(queue: QueueName, pause: &str) -> String {
     )
 }
 
+/// The start of every statement that records attempts.
+const HISTORY_INSERT: &str =
+    "INSERT INTO attempt_history (queue, row_id, attempt, started_at, duration_ms, \
+     http_status, code, message, action, status, instance, recorded_at)";
+
 impl QueueSql {
     fn new(queue: QueueName) -> QueueSql {
         let t = queue.table();
+        let q = queue.as_str();
         let seller = queue.seller_expr();
         let probing_p = probe_in_flight(queue, "p");
         let probing_pauses = probe_in_flight(queue, "pauses");
@@ -242,6 +264,44 @@ impl QueueSql {
                  WHERE r.id = j.id AND +r.claim_token = j.token AND +r.status = 'running' \
                  RETURNING id"
             ),
+            history_of_batch: format!(
+                "{HISTORY_INSERT} SELECT '{q}', r.id, r.attempts, j.value ->> 'started', j.value ->> 'duration', \
+                   j.value ->> 'http', j.value ->> 'code', j.value ->> 'hmessage', j.value ->> 'action', \
+                   j.value ->> 'status', r.claimed_by, j.value ->> 'now' \
+                 FROM json_each(?1) AS j CROSS JOIN {t} AS r \
+                 WHERE j.value ->> 'action' IS NOT NULL AND r.id = j.value ->> 'id' \
+                   AND +r.claim_token = j.value ->> 'token' AND +r.status = 'running'"
+            ),
+            count_minutes: format!(
+                "INSERT INTO attempt_minutes (queue, minute, attempts) \
+                 SELECT '{q}', (value ->> 'now') / 60000, COUNT(*) FROM json_each(?1) \
+                 WHERE value ->> 'action' IS NOT NULL GROUP BY 2 \
+                 ON CONFLICT (queue, minute) DO UPDATE SET attempts = attempts + excluded.attempts"
+            ),
+            history_of_rescue: format!(
+                "{HISTORY_INSERT} SELECT '{q}', id, attempts, COALESCE(updated_at, ?1), NULL, -1, NULL, \
+                   'lease expired during attempt ' || attempts || ': the daemon holding it stopped; outcome unknown', \
+                   'lease_expired', CASE WHEN attempts >= COALESCE(max_attempts, ?2) THEN 'failed' ELSE 'pending' END, \
+                   claimed_by, ?1 \
+                 FROM {t} INDEXED BY {t}_leases WHERE status = 'running' AND lease_expires_at <= ?1"
+            ),
+            history_of_release: format!(
+                "{HISTORY_INSERT} SELECT '{q}', id, attempts, COALESCE(updated_at, ?1), NULL, -1, NULL, \
+                   'released at shutdown before an answer was recorded; the attempt is given back', \
+                   'released', 'pending', claimed_by, ?1 \
+                 FROM {t} WHERE id = ?2 AND claim_token = ?3 AND status = 'running'"
+            ),
+            history_of_unreadable: format!(
+                "{HISTORY_INSERT} SELECT '{q}', id, CASE typeof(attempts) WHEN 'integer' THEN attempts ELSE 0 END, \
+                   ?3, NULL, -1, NULL, ?2, 'rejected', 'rejected', claimed_by, ?3 FROM {t} WHERE id = ?1"
+            ),
+            history_of_unschedulable: format!(
+                "{HISTORY_INSERT} SELECT '{q}', id, CASE typeof(attempts) WHEN 'integer' THEN attempts ELSE 0 END, \
+                   ?1, NULL, -1, NULL, \
+                   'next_attempt_at is not an INTEGER of Unix epoch milliseconds, so the row can never fall due', \
+                   'rejected', 'rejected', NULL, ?1 \
+                 FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND next_attempt_at >= ''"
+            ),
             prune: format!(
                 "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE status = ?1 AND finished_at < ?2 LIMIT ?3)"
             ),
@@ -329,7 +389,7 @@ fn list_sql(queue: QueueName) -> String {
 
 /// A column read for display whatever it holds: text as it is, a number as text, a BLOB
 /// described by its first bytes in hex.
-fn shown(col: &str) -> String {
+pub(crate) fn shown(col: &str) -> String {
     format!(
         "CASE typeof({col}) WHEN 'blob' THEN '(BLOB ' || substr(quote({col}), 1, 42) || ')' \
          ELSE CAST({col} AS TEXT) END"

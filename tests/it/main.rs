@@ -8,6 +8,7 @@ mod alerts;
 mod cli;
 mod common;
 mod confirm;
+mod history;
 mod ops;
 mod process;
 mod rebill;

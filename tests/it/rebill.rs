@@ -404,6 +404,7 @@ async fn a_lost_claim_is_never_overwritten() {
         recent_attempts: None,
         pause: PauseChange::Nothing,
         confirm_since: None,
+        attempt: None,
         now: later,
     };
     let applied = w
