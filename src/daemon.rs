@@ -273,10 +273,21 @@ pub async fn run_with_store(
         None
     };
 
+    // Someone reads the depths (systemd's STATUS=, /metrics): keep them counted.
+    let depths = crate::depths::Depths::new();
+    let counter = (config.http.listen.is_some() || std::env::var_os("NOTIFY_SOCKET").is_some())
+        .then(|| {
+            tokio::spawn(
+                depths
+                    .clone()
+                    .run(store.clone(), clock.clone(), internal_stop.clone()),
+            )
+        });
+
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
     tracing::info!(instance = %instance, database = %config.database.path.display(), "invoice-worker running");
     let supervisor = tokio::spawn(supervise(
-        store.clone(),
+        depths,
         health,
         shutdown.clone(),
         internal_stop.clone(),
@@ -303,6 +314,9 @@ pub async fn run_with_store(
         let _ = task.await;
     }
     let _ = supervisor.await;
+    if let Some(task) = counter {
+        let _ = task.await;
+    }
     store_services.join().await;
     if let Some(task) = http_task {
         let _ = task.await;
@@ -336,7 +350,7 @@ fn spawn_worker<H: Handler>(
 /// at most `health.max_age` (10 s), so a short `WatchdogSec` really means a quick restart
 /// (about twice `WatchdogSec` after the hang) instead of always 10 s plus `WatchdogSec`.
 async fn supervise(
-    store: Store,
+    depths: crate::depths::Depths,
     mut health: Health,
     shutdown: CancellationToken,
     stop: CancellationToken,
@@ -351,24 +365,14 @@ async fn supervise(
     let status = tokio::spawn({
         let (stuck, refresh, stop) = (stuck.clone(), refresh.clone(), stop.clone());
         async move {
-            let mut previous = Duration::ZERO;
             loop {
-                let started = std::time::Instant::now();
-                let line = tokio::select! {
-                    line = ops::status_line(&store) => line,
-                    _ = stop.cancelled() => return,
-                };
-                if !stuck.load(Ordering::Relaxed) {
+                // The counter task keeps the figures; this only reads its latest.
+                let line = crate::depths::status_line(&depths.latest());
+                if !stuck.load(Ordering::Relaxed) && !line.is_empty() {
                     let _ = sd_notify::notify(false, &[NotifyState::Status(&line)]);
                 }
-                // Counting rows costs O(rows): on big tables refresh less often, so the
-                // status line takes at most 0.2 % of a core. The smaller of the last two
-                // costs ignores one-off stalls (a cold cache, a busy machine).
-                let cost = started.elapsed();
-                let pause = STATUS_EVERY.max(cost.min(previous) * 500);
-                previous = cost;
                 tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = tokio::time::sleep(STATUS_EVERY) => {}
                     _ = refresh.notified() => {}
                     _ = stop.cancelled() => return,
                 }

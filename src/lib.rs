@@ -47,6 +47,7 @@ pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod depths;
 pub mod jobs;
 pub mod ops;
 pub mod queue;

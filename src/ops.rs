@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::queue::heartbeat::{Heartbeat, WriteHealth};
-use crate::store::{now_ms, QueueName, Store};
+use crate::store::{QueueName, Store};
 
 /// How long `/healthz` waits for the database to answer `SELECT 1`.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -74,7 +74,7 @@ fn describe_metrics() {
     );
     metrics::describe_gauge!(
         "invoice_worker_queue_depth",
-        "Rows per queue and status, read from the database at scrape time."
+        "Rows per queue and status, as the daemon last counted them (active rows every 2 s, finished rows less often on big tables)."
     );
     metrics::describe_gauge!(
         "invoice_worker_oldest_pending_age_seconds",
@@ -215,7 +215,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 }
 
 async fn metrics_page(State(state): State<AppState>) -> (StatusCode, String) {
-    refresh_gauges(&state.health.store).await;
+    // The depth gauges are set by the daemon's counter (`depths`), never per scrape.
     match &state.metrics {
         Some(handle) => {
             handle.run_upkeep();
@@ -235,72 +235,6 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("unhealthy: {reason}\n"),
         ),
-    }
-}
-
-/// Queue depth by status for both queues, formatted for systemd's `STATUS=`.
-pub async fn status_line(store: &Store) -> String {
-    let now = now_ms();
-    let mut parts = Vec::new();
-    for queue in QueueName::ALL {
-        if let Ok(c) = store.counts(queue, now).await {
-            let awaiting = match c.awaiting_confirmation {
-                0 => String::new(),
-                n => format!(" ({n} awaiting confirmation)"),
-            };
-            parts.push(format!(
-                "{}: {} pending{awaiting}, {} running, {} done, {} failed",
-                queue.as_str(),
-                c.count("pending"),
-                c.count("running"),
-                c.count("done"),
-                c.count("failed")
-            ));
-        }
-    }
-    parts.join("; ")
-}
-
-/// Sets the depth, age and pause gauges from the database.
-pub async fn refresh_gauges(store: &Store) {
-    let now = now_ms();
-    for queue in QueueName::ALL {
-        let Ok(counts) = store.counts(queue, now).await else {
-            continue;
-        };
-        for status in [
-            "pending",
-            "running",
-            "done",
-            "failed",
-            "rejected",
-            "cancelled",
-        ] {
-            metrics::gauge!("invoice_worker_queue_depth", "queue" => queue.as_str(), "status" => status)
-                .set(counts.count(status) as f64);
-        }
-        metrics::gauge!("invoice_worker_oldest_pending_age_seconds", "queue" => queue.as_str())
-            .set(counts.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
-        metrics::gauge!("invoice_worker_awaiting_confirmation", "queue" => queue.as_str())
-            .set(counts.awaiting_confirmation as f64);
-    }
-    if let Ok(pauses) = store.pauses().await {
-        for queue in QueueName::ALL {
-            let active = |whole: bool| {
-                pauses
-                    .iter()
-                    .filter(|p| {
-                        p.queue == queue.as_str()
-                            && (p.scope == "*") == whole
-                            && (p.until_at > now || p.probe_row_id.is_some())
-                    })
-                    .count() as f64
-            };
-            metrics::gauge!("invoice_worker_paused_sellers", "queue" => queue.as_str())
-                .set(active(false));
-            metrics::gauge!("invoice_worker_queue_paused", "queue" => queue.as_str())
-                .set(active(true));
-        }
     }
 }
 

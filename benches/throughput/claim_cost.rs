@@ -150,6 +150,8 @@ pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
     let mut large_db = claim_db(n_large).await?;
     // Interleaved, so that load from elsewhere on the machine hits both alike.
     let (a, b) = interleaved(&mut small_db, &mut large_db).await?;
+    let small_counts = count_costs(&small_db).await?;
+    let large_counts = count_costs(&large_db).await?;
     small_db.close().await?;
     large_db.close().await?;
     let (a, b) = (claim_stats(a), claim_stats(b));
@@ -182,5 +184,37 @@ pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
         format!("{ratio:.2}×"),
         format!("<= 1.5× ({})", verdict(ratio <= 1.5)),
     );
+    for (n, (active, finished)) in [(n_small, small_counts), (n_large, large_counts)] {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "  [{n} finished] the daemon's depth count: active rows {:.0} µs, finished rows {:.0} µs (median of {COUNT_RUNS}) → finished counted every {:.1} s",
+            us(active),
+            us(finished),
+            (finished * 500).max(Duration::from_secs(2)).as_secs_f64()
+        );
+        summary.add(
+            3,
+            format!("depth count µs, active / finished rows, {n} finished"),
+            format!("{:.0} / {:.0}", us(active), us(finished)),
+            "(background, never per scrape)",
+        );
+    }
     Ok(())
+}
+
+/// How often the depth counts are timed per database.
+const COUNT_RUNS: usize = 9;
+
+/// The median cost of the daemon's background depth count, (active, finished) parts.
+async fn count_costs(db: &ClaimDb) -> BenchResult<(Duration, Duration)> {
+    let depths = invoice_worker::depths::Depths::new();
+    let (mut active, mut finished) = (Vec::new(), Vec::new());
+    for _ in 0..COUNT_RUNS {
+        let (a, f) = depths.refresh(db.scratch.store(), now_ms(), true).await?;
+        active.push(a);
+        finished.push(f);
+    }
+    active.sort();
+    finished.sort();
+    Ok((active[COUNT_RUNS / 2], finished[COUNT_RUNS / 2]))
 }

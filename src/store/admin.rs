@@ -187,23 +187,42 @@ impl Store {
 
     /// Counts per status and the oldest due pending row's age.
     pub async fn counts(&self, queue: QueueName, now: i64) -> Result<QueueCounts, StoreError> {
+        let mut counts = self.active_counts(queue, now).await?;
+        counts.by_status.extend(self.finished_counts(queue).await?);
+        Ok(counts)
+    }
+
+    /// The counts of `queue`'s active rows (`pending`, `running`), the oldest due pending
+    /// row's age and the rows awaiting confirmation: each read through a partial index
+    /// over active rows, so the cost does not grow with finished rows.
+    pub async fn active_counts(
+        &self,
+        queue: QueueName,
+        now: i64,
+    ) -> Result<QueueCounts, StoreError> {
         let sql = self.sql(queue);
-        let by_status: Vec<(String, i64)> = sqlx::query_as(&sql.counts_by_status)
-            .fetch_all(self.pool())
-            .await?;
-        let (oldest,): (Option<i64>,) = sqlx::query_as(&sql.oldest_due)
-            .bind(now)
-            .fetch_one(self.pool())
-            .await?;
-        let (awaiting,): (i64,) = sqlx::query_as(&sql.awaiting_confirmation)
-            .fetch_one(self.pool())
-            .await?;
+        let (pending, running, oldest, awaiting): (i64, i64, Option<i64>, i64) =
+            sqlx::query_as(&sql.active_counts)
+                .bind(now)
+                .fetch_one(self.pool())
+                .await?;
         Ok(QueueCounts {
             queue: queue.as_str(),
-            by_status,
+            by_status: vec![("pending".into(), pending), ("running".into(), running)],
             oldest_pending_age_ms: oldest.map(|at| (now - at).max(0)),
             awaiting_confirmation: awaiting,
         })
+    }
+
+    /// (status, count) of `queue`'s finished rows (`done`, `failed`, `rejected`,
+    /// `cancelled`): O(finished rows), so the daemon counts them seldom.
+    pub async fn finished_counts(
+        &self,
+        queue: QueueName,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(&self.sql(queue).finished_counts)
+            .fetch_all(self.pool())
+            .await?)
     }
 
     /// Rows of a queue, newest first, optionally of one status. A value of the wrong type

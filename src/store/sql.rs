@@ -66,12 +66,12 @@ pub(crate) struct QueueSql {
     pub history_of_unschedulable: String,
     /// `?1` status, `?2` finished before, `?3` limit: deletes finished rows.
     pub prune: String,
-    /// Rows per status.
-    pub counts_by_status: String,
-    /// `?1` now: the oldest due time of a pending row that is due.
-    pub oldest_due: String,
-    /// Pending rows awaiting confirmation (an outcome is recorded only on those).
-    pub awaiting_confirmation: String,
+    /// Finished rows per status (O(finished rows)).
+    pub finished_counts: String,
+    /// `?1` now: pending rows, running rows, the oldest due time of a due pending row, and
+    /// pending rows awaiting confirmation (an outcome is recorded only on those), each
+    /// through a partial index over active rows.
+    pub active_counts: String,
     /// `?1` after, `?2` until (ms): how many rows became `failed` in that window.
     pub failed_between_count: String,
     /// `?1` after, `?2` until, `?3` limit: the first of them (id, order, seller, message).
@@ -305,14 +305,16 @@ impl QueueSql {
             prune: format!(
                 "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE status = ?1 AND finished_at < ?2 LIMIT ?3)"
             ),
-            counts_by_status: format!(
-                "SELECT status, COUNT(*) FROM {t} GROUP BY status ORDER BY status"
+            finished_counts: format!(
+                "SELECT status, COUNT(*) FROM {t} INDEXED BY {t}_status \
+                 WHERE status IN ('done', 'failed', 'rejected', 'cancelled') GROUP BY status ORDER BY status"
             ),
-            oldest_due: format!(
-                "SELECT MIN(next_attempt_at) FROM {t} WHERE status = 'pending' AND next_attempt_at <= ?1"
-            ),
-            awaiting_confirmation: format!(
-                "SELECT COUNT(*) FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND outcome IS NOT NULL"
+            active_counts: format!(
+                "SELECT (SELECT COUNT(*) FROM {t} INDEXED BY {t}_due WHERE status = 'pending'), \
+                   (SELECT COUNT(*) FROM {t} INDEXED BY {t}_leases WHERE status = 'running'), \
+                   (SELECT MIN(next_attempt_at) FROM {t} INDEXED BY {t}_due \
+                      WHERE status = 'pending' AND next_attempt_at <= ?1), \
+                   (SELECT COUNT(*) FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND outcome IS NOT NULL)"
             ),
             failed_between_count: format!(
                 "SELECT COUNT(*) FROM {t} WHERE status = 'failed' AND finished_at > ?1 AND finished_at <= ?2"

@@ -166,7 +166,12 @@ async fn a_number_never_seen_ends_done_accepted_when_the_period_runs_out() {
             .counts(QueueName::Rebill, now_ms())
             .await
             .expect("counts");
-        let line = invoice_worker::ops::status_line(&w.store).await;
+        let depths = invoice_worker::depths::Depths::new();
+        depths
+            .refresh(&w.store, now_ms(), true)
+            .await
+            .expect("count");
+        let line = invoice_worker::depths::status_line(&depths.latest());
         let status = w.status_of("rebill_orders", id).await;
         assert_ne!(status, "done", "finished before its count was read");
         if updated_at(&w, id).await == before && status == "pending" {

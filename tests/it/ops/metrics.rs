@@ -43,18 +43,20 @@ async fn metrics_and_health_move_with_the_queues() {
     // Attempts and depths move as rows are done.
     let ids = insert_rebills(&w, "METRICS-", 5, TAX).await;
     wait_done(&w, &ids, Duration::from_secs(20)).await;
-    let after = scrape_until(&client, &base, "attempts counted", |s| {
-        s.value("invoice_worker_attempts_total", &rebill_done)
-            .unwrap_or(0.0)
-            >= done_before + 5.0
-    })
-    .await;
     let depth = |s: &Scrape, status: &str| {
         s.value(
             "invoice_worker_queue_depth",
             &[("queue", "rebill"), ("status", status)],
         )
     };
+    // The depths are counted by the daemon every 2 s, not per scrape.
+    let after = scrape_until(&client, &base, "attempts and depths counted", |s| {
+        s.value("invoice_worker_attempts_total", &rebill_done)
+            .unwrap_or(0.0)
+            >= done_before + 5.0
+            && depth(s, "done") == Some(5.0)
+    })
+    .await;
     assert_eq!(depth(&after, "done"), Some(5.0), "{}", after.text);
     assert_eq!(depth(&after, "pending"), Some(0.0));
     assert_eq!(depth(&after, "running"), Some(0.0));

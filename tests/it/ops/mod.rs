@@ -275,7 +275,7 @@ async fn scrape_until(
             return s;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < Duration::from_secs(30),
             "timed out waiting for {what}; last scrape:\n{}",
             s.text
         );
