@@ -86,6 +86,9 @@ pub enum Command {
         /// Every failed row of the queue.
         #[arg(long, conflicts_with = "ids")]
         all_failed: bool,
+        /// With --all-failed: only this seller's rows (rebill: tax number; title: sqm).
+        #[arg(long, requires = "all_failed")]
+        seller: Option<String>,
         /// Row ids.
         #[arg(required_unless_present = "all_failed")]
         ids: Vec<i64>,
@@ -318,10 +321,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Retry {
             queue,
             all_failed,
+            seller,
             ids,
         } => {
             let store = open(&config).await?;
-            if all_failed {
+            if let Some(seller) = seller {
+                println!(
+                    "{} failed {} rows of seller {seller} are pending again",
+                    store.retry_failed_of_seller(queue, &seller).await?,
+                    queue.as_str()
+                );
+            } else if all_failed {
                 println!(
                     "{} failed {} rows are pending again",
                     store.retry_all_failed(queue).await?,

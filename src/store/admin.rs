@@ -108,6 +108,8 @@ pub struct RowSummary {
     pub invoice_down_url: Option<String>,
     /// Last change, ms.
     pub updated_at: i64,
+    /// When the row finished, ms (none while active).
+    pub finished_at: Option<i64>,
     /// Values of the wrong type in this row, described (None when the row is sound).
     pub problem: Option<String>,
 }

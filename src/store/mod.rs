@@ -11,6 +11,7 @@ pub mod history;
 pub mod housekeeping;
 pub mod leases;
 pub mod outbox;
+pub mod page;
 pub mod pauses;
 pub mod rows;
 pub mod scratch;

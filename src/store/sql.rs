@@ -84,10 +84,15 @@ pub(crate) struct QueueSql {
     /// `?1` status or NULL, `?2` limit: rows for display, newest first, whatever their
     /// values' types.
     pub list: String,
+    /// The listing's columns and table, without conditions (the console's pages add
+    /// their own).
+    pub list_select: String,
     /// `?1` id, `?2` now: a finished row pending again with a fresh attempt budget.
     pub retry: String,
     /// `?1` now: every failed row pending again.
     pub retry_all_failed: String,
+    /// `?1` now, `?2` seller: that seller's failed rows pending again.
+    pub retry_failed_of_seller: String,
     /// `?1` id, `?2` now: cancels a pending row.
     pub cancel: String,
 }
@@ -332,7 +337,11 @@ impl QueueSql {
             due_count: format!(
                 "SELECT COUNT(*) FROM {t} INDEXED BY {t}_due WHERE status = 'pending' AND next_attempt_at <= ?1"
             ),
-            list: list_sql(queue),
+            list: format!(
+                "{} WHERE (?1 IS NULL OR status = ?1) ORDER BY id DESC LIMIT ?2",
+                list_sql(queue)
+            ),
+            list_select: list_sql(queue),
             retry: format!(
                 "UPDATE {t} SET status = 'pending', outcome = NULL, attempts = 0, confirm_since = NULL, \
                  next_attempt_at = ?2, updated_at = ?2, finished_at = NULL \
@@ -342,6 +351,10 @@ impl QueueSql {
                 "UPDATE {t} SET status = 'pending', outcome = NULL, attempts = 0, confirm_since = NULL, \
                  next_attempt_at = ?1, updated_at = ?1, finished_at = NULL WHERE status = 'failed'"
             ),
+            retry_failed_of_seller: format!(
+                "UPDATE {t} SET status = 'pending', outcome = NULL, attempts = 0, confirm_since = NULL, \
+                 next_attempt_at = ?1, updated_at = ?1, finished_at = NULL WHERE status = 'failed' AND {seller} = ?2"
+            ),
             cancel: format!(
                 "UPDATE {t} SET status = 'cancelled', updated_at = ?2, finished_at = ?2, \
                  last_message = 'cancelled by operator' WHERE id = ?1 AND status = 'pending'"
@@ -350,7 +363,7 @@ impl QueueSql {
     }
 }
 
-/// The listing of `queue`'s rows. A value of the wrong type (written around the CHECKs, or
+/// The listing of `queue`'s rows (columns and table). A value of the wrong type (written around the CHECKs, or
 /// the BLOB order number of a row the daemon rejected) never fails it: it is shown
 /// described, and the row's `problem` column says so.
 fn list_sql(queue: QueueName) -> String {
@@ -372,8 +385,9 @@ fn list_sql(queue: QueueName) -> String {
          {outcome} AS outcome, {attempts} AS attempts, {next} AS next_attempt_at, \
          {code} AS last_code, {message} AS last_message, {invoice} AS invoice_no, \
          {url} AS invoice_down_url, {updated} AS updated_at, \
+         CASE typeof(finished_at) WHEN 'integer' THEN finished_at END AS finished_at, \
          NULLIF(RTRIM({problems}, '; '), '') AS problem \
-         FROM {t} WHERE (?1 IS NULL OR status = ?1) ORDER BY id DESC LIMIT ?2",
+         FROM {t}",
         order_shown = shown(order),
         key_shown = shown(key),
         status = shown("status"),
