@@ -242,16 +242,39 @@ pub async fn run_with_store(
         writers,
         max_age: Duration::from_secs(10),
     };
+    // Someone reads the depths (systemd's STATUS=, /metrics, the console): keep them
+    // counted.
+    let depths = crate::depths::Depths::new();
+    let counter = (config.http.listen.is_some() || std::env::var_os("NOTIFY_SOCKET").is_some())
+        .then(|| {
+            tokio::spawn(
+                depths
+                    .clone()
+                    .run(store.clone(), clock.clone(), internal_stop.clone()),
+            )
+        });
     let http_task = match config.http.listen {
         Some(addr) => {
             let listener = ops::bind(addr)
                 .await
                 .with_context(|| format!("binding http.listen {addr}"))?;
-            tracing::info!(%addr, "serving /metrics and /healthz");
+            let token = config.console_token()?;
+            let mode = if token.is_some() {
+                "actions after login"
+            } else {
+                "read-only"
+            };
+            tracing::info!(%addr, console = mode, "serving /metrics, /healthz and the console");
+            let console = Arc::new(crate::console::Console::new(
+                store.clone(),
+                depths.clone(),
+                token,
+                clock.clone(),
+            ));
             let health = health.clone();
             let stop = internal_stop.clone();
             Some(tokio::spawn(async move {
-                if let Err(e) = ops::serve(listener, health, stop).await {
+                if let Err(e) = ops::serve(listener, health, console, stop).await {
                     tracing::error!(error = %e, "metrics server failed");
                 }
             }))
@@ -272,17 +295,6 @@ pub async fn run_with_store(
     } else {
         None
     };
-
-    // Someone reads the depths (systemd's STATUS=, /metrics): keep them counted.
-    let depths = crate::depths::Depths::new();
-    let counter = (config.http.listen.is_some() || std::env::var_os("NOTIFY_SOCKET").is_some())
-        .then(|| {
-            tokio::spawn(
-                depths
-                    .clone()
-                    .run(store.clone(), clock.clone(), internal_stop.clone()),
-            )
-        });
 
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
     tracing::info!(instance = %instance, database = %config.database.path.display(), "invoice-worker running");

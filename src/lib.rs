@@ -46,6 +46,7 @@ pub mod cli;
 pub mod clients;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod depths;
 pub mod jobs;

@@ -187,10 +187,12 @@ struct AppState {
     metrics: Option<PrometheusHandle>,
 }
 
-/// Serves `GET /metrics` and `GET /healthz` on `listener` until `shutdown`.
+/// Serves `GET /metrics`, `GET /healthz` and the operator console on `listener` until
+/// `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health: Health,
+    console: std::sync::Arc<crate::console::Console>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let state = AppState {
@@ -200,7 +202,8 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(healthz))
-        .with_state(state);
+        .with_state(state)
+        .merge(crate::console::routes(console));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -152,6 +152,8 @@ pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
     let (a, b) = interleaved(&mut small_db, &mut large_db).await?;
     let small_counts = count_costs(&small_db).await?;
     let large_counts = count_costs(&large_db).await?;
+    let small_pages = page_costs(&mut small_db).await?;
+    let large_pages = page_costs(&mut large_db).await?;
     small_db.close().await?;
     large_db.close().await?;
     let (a, b) = (claim_stats(a), claim_stats(b));
@@ -199,7 +201,95 @@ pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
             "(background, never per scrape)",
         );
     }
+    for (n, pages) in [(n_small, &small_pages), (n_large, &large_pages)] {
+        for (path, ms) in pages {
+            println!("  [{n} finished] console GET {path}: median {ms:.2} ms over {PAGE_RUNS} requests (loopback HTTP)");
+        }
+    }
+    if let Some((_, ms)) = large_pages.first() {
+        summary.add(
+            3,
+            format!("console GET / ms, {n_large} finished rows"),
+            format!("{ms:.2}"),
+            format!("<= 50 ms ({})", verdict(*ms <= 50.0)),
+        );
+    }
+    for (path, ms) in large_pages.iter().skip(1) {
+        summary.add(
+            3,
+            format!("console GET {path} ms, {n_large} finished"),
+            format!("{ms:.2}"),
+            "(median)",
+        );
+    }
     Ok(())
+}
+
+/// Requests timed per console page.
+const PAGE_RUNS: usize = 25;
+
+/// The console served over loopback HTTP on `db` (its depths counted once, as the daemon's
+/// counter would have): the median time of each page, ms. `/` first.
+async fn page_costs(db: &mut ClaimDb) -> BenchResult<Vec<(String, f64)>> {
+    use std::sync::Arc;
+    let store = db.scratch.store().clone();
+    let depths = invoice_worker::depths::Depths::new();
+    depths.refresh(&store, now_ms(), true).await?;
+    let (last_id,): (i64,) = sqlx::query_as("SELECT MAX(id) FROM rebill_orders")
+        .fetch_one(&mut db.conn)
+        .await?;
+    let console = Arc::new(invoice_worker::console::Console::new(
+        store.clone(),
+        depths,
+        None,
+        invoice_worker::clock::Clock::system(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            axum::serve(listener, invoice_worker::console::routes(console))
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        }
+    });
+    let client = reqwest::Client::new();
+    // The hundredth page of done rows: the cursor of a row deep in the table.
+    let (deep_f, deep_id): (i64, i64) = sqlx::query_as(
+        "SELECT finished_at, id FROM rebill_orders WHERE status = 'done' \
+         ORDER BY finished_at DESC, id DESC LIMIT 1 OFFSET 5000",
+    )
+    .fetch_optional(&mut db.conn)
+    .await?
+    .unwrap_or((0, 0));
+    let paths = [
+        "/".to_string(),
+        "/rows?queue=rebill&status=done".to_string(),
+        format!("/rows?queue=rebill&status=done&after={deep_f}:{deep_id}"),
+        "/rows?queue=rebill&status=failed".to_string(),
+        format!("/rows/rebill/{last_id}"),
+    ];
+    let mut out = Vec::new();
+    for path in paths {
+        let mut times = Vec::with_capacity(PAGE_RUNS);
+        for _ in 0..PAGE_RUNS {
+            let t = Instant::now();
+            let response = client.get(format!("{base}{path}")).send().await?;
+            let status = response.status();
+            response.bytes().await?;
+            times.push(t.elapsed());
+            if !status.is_success() {
+                return Err(format!("GET {path}: {status}").into());
+            }
+        }
+        times.sort();
+        out.push((path, times[PAGE_RUNS / 2].as_secs_f64() * 1e3));
+    }
+    stop.cancel();
+    let _ = server.await;
+    Ok(out)
 }
 
 /// How often the depth counts are timed per database.

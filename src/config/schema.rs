@@ -308,14 +308,19 @@ impl Default for TitleConfig {
     }
 }
 
-/// `[http]`: the metrics and health endpoint.
+/// `[http]`: the metrics and health endpoint, and the operator console.
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Address to serve `/metrics` and `/healthz` on; absent = off.
+    /// Address to serve `/metrics`, `/healthz` and the console on; absent = off.
     pub listen: Option<SocketAddr>,
-    /// Allow a non-loopback `listen` address.
+    /// Allow a non-loopback `listen` address (then `console_token` is required).
     pub allow_remote: bool,
+    /// The console's login token, inline (prefer `console_token_file` or the
+    /// environment). Without it the console is read-only.
+    pub console_token: Option<Secret>,
+    /// A file holding the console token (`$CREDENTIALS_DIRECTORY` expanded).
+    pub console_token_file: Option<PathBuf>,
 }
 
 /// Log line format.

@@ -29,6 +29,12 @@ pub struct TitleCredentials {
 pub const ENV_REBILL_SECRET: &str = "INVOICE_WORKER_REBILL_APP_SECRET";
 /// Environment variable that supplies the title client secret.
 pub const ENV_TITLE_SECRET: &str = "INVOICE_WORKER_TITLE_CLIENT_SECRET";
+/// Environment variable that supplies the console's login token.
+pub const ENV_CONSOLE_TOKEN: &str = "INVOICE_WORKER_HTTP_CONSOLE_TOKEN";
+
+/// The shortest console token accepted: it is the only thing between the network and the
+/// console's actions.
+pub const MIN_CONSOLE_TOKEN_CHARS: usize = 16;
 
 impl Config {
     /// The rebill credentials, or why the queue cannot run (absent = disabled, not fatal).
@@ -71,10 +77,31 @@ impl Config {
         }
     }
 
+    /// The console's login token, if one is configured (without it the console is
+    /// read-only). A token shorter than 16 characters is an error naming the key.
+    pub fn console_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let token = resolve_secret(
+            "http.console_token",
+            self.http.console_token.as_ref(),
+            self.http.console_token_file.as_deref(),
+            ENV_CONSOLE_TOKEN,
+        )?;
+        if let Some(t) = &token {
+            if t.expose().chars().count() < MIN_CONSOLE_TOKEN_CHARS {
+                return Err(invalid(
+                    "http.console_token",
+                    format!("must be at least {MIN_CONSOLE_TOKEN_CHARS} characters (try `openssl rand -hex 16`)"),
+                ));
+            }
+        }
+        Ok(token)
+    }
+
     /// True when any secret is written inline in the file (for the permissions warning).
     pub fn has_inline_secret(&self) -> bool {
         self.rebill.app_secret.is_some()
             || self.title.client_secret.is_some()
+            || self.http.console_token.is_some()
             || self
                 .alert
                 .iter()

@@ -112,11 +112,18 @@ impl Config {
         if self.title.busi_type.is_empty() {
             return Err(invalid("title.busi_type", "must not be empty"));
         }
+        let console_token = self.console_token()?;
         if let Some(listen) = self.http.listen {
             if !listen.ip().is_loopback() && !self.http.allow_remote {
                 return Err(invalid(
                     "http.listen",
                     format!("{listen} is not a loopback address; set http.allow_remote = true to expose metrics"),
+                ));
+            }
+            if !listen.ip().is_loopback() && console_token.is_none() {
+                return Err(invalid(
+                    "http.console_token",
+                    format!("required when http.listen ({listen}) is not a loopback address: the console is reachable from the network"),
                 ));
             }
         }
@@ -314,6 +321,11 @@ mod tests {
                 "title.ttqqlsh_prefix",
             ),
             ("[http]\nlisten = \"0.0.0.0:9000\"\n", "http.listen"),
+            (
+                "[http]\nlisten = \"0.0.0.0:9000\"\nallow_remote = true\n",
+                "http.console_token",
+            ),
+            ("[http]\nconsole_token = \"short\"\n", "http.console_token"),
             (
                 "[housekeeping]\nschedule = \"every day\"\n",
                 "housekeeping.schedule",

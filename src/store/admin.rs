@@ -79,6 +79,8 @@ pub struct PauseInfo {
     pub reason: String,
     /// Row currently probing, if any.
     pub probe_row_id: Option<i64>,
+    /// Since when, ms.
+    pub created_at: i64,
 }
 
 /// One row, summarised for `list` and the sandbox table.
@@ -323,7 +325,7 @@ impl Store {
     /// Every recorded pause (active, probing or expired-but-unprobed).
     pub async fn pauses(&self) -> Result<Vec<PauseInfo>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT queue, scope, until_at, reason, probe_row_id FROM pauses ORDER BY queue, scope",
+            "SELECT queue, scope, until_at, reason, probe_row_id, created_at FROM pauses ORDER BY queue, scope",
         )
         .fetch_all(self.pool())
         .await?)

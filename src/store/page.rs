@@ -265,10 +265,15 @@ mod tests {
             .expect("plan");
         let steps: Vec<&str> = plan.iter().map(|p| p.3.as_str()).collect();
         assert!(
-            steps.iter().any(|s| s.contains("USING INDEX rebill_orders_status")),
+            steps
+                .iter()
+                .any(|s| s.contains("USING INDEX rebill_orders_status")),
             "{steps:?}"
         );
-        assert!(!steps.iter().any(|s| s.contains("TEMP B-TREE")), "{steps:?}");
+        assert!(
+            !steps.iter().any(|s| s.contains("TEMP B-TREE")),
+            "{steps:?}"
+        );
     }
 
     #[tokio::test]

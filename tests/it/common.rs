@@ -475,3 +475,10 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// A port that was free a moment ago (the daemon's `[http] listen` cannot be port 0: the
+/// test would not know where to connect).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}

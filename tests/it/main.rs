@@ -8,6 +8,7 @@ mod alerts;
 mod cli;
 mod common;
 mod confirm;
+mod console;
 mod history;
 mod ops;
 mod process;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use crate::common::{config_toml, wait_until, Daemon, World, TAX};
+use crate::common::{config_toml, free_port, wait_until, Daemon, World, TAX};
 use invoice_worker::sim::SimOptions;
 use invoice_worker::store::{now_ms, QueueName};
 use sqlx::ConnectOptions;
@@ -183,13 +183,6 @@ async fn wait_done(w: &World, ids: &[i64], limit: Duration) {
         true
     })
     .await;
-}
-
-/// A port that was free a moment ago (the daemon's `[http] listen` cannot be port 0: the
-/// test would not know where to connect).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
 }
 
 async fn get(client: &reqwest::Client, url: &str) -> Option<(u16, String)> {

@@ -108,7 +108,7 @@ async fn check_config_never_prints_a_secret_inline_or_from_a_file() {
             "[database]\npath = \"{}\"\n[rebill]\nappid = \"app-1\"\napp_secret = \"appsecret-XYZZY-41\"\n\
              [title]\nbase_url = \"https://127.0.0.1:9/Entoauth\"\nclient_id = \"cid-1\"\nclient_secret = \"clientsecret-PLUGH-42\"\n\
              [[alert]]\nkind = \"dingtalk\"\nname = \"ops-ding\"\nurl = \"https://oapi.dingtalk.com/robot/send?access_token=robotkey-XYZZY-45\"\n\
-             secret = \"SECding-XYZZY-46\"\n",
+             secret = \"SECding-XYZZY-46\"\n[http]\nlisten = \"127.0.0.1:9\"\nconsole_token = \"consoletoken-XYZZY-47\"\n",
             dir.join("secrets.db").display()
         ),
     );
@@ -124,6 +124,7 @@ async fn check_config_never_prints_a_secret_inline_or_from_a_file() {
             "clientsecret-PLUGH-42",
             "robotkey-XYZZY-45",
             "SECding-XYZZY-46",
+            "consoletoken-XYZZY-47",
         ] {
             assert!(
                 !so.contains(secret) && !se.contains(secret),
