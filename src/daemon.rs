@@ -270,6 +270,7 @@ pub async fn run_with_store(
                 depths.clone(),
                 token,
                 clock.clone(),
+                addr,
             ));
             let health = health.clone();
             let stop = internal_stop.clone();

@@ -204,9 +204,13 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .with_state(state)
         .merge(crate::console::routes(console));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    // The console's login limit is per client address.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 /// Binds the metrics address (refusing nothing here: config validation did that) and

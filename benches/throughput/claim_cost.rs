@@ -238,13 +238,14 @@ async fn page_costs(db: &mut ClaimDb) -> BenchResult<Vec<(String, f64)>> {
     let (last_id,): (i64,) = sqlx::query_as("SELECT MAX(id) FROM rebill_orders")
         .fetch_one(&mut db.conn)
         .await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let console = Arc::new(invoice_worker::console::Console::new(
         store.clone(),
         depths,
         None,
         invoice_worker::clock::Clock::system(),
+        listener.local_addr()?,
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn({

@@ -358,9 +358,23 @@ pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
     let limit_rows = knobs.rows(20_000);
     let store_rate = store_loop(limit_rows, 64, 64).await?.rate;
     let (http_rate, _) = http_loop(limit_rows, 64).await?;
-    let small = e2e_runs(knobs.rows(10_000), E2E_RUNS_SMALL, true, "10k").await?;
-    // The attempt history's cost: the same drain without it (`[worker] history = false`).
-    let bare = e2e_runs(knobs.rows(10_000), E2E_RUNS_SMALL, false, "10k no history").await?;
+    // The attempt history's cost: the same drain without it (`[worker] history = false`),
+    // run in turns with the drains with it, so that the machine's drift hits both alike.
+    let mut small = Runs {
+        rows: knobs.rows(10_000),
+        runs: Vec::new(),
+    };
+    let mut bare = Runs {
+        rows: knobs.rows(10_000),
+        runs: Vec::new(),
+    };
+    for _ in 0..E2E_RUNS_SMALL {
+        small
+            .runs
+            .extend(e2e_runs(small.rows, 1, true, "10k").await?.runs);
+        bare.runs
+            .extend(e2e_runs(bare.rows, 1, false, "10k no history").await?.runs);
+    }
     let large = e2e_runs(knobs.rows(100_000), E2E_RUNS_LARGE, true, "100k").await?;
     let ratio_best = large.best().rate / small.best().rate;
     let ratio_median = large.median_rate() / small.median_rate();

@@ -6,7 +6,7 @@ use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -52,7 +52,8 @@ pub enum Refusal {
 pub struct Gate {
     token: Option<Secret>,
     sessions: Mutex<HashMap<String, Session>>,
-    logins: DefaultDirectRateLimiter,
+    /// Login attempts per client address: one guesser cannot lock out everyone else.
+    logins: DefaultKeyedRateLimiter<std::net::IpAddr>,
 }
 
 /// 32 random bytes as hex.
@@ -76,7 +77,7 @@ impl Gate {
         Gate {
             token,
             sessions: Mutex::new(HashMap::new()),
-            logins: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            logins: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
         }
     }
 
@@ -85,13 +86,16 @@ impl Gate {
         self.token.is_some()
     }
 
-    /// Checks `candidate` against the token; on success opens a session and returns its
-    /// cookie value.
-    pub fn login(&self, candidate: &str) -> Result<String, Refusal> {
+    /// Checks `candidate`, sent from `client`, against the token; on success opens a
+    /// session and returns its cookie value.
+    pub fn login(&self, client: std::net::IpAddr, candidate: &str) -> Result<String, Refusal> {
         let Some(token) = &self.token else {
             return Err(Refusal::ReadOnly);
         };
-        if self.logins.check().is_err() {
+        if self.logins.len() > 4096 {
+            self.logins.retain_recent();
+        }
+        if self.logins.check_key(&client).is_err() {
             return Err(Refusal::TooManyAttempts);
         }
         let expected = login_mac(token.expose()).map(|m| m.finalize().into_bytes());
@@ -101,7 +105,7 @@ impl Gate {
             _ => false,
         };
         if !matches {
-            tracing::warn!("console login refused: wrong token");
+            tracing::warn!(%client, "console login refused: wrong token");
             return Err(Refusal::WrongToken);
         }
         let id = random_hex();
@@ -124,7 +128,7 @@ impl Gate {
                 expires: now + SESSION_TTL,
             },
         );
-        tracing::info!("console login");
+        tracing::info!(%client, "console login");
         Ok(id)
     }
 
@@ -175,13 +179,15 @@ mod tests {
     use super::*;
 
     const TOKEN: &str = "correct-horse-battery-staple";
+    const HERE: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    const THERE: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7));
 
     #[test]
     fn only_the_token_opens_a_session_and_only_its_csrf_authorizes() {
         let gate = Gate::new(Some(Secret::new(TOKEN.to_string())));
-        assert_eq!(gate.login("wrong"), Err(Refusal::WrongToken));
-        assert_eq!(gate.login(""), Err(Refusal::WrongToken));
-        let session = gate.login(TOKEN).expect("login");
+        assert_eq!(gate.login(HERE, "wrong"), Err(Refusal::WrongToken));
+        assert_eq!(gate.login(HERE, ""), Err(Refusal::WrongToken));
+        let session = gate.login(HERE, TOKEN).expect("login");
         let csrf = gate.csrf_of(Some(&session)).expect("logged in");
         assert_eq!(gate.authorize(Some(&session), &csrf), Ok(()));
         assert_eq!(
@@ -204,14 +210,18 @@ mod tests {
     fn without_a_token_nothing_is_allowed() {
         let gate = Gate::new(None);
         assert!(!gate.actions_enabled());
-        assert_eq!(gate.login(TOKEN), Err(Refusal::ReadOnly));
+        assert_eq!(gate.login(HERE, TOKEN), Err(Refusal::ReadOnly));
         assert_eq!(gate.authorize(None, "x"), Err(Refusal::ReadOnly));
     }
 
     #[test]
     fn guessing_is_rate_limited() {
         let gate = Gate::new(Some(Secret::new(TOKEN.to_string())));
-        let refusals: Vec<Refusal> = (0..40).filter_map(|_| gate.login("guess").err()).collect();
+        let refusals: Vec<Refusal> = (0..40)
+            .filter_map(|_| gate.login(THERE, "guess").err())
+            .collect();
         assert!(refusals.contains(&Refusal::TooManyAttempts), "{refusals:?}");
+        // Another client is not locked out by the guesser.
+        assert!(gate.login(HERE, TOKEN).is_ok());
     }
 }

@@ -10,8 +10,9 @@ pub mod pages;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{ConnectInfo, Form, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -39,17 +40,26 @@ pub struct Console {
     depths: Depths,
     gate: Gate,
     clock: Clock,
+    /// Served on a loopback address: only loopback `Host` names are answered.
+    loopback_only: bool,
 }
 
 impl Console {
     /// A console over `store`, showing the counts `depths` keeps, with actions allowed to
-    /// whoever logs in with `token` (none = read-only).
-    pub fn new(store: Store, depths: Depths, token: Option<Secret>, clock: Clock) -> Console {
+    /// whoever logs in with `token` (none = read-only), served on `listen`.
+    pub fn new(
+        store: Store,
+        depths: Depths,
+        token: Option<Secret>,
+        clock: Clock,
+        listen: std::net::SocketAddr,
+    ) -> Console {
         Console {
             store,
             depths,
             gate: Gate::new(token),
             clock,
+            loopback_only: listen.ip().is_loopback(),
         }
     }
 
@@ -102,8 +112,42 @@ impl Console {
     }
 }
 
+/// Whether `host` (a `Host` header) names this machine's loopback interface.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// On a loopback `listen`, refuses requests whose `Host` is another name: a web page the
+/// operator visits could otherwise point its own name at 127.0.0.1 (DNS rebinding) and
+/// read the console.
+async fn host_guard(State(console): State<Arc<Console>>, request: Request, next: Next) -> Response {
+    if console.loopback_only {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        if !is_loopback_host(host) {
+            return (
+                StatusCode::MISDIRECTED_REQUEST,
+                "this console answers only to localhost, 127.0.0.1 or [::1]\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
 /// The console's routes, to merge beside `/metrics` and `/healthz`.
 pub fn routes(console: Arc<Console>) -> Router {
+    let guard = axum::middleware::from_fn_with_state(console.clone(), host_guard);
     Router::new()
         .route("/", get(overview))
         .route("/style.css", get(stylesheet))
@@ -116,6 +160,7 @@ pub fn routes(console: Arc<Console>) -> Router {
         .route("/sellers/retry-failed", post(retry_seller))
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
+        .layer(guard)
         .with_state(console)
 }
 
@@ -154,28 +199,57 @@ fn parse_queue(text: &str) -> Option<QueueName> {
     text.parse().ok()
 }
 
-/// `?msg=…&error=1` after an action, shown once at the top of the page it redirects to.
+/// `?msg=…&error=1&sig=…` after an action, shown at the top of the page it redirects to.
 #[derive(Debug, Default, Deserialize)]
 struct FlashQuery {
     msg: Option<String>,
     error: Option<String>,
+    sig: Option<String>,
 }
 
 impl FlashQuery {
+    /// The message, if this console wrote it (a link from elsewhere cannot make the console
+    /// say something in its own voice).
     fn flash(&self) -> Option<Flash> {
-        self.msg.as_ref().map(|text| Flash {
+        use hmac::Mac;
+        let text = self.msg.as_ref()?;
+        let error = self.error.is_some();
+        let sig = self.sig.as_deref()?;
+        let mac = flash_mac(text, error);
+        hex::decode(sig)
+            .ok()
+            .filter(|sig| sig.len() == FLASH_SIG_BYTES && mac.verify_truncated_left(sig).is_ok())?;
+        Some(Flash {
             text: text.chars().take(300).collect(),
-            error: self.error.is_some(),
+            error,
         })
     }
 }
 
+/// Bytes of the flash signature kept in the URL.
+const FLASH_SIG_BYTES: usize = 16;
+
+/// The MAC of a flash message under this process's random key.
+fn flash_mac(text: &str, error: bool) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(rand::random);
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+    mac.update(if error { b"e:" } else { b"o:" });
+    mac.update(text.as_bytes());
+    mac
+}
+
 /// A redirect to `to` that shows `msg` there.
 fn after_action(to: &str, msg: &str, error: bool) -> Response {
+    use hmac::Mac;
+    let sig = hex::encode(&flash_mac(msg, error).finalize().into_bytes()[..FLASH_SIG_BYTES]);
     let mut pairs = vec![("msg", msg)];
     if error {
         pairs.push(("error", "1"));
     }
+    pairs.push(("sig", &sig));
     let sep = if to.contains('?') { '&' } else { '?' };
     Redirect::to(&format!("{to}{sep}{}", pages::query(&pairs))).into_response()
 }
@@ -197,7 +271,12 @@ async fn overview(
     Query(flash): Query<FlashQuery>,
 ) -> Response {
     let now = console.clock.now_ms();
-    let snapshot = console.depths.latest();
+    let mut snapshot = console.depths.latest();
+    // Pauses are few and read by key: fresh, so an action's result shows at once.
+    match console.store.pauses().await {
+        Ok(pauses) => snapshot.pauses = pauses,
+        Err(e) => return store_failed(&console, &jar, &e),
+    }
     let mut charts = Vec::with_capacity(QueueName::ALL.len());
     for queue in QueueName::ALL {
         match console
@@ -414,7 +493,10 @@ async fn pause(
             )
         }
     };
-    let until = console.clock.now_ms() + duration.as_millis() as i64;
+    let until = i64::try_from(duration.as_millis())
+        .ok()
+        .and_then(|ms| console.clock.now_ms().checked_add(ms))
+        .unwrap_or(i64::MAX);
     match console
         .store
         .pause(queue, scope, until, "paused by operator (console)")
@@ -507,8 +589,11 @@ struct LoginQuery {
 
 /// Only a path on this console may follow a login (no open redirect).
 fn safe_next(next: Option<&str>) -> String {
+    // Browsers drop tabs and newlines from a Location and read `\` as `/`, so `/\t/evil`
+    // would become `//evil`: only plain path characters are kept.
+    let plain = |n: &str| n.chars().all(|c| c.is_ascii_graphic() && c != '\\');
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && plain(n) => n.to_string(),
         _ => "/".to_string(),
     }
 }
@@ -534,11 +619,12 @@ struct LoginForm {
 
 async fn login(
     State(console): State<Arc<Console>>,
+    ConnectInfo(client): ConnectInfo<std::net::SocketAddr>,
     jar: CookieJar,
     Form(form): Form<LoginForm>,
 ) -> Response {
     let next = safe_next(form.next.as_deref());
-    match console.gate.login(&form.token) {
+    match console.gate.login(client.ip(), &form.token) {
         Ok(session) => {
             let cookie = Cookie::build((SESSION_COOKIE, session))
                 .path("/")
@@ -581,11 +667,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn loopback_hosts_are_told_from_other_names() {
+        for host in [
+            "localhost",
+            "localhost:9187",
+            "127.0.0.1:9187",
+            "127.0.0.2",
+            "[::1]:9187",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:9187",
+            "",
+            "10.0.0.1:9187",
+            "[2001:db8::1]:80",
+            "localhost.evil.example",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
+
+    #[test]
     fn only_local_paths_follow_a_login() {
         assert_eq!(safe_next(Some("/rows/rebill/1")), "/rows/rebill/1");
         assert_eq!(safe_next(Some("//evil.example")), "/");
         assert_eq!(safe_next(Some("https://evil.example")), "/");
         assert_eq!(safe_next(Some("/\\evil")), "/");
+        assert_eq!(safe_next(Some("/\t/evil.example")), "/");
+        assert_eq!(safe_next(Some("/ /evil.example")), "/");
+        assert_eq!(safe_next(Some("/\n/evil.example")), "/");
         assert_eq!(safe_next(None), "/");
     }
 }

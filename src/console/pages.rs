@@ -7,7 +7,7 @@ use crate::depths::{Snapshot, STATUSES};
 use crate::report::utc;
 use crate::store::admin::RowSummary;
 use crate::store::history::MinuteCount;
-use crate::store::page::{PageCursor, RowFilter, RowPage};
+use crate::store::page::{PageCursor, Part, RowFilter, RowPage};
 use crate::store::show::RowDetail;
 use crate::store::QueueName;
 
@@ -34,10 +34,15 @@ pub struct Flash {
     pub error: bool,
 }
 
+/// A span of `ms` milliseconds, to the second, for a person.
+fn age(ms: i64) -> String {
+    let secs = (ms.max(0) / 1000) as u64;
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+}
+
 /// How long ago `at` was, roughly, for a person.
 fn ago(now: i64, at: i64) -> String {
-    let secs = ((now - at).max(0) / 1000) as u64;
-    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+    age(now.saturating_sub(at))
 }
 
 /// A query string from pairs, each value percent-encoded.
@@ -75,7 +80,7 @@ fn layout(
                         a href="/rows?queue=title" { "Title rows 抬头" }
                         a href="/rows?queue=rebill&status=failed" { "Failed 失败" }
                     }
-                    span.who {
+                    div.who {
                         @match visitor {
                             Visitor::ReadOnly => { "read-only (no [http] console_token)" }
                             Visitor::LoggedOut => { a href="/login" { "Log in to act 登录" } }
@@ -159,7 +164,7 @@ pub fn overview(
                     "calls in flight: " (counts.map_or(0, |c| c.count("running")))
                     " · oldest due pending: "
                     @match counts.and_then(|c| c.oldest_pending_age_ms) {
-                        Some(ms) => { (ago(ms, 0)) " overdue" }
+                        Some(ms) => { (age(ms)) " overdue" }
                         None => { "none due" }
                     }
                     @if let Some(c) = counts.filter(|c| c.awaiting_confirmation > 0) {
@@ -222,21 +227,31 @@ pub fn overview(
 }
 
 fn cursor_text(c: &PageCursor) -> String {
-    match c.finished_at {
-        Some(f) => format!("{f}:{}", c.id),
-        None => format!("-:{}", c.id),
+    match (c.part, c.finished_at) {
+        (Part::Number, Some(f)) => format!("{f}:{}", c.id),
+        (Part::Odd, _) => format!("~:{}", c.id),
+        _ => format!("-:{}", c.id),
     }
 }
 
-/// Parses a cursor as [`rows`] writes it (`finished_at:id`, `-:id`).
+/// Parses a cursor as [`rows`] writes it (`finished_at:id`, `-:id` for NULL, `~:id` for
+/// text or BLOB values).
 pub fn parse_cursor(text: &str) -> Option<PageCursor> {
     let (f, id) = text.split_once(':')?;
     let id = id.parse().ok()?;
-    let finished_at = match f {
-        "-" => None,
-        f => Some(f.parse().ok()?),
+    let (part, finished_at) = match f {
+        "-" => (Part::Null, None),
+        "~" => (Part::Odd, None),
+        f => (
+            Part::Number,
+            Some(f.parse::<f64>().ok().filter(|f| f.is_finite())?),
+        ),
     };
-    Some(PageCursor { finished_at, id })
+    Some(PageCursor {
+        part,
+        finished_at,
+        id,
+    })
 }
 
 /// `GET /rows`: the filter form, one page of rows and the link to the next.
@@ -442,17 +457,25 @@ mod tests {
     fn cursors_round_trip() {
         for c in [
             PageCursor {
-                finished_at: Some(1_700_000_000_123),
+                part: Part::Number,
+                finished_at: Some(1_700_000_000_123.0),
                 id: 42,
             },
             PageCursor {
+                part: Part::Null,
                 finished_at: None,
                 id: 7,
+            },
+            PageCursor {
+                part: Part::Odd,
+                finished_at: None,
+                id: 9,
             },
         ] {
             assert_eq!(parse_cursor(&cursor_text(&c)), Some(c));
         }
         assert_eq!(parse_cursor("x:1"), None);
+        assert_eq!(parse_cursor("NaN:1"), None);
         assert_eq!(parse_cursor("12"), None);
     }
 

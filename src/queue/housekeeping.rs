@@ -124,6 +124,7 @@ pub async fn run_once(
     report.minutes_deleted = store
         .prune_minutes(now - MINUTES_KEPT.as_millis() as i64)
         .await?;
+    store.prune_orphaned_history().await?;
     store.checkpoint().await?;
     store.optimize().await?;
     Ok(report)

@@ -112,6 +112,12 @@ pub struct RowSummary {
     pub updated_at: i64,
     /// When the row finished, ms (none while active).
     pub finished_at: Option<i64>,
+    /// `typeof(finished_at)`: where the row sorts among its status's rows (pages).
+    #[serde(skip)]
+    pub finished_type: String,
+    /// `finished_at` when it is a number, whatever its type (pages' cursors).
+    #[serde(skip)]
+    pub finished_num: Option<f64>,
     /// Values of the wrong type in this row, described (None when the row is sound).
     pub problem: Option<String>,
 }
@@ -213,7 +219,8 @@ impl Store {
         Ok(QueueCounts {
             queue: queue.as_str(),
             by_status: vec![("pending".into(), pending), ("running".into(), running)],
-            oldest_pending_age_ms: oldest.map(|at| (now - at).max(0)),
+            // A hostile due time (i64::MIN passes the CHECK) must not overflow.
+            oldest_pending_age_ms: oldest.map(|at| now.saturating_sub(at).max(0)),
             awaiting_confirmation: awaiting,
         })
     }

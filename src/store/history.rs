@@ -55,8 +55,8 @@ pub struct MinuteCount {
     pub attempts: i64,
 }
 
-/// Most history entries `show` and the console read for one row (the 20-per-day cap and
-/// `max_attempts` keep real rows far below it).
+/// Most history entries `show` and the console read for one row, the newest (a row
+/// awaiting confirmation for weeks could pass it).
 pub const HISTORY_LIMIT: i64 = 500;
 
 /// Records the attempts in a completion batch (`batch` is the completion's JSON array):
@@ -96,7 +96,7 @@ impl Store {
         self.history
     }
 
-    /// Row `id`'s recorded attempts, oldest first (at most [`HISTORY_LIMIT`]).
+    /// Row `id`'s recorded attempts, oldest first: the newest [`HISTORY_LIMIT`] of them.
     pub async fn attempt_history(
         &self,
         queue: QueueName,
@@ -113,11 +113,12 @@ impl Store {
             String,
             Option<String>,
             i64,
+            i64,
         );
         let rows: Vec<Raw> = sqlx::query_as(
-            "SELECT attempt, started_at, duration_ms, http_status, code, message, action, status, \
-             instance, recorded_at FROM attempt_history WHERE queue = ?1 AND row_id = ?2 \
-             ORDER BY id LIMIT ?3",
+            "SELECT * FROM (SELECT attempt, started_at, duration_ms, http_status, code, message, \
+             action, status, instance, recorded_at, id FROM attempt_history \
+             WHERE queue = ?1 AND row_id = ?2 ORDER BY id DESC LIMIT ?3) ORDER BY id",
         )
         .bind(queue.as_str())
         .bind(id)
@@ -159,6 +160,25 @@ impl Store {
             .into_iter()
             .map(|(minute, attempts)| MinuteCount { minute, attempts })
             .collect())
+    }
+
+    /// Deletes history whose row is gone without its delete trigger firing (`REPLACE`
+    /// deletes fire no trigger unless `recursive_triggers` is on); returns how many.
+    pub async fn prune_orphaned_history(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for queue in QueueName::ALL {
+            let _turn = self.write_turn().await;
+            let done = sqlx::query(&format!(
+                "DELETE FROM attempt_history WHERE queue = ?1 \
+                 AND NOT EXISTS (SELECT 1 FROM {t} r WHERE r.id = attempt_history.row_id)",
+                t = queue.table()
+            ))
+            .bind(queue.as_str())
+            .execute(self.pool())
+            .await?;
+            total += done.rows_affected();
+        }
+        Ok(total)
     }
 
     /// Deletes per-minute counts older than `before` (epoch ms); returns how many.
@@ -402,6 +422,27 @@ mod tests {
             .await
             .expect("read");
         assert_eq!(left, vec![(ids[1],)]);
+
+        // REPLACE under the same id keeps the history with the id (it is that order's
+        // row again); history whose row is gone without a trigger is swept.
+        sqlx::query(
+            "INSERT OR REPLACE INTO rebill_orders (id, orderno, tax_num) VALUES (?1, 'new', 'T')",
+        )
+        .bind(ids[1])
+        .execute(store.pool())
+        .await
+        .expect("replace");
+        assert_eq!(
+            store.prune_orphaned_history().await.expect("sweep"),
+            0,
+            "the id lives on"
+        );
+        sqlx::query("INSERT INTO attempt_history (queue, row_id, attempt, started_at, action, status, recorded_at) \
+                     VALUES ('rebill', 999, 1, 0, 'done', 'done', 0)")
+            .execute(store.pool())
+            .await
+            .expect("orphan");
+        assert_eq!(store.prune_orphaned_history().await.expect("sweep"), 1);
 
         assert_eq!(store.prune_minutes(now).await.expect("prune"), 0);
         assert_eq!(store.prune_minutes(now + 60_000).await.expect("prune"), 1);

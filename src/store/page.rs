@@ -15,13 +15,46 @@ pub struct RowFilter {
     pub text: Option<String>,
 }
 
+/// Where a row sorts among the rows of one status: `finished_at` descending puts text and
+/// BLOB values (written around the daemon) first, then numbers, then NULL (active rows).
+/// Each part is walked on its own, so no row is skipped or shown twice whatever the column
+/// holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Part {
+    /// `finished_at` holds text or a BLOB: by id.
+    Odd,
+    /// `finished_at` holds a number: by it, then id.
+    Number,
+    /// `finished_at` is NULL: by id.
+    Null,
+}
+
 /// Where the next page starts: after the last row of the page before.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PageCursor {
-    /// That row's `finished_at` (the order within one status is finished_at, then id).
-    pub finished_at: Option<i64>,
+    /// Which part of a status's rows that row was in (pages without a status filter walk
+    /// ids only and ignore it).
+    pub part: Part,
+    /// That row's `finished_at`, when a number.
+    pub finished_at: Option<f64>,
     /// That row's id.
     pub id: i64,
+}
+
+impl PageCursor {
+    /// The cursor after `row`.
+    fn after(row: &RowSummary) -> PageCursor {
+        let part = match row.finished_type.as_str() {
+            "null" => Part::Null,
+            "integer" | "real" => Part::Number,
+            _ => Part::Odd,
+        };
+        PageCursor {
+            part,
+            finished_at: row.finished_num,
+            id: row.id,
+        }
+    }
 }
 
 /// One page of rows and where the next one starts (none after the last page).
@@ -50,9 +83,8 @@ fn like_pattern(text: &str) -> String {
 impl Store {
     /// A page of `queue`'s rows matching `filter`, newest first, at most `limit`, after
     /// `after`. Without a status filter "newest" is by id (the primary key walks it);
-    /// within one status it is by `finished_at`, then id: the status index holds exactly
-    /// that order, so no page sorts or skips rows (finished rows whose `finished_at` was
-    /// written as NULL around the daemon come after all others, on the first page only).
+    /// within one status it is by `finished_at`, then id, in the [`Part`]s of the status
+    /// index: no page sorts more than the odd rows or skips any.
     pub async fn rows_page(
         &self,
         queue: QueueName,
@@ -60,60 +92,99 @@ impl Store {
         after: Option<PageCursor>,
         limit: u32,
     ) -> Result<RowPage, StoreError> {
-        let sql = self.page_sql(queue, filter, after);
-        let rows: Vec<RowSummary> = sqlx::query_as(&sql)
-            .bind(filter.status.as_deref())
-            .bind(after.and_then(|c| c.finished_at))
-            .bind(after.map(|c| c.id))
-            .bind(filter.seller.as_deref())
-            .bind(filter.text.as_deref().map(like_pattern))
-            .bind(i64::from(limit) + 1)
-            .fetch_all(self.pool())
-            .await?;
-        let mut rows = rows;
+        let want = limit as usize + 1;
+        let mut rows: Vec<RowSummary> = Vec::with_capacity(want);
+        if filter.status.is_none() {
+            rows = self.page_part(queue, filter, None, after, want).await?;
+        } else {
+            let first = after.map_or(Part::Odd, |c| c.part);
+            for part in [Part::Odd, Part::Number, Part::Null] {
+                if part < first || rows.len() >= want {
+                    continue;
+                }
+                let from = after.filter(|c| c.part == part);
+                let more = self
+                    .page_part(queue, filter, Some(part), from, want - rows.len())
+                    .await?;
+                rows.extend(more);
+            }
+        }
         let next = if rows.len() > limit as usize {
             rows.truncate(limit as usize);
-            rows.last().map(|r| PageCursor {
-                finished_at: r.finished_at,
-                id: r.id,
-            })
+            rows.last().map(PageCursor::after)
         } else {
             None
         };
         Ok(RowPage { rows, next })
     }
 
-    /// The statement of [`Store::rows_page`]: `?1` status, `?2`/`?3` the cursor's
-    /// finished_at and id, `?4` seller, `?5` LIKE pattern, `?6` limit.
-    fn page_sql(&self, queue: QueueName, filter: &RowFilter, after: Option<PageCursor>) -> String {
+    /// Up to `want` rows of one part (`None`: no status filter, by id) after `from`.
+    async fn page_part(
+        &self,
+        queue: QueueName,
+        filter: &RowFilter,
+        part: Option<Part>,
+        from: Option<PageCursor>,
+        want: usize,
+    ) -> Result<Vec<RowSummary>, StoreError> {
+        let sql = self.page_sql(queue, filter, part, from);
+        Ok(sqlx::query_as(&sql)
+            .bind(filter.status.as_deref())
+            .bind(from.and_then(|c| c.finished_at))
+            .bind(from.map(|c| c.id))
+            .bind(filter.seller.as_deref())
+            .bind(filter.text.as_deref().map(like_pattern))
+            .bind(want as i64)
+            .fetch_all(self.pool())
+            .await?)
+    }
+
+    /// The statement of one page part: `?1` status, `?2`/`?3` the cursor's finished_at
+    /// and id, `?4` seller, `?5` LIKE pattern, `?6` limit.
+    fn page_sql(
+        &self,
+        queue: QueueName,
+        filter: &RowFilter,
+        part: Option<Part>,
+        from: Option<PageCursor>,
+    ) -> String {
         let t = queue.table();
         let mut sql = self.sql(queue).list_select.clone();
         let mut conditions: Vec<String> = Vec::new();
-        let order = if filter.status.is_some() {
-            sql = sql.replacen(
-                &format!("FROM {t}"),
-                &format!("FROM {t} INDEXED BY {t}_status"),
-                1,
-            );
-            conditions.push("status = ?1".into());
-            match after {
-                Some(PageCursor {
-                    finished_at: Some(_),
-                    ..
-                }) => conditions.push("(finished_at, id) < (?2, ?3)".into()),
-                Some(PageCursor {
-                    finished_at: None, ..
-                }) => conditions.push("finished_at IS NULL AND id < ?3".into()),
-                None => {}
+        let by_id = format!("ORDER BY {t}.id DESC");
+        let order = match part {
+            None => {
+                if from.is_some() {
+                    conditions.push("id < ?3".into());
+                }
+                by_id
             }
-            // Qualified: unqualified, ORDER BY would mean the listing's `finished_at`
-            // column (an expression), and sort.
-            "ORDER BY {t}.finished_at DESC, {t}.id DESC"
-        } else {
-            if after.is_some() {
-                conditions.push("id < ?3".into());
+            Some(part) => {
+                sql = sql.replacen(
+                    &format!("FROM {t}"),
+                    &format!("FROM {t} INDEXED BY {t}_status"),
+                    1,
+                );
+                conditions.push("status = ?1".into());
+                // Text and BLOB sort after every number, NULL before: `''` splits them.
+                match part {
+                    Part::Odd => conditions.push("finished_at >= ''".into()),
+                    Part::Number => conditions.push("finished_at < ''".into()),
+                    Part::Null => conditions.push("finished_at IS NULL".into()),
+                }
+                if from.is_some() {
+                    conditions.push(match part {
+                        Part::Number => "(finished_at, id) < (?2, ?3)".into(),
+                        Part::Odd | Part::Null => "id < ?3".into(),
+                    });
+                }
+                // Qualified: unqualified, ORDER BY would mean the listing's `finished_at`
+                // column (an expression), and sort.
+                match part {
+                    Part::Number => format!("ORDER BY {t}.finished_at DESC, {t}.id DESC"),
+                    Part::Odd | Part::Null => by_id,
+                }
             }
-            "ORDER BY id DESC"
         };
         if filter.seller.is_some() {
             conditions.push(format!("{} = ?4", queue.seller_expr()));
@@ -128,11 +199,13 @@ impl Store {
                 order = queue.order_column()
             ));
         }
-        if !conditions.is_empty() {
-            sql.push_str(" WHERE ");
+        sql.push_str(" WHERE ");
+        if conditions.is_empty() {
+            sql.push_str("TRUE");
+        } else {
             sql.push_str(&conditions.join(" AND "));
         }
-        sql.push_str(&format!(" {} LIMIT ?6", order.replace("{t}", t)));
+        sql.push_str(&format!(" {order} LIMIT ?6"));
         sql
     }
 
@@ -143,6 +216,7 @@ impl Store {
         queue: QueueName,
         seller: &str,
     ) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
         let done = sqlx::query(&self.sql(queue).retry_failed_of_seller)
             .bind(super::now_ms())
             .bind(seller)
@@ -239,6 +313,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rows_whose_finished_at_is_text_null_or_real_are_each_listed_once() {
+        let (_db, store) = temp_store().await;
+        rows(&store, 12).await;
+        // Failed rows as another system might write them: text, NULL and REAL times.
+        for (id, finished) in [
+            (101, "'yesterday'"),
+            (102, "NULL"),
+            (103, "1007.5"),
+            (104, "x'00'"),
+        ] {
+            sqlx::query(&format!(
+                "INSERT INTO rebill_orders (id, orderno, tax_num, status, finished_at) \
+                 VALUES ({id}, 'ODD-{id}', 'A', 'failed', {finished})"
+            ))
+            .execute(store.pool())
+            .await
+            .expect("insert");
+        }
+        let failed = RowFilter {
+            status: Some("failed".into()),
+            ..RowFilter::default()
+        };
+        for limit in [1, 2, 3, 10] {
+            let ids = all_pages(&store, &failed, limit).await;
+            let mut sorted = ids.clone();
+            sorted.sort();
+            assert_eq!(
+                sorted,
+                vec![3, 6, 9, 12, 101, 102, 103, 104],
+                "limit {limit}: {ids:?}"
+            );
+            // Text and BLOB first, then numbers newest first (1007.5 between 1009 and 1006),
+            // then NULL.
+            assert_eq!(ids, vec![104, 101, 12, 9, 103, 6, 3, 102], "limit {limit}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_status_page_walks_the_status_index_without_sorting() {
         let (_db, store) = temp_store().await;
         let filter = RowFilter {
@@ -246,12 +358,13 @@ mod tests {
             ..RowFilter::default()
         };
         let after = Some(PageCursor {
-            finished_at: Some(5),
+            part: Part::Number,
+            finished_at: Some(5.0),
             id: 5,
         });
         let sql = format!(
             "EXPLAIN QUERY PLAN {}",
-            store.page_sql(QueueName::Rebill, &filter, after)
+            store.page_sql(QueueName::Rebill, &filter, Some(Part::Number), after)
         );
         let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&sql)
             .bind("failed")

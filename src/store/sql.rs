@@ -386,6 +386,8 @@ fn list_sql(queue: QueueName) -> String {
          {code} AS last_code, {message} AS last_message, {invoice} AS invoice_no, \
          {url} AS invoice_down_url, {updated} AS updated_at, \
          CASE typeof(finished_at) WHEN 'integer' THEN finished_at END AS finished_at, \
+         typeof(finished_at) AS finished_type, \
+         CASE WHEN typeof(finished_at) IN ('integer', 'real') THEN CAST(finished_at AS REAL) END AS finished_num, \
          NULLIF(RTRIM({problems}, '; '), '') AS problem \
          FROM {t}",
         order_shown = shown(order),

@@ -210,6 +210,22 @@ async fn every_page_escapes_hostile_text_and_masks_private_fields() {
         .unwrap_or_default()
         .to_string();
     assert!(csp.contains("default-src 'none'"), "{csp}");
+    // A message in a link from elsewhere is not shown as the console's own.
+    let (_, page) = text(
+        &client,
+        &format!("{base}/?msg=Your+token+expired%2C+visit+evil.example"),
+        None,
+    )
+    .await;
+    assert!(!page.contains("evil.example"), "{page}");
+    // DNS rebinding: another name pointed at 127.0.0.1 is not answered.
+    let rebound = client
+        .get(format!("{base}/rows/title/{id}"))
+        .header(reqwest::header::HOST, "evil.example")
+        .send()
+        .await
+        .expect("GET with a foreign Host");
+    assert_eq!(rebound.status(), StatusCode::MISDIRECTED_REQUEST);
     let (status, _) = text(&client, &format!("{base}/rows/title/999999"), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = text(&client, &format!("{base}/rows?queue=nope"), None).await;
