@@ -32,7 +32,7 @@ pub const E2E_RATE: u32 = 1_000_000;
 
 /// Repetitions of each end-to-end size: the machine is shared, so the best run (the one
 /// least disturbed by other load) is the headline figure and the median is shown too.
-const E2E_RUNS_SMALL: usize = 3;
+const E2E_RUNS_SMALL: usize = 5;
 const E2E_RUNS_LARGE: usize = 2;
 
 /// How long a drain may take before it counts as failed.

@@ -130,9 +130,12 @@ impl AttemptRecord {
         }
     }
 
-    /// What the history keeps of this attempt, which started at `started_at` (epoch ms).
-    pub fn facts(&self, started_at: i64) -> AttemptFacts {
+    /// What the history keeps of this attempt, which `instance` started at `started_at`
+    /// (epoch ms).
+    pub fn facts(&self, instance: &Arc<str>, started_at: i64) -> AttemptFacts {
         AttemptFacts {
+            attempt: self.attempt,
+            instance: instance.clone(),
             started_at,
             duration_ms: self.duration_ms() as i64,
             http_status: self.http_status,
@@ -200,6 +203,8 @@ pub(super) struct AttemptContext<H: Handler> {
     pub tx: mpsc::Sender<Completion>,
     pub queue: QueueName,
     pub shutdown: CancellationToken,
+    /// This daemon instance, as its claims record it (for the history).
+    pub instance: Arc<str>,
 }
 
 /// Waits for the rate limiter and any Retry-After hold; false when shutdown came first.
@@ -299,7 +304,7 @@ pub(super) async fn run<H: Handler>(
     if lost {
         record.status = LOST;
     }
-    completion.attempt = Some(record.facts(started_at));
+    completion.attempt = Some(record.facts(&ctx.instance, started_at));
     ctx.handler.log_attempt(&claimed.row, &record);
     record.log_queue_pause();
     record.count();
@@ -368,6 +373,7 @@ mod tests {
             tx,
             queue: QueueName::Rebill,
             shutdown: CancellationToken::new(),
+            instance: "test".into(),
         }
     }
 

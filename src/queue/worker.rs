@@ -151,6 +151,7 @@ impl<H: Handler> Worker<H> {
         let rate = NonZeroU32::new(s.rate_per_second).unwrap_or(NonZeroU32::MIN);
         let limiter = Arc::new(RateLimiter::direct(Quota::per_second(rate)));
         let hold_until = Arc::new(AtomicI64::new(0));
+        let instance: Arc<str> = Arc::from(s.instance.as_str());
         let mut tasks = JoinSet::new();
 
         tracing::info!(
@@ -261,6 +262,7 @@ impl<H: Handler> Worker<H> {
                         tx: tx.clone(),
                         queue,
                         shutdown: shutdown.clone(),
+                        instance: instance.clone(),
                     },
                     claimed,
                     permit,

@@ -74,11 +74,6 @@ fn batch_json(items: &[Completion]) -> String {
                 "next": c.next_attempt_at, "refund": c.refund_attempt, "code": c.last_code,
                 "message": c.last_message, "invoice_no": c.invoice_no, "url": c.invoice_down_url,
                 "recent": c.recent_attempts, "since": c.confirm_since, "now": c.now,
-                "action": c.attempt.as_ref().map(|a| a.action),
-                "started": c.attempt.as_ref().map(|a| a.started_at),
-                "duration": c.attempt.as_ref().map(|a| a.duration_ms),
-                "http": c.attempt.as_ref().map(|a| a.http_status),
-                "hmessage": c.attempt.as_ref().map(|a| a.message.as_str()),
             })
         })
         .collect();
@@ -95,10 +90,7 @@ impl Store {
         items: &[Completion],
     ) -> Result<Vec<bool>, StoreError> {
         let sql = self.sql(queue);
-        let batch = batch_json(items);
         let (_turn, mut tx) = self.begin_write().await?;
-        // First, while the rows still carry their claim: the history joins on it.
-        super::history::record_batch(&mut tx, self, queue, &batch).await?;
         // The common case, no pause anywhere and none to start: one statement for the whole
         // batch (a probe's lift has nothing to lift then).
         let starts = items
@@ -106,13 +98,15 @@ impl Store {
             .any(|c| matches!(c.pause, PauseChange::Start(_)));
         if !starts && !pauses::any(&mut tx, queue).await? {
             let done: Vec<(i64,)> = sqlx::query_as(&sql.complete_batch)
-                .bind(&batch)
+                .bind(batch_json(items))
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(StoreError::classify)?;
-            tx.commit().await?;
             let done: std::collections::HashSet<i64> = done.into_iter().map(|(id,)| id).collect();
-            return Ok(items.iter().map(|c| done.contains(&c.id)).collect());
+            let applied: Vec<bool> = items.iter().map(|c| done.contains(&c.id)).collect();
+            super::history::record_batch(&mut tx, self, queue, items, &applied).await?;
+            tx.commit().await?;
+            return Ok(applied);
         }
         let mut applied = Vec::with_capacity(items.len());
         for c in items {
@@ -156,6 +150,7 @@ impl Store {
                 PauseChange::Nothing => {}
             }
         }
+        super::history::record_batch(&mut tx, self, queue, items, &applied).await?;
         tx.commit().await?;
         Ok(applied)
     }

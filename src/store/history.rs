@@ -4,11 +4,16 @@
 use serde::Serialize;
 use sqlx::SqliteConnection;
 
+use super::complete::Completion;
 use super::{QueueName, Store, StoreError};
 
 /// What the history keeps of one attempt beyond what its completion writes on the row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptFacts {
+    /// Which attempt of the row it was (counted at claim).
+    pub attempt: i64,
+    /// The daemon instance that made it (`claimed_by`).
+    pub instance: std::sync::Arc<str>,
     /// When the call started, epoch ms.
     pub started_at: i64,
     /// How long handling the row took, ms.
@@ -59,28 +64,66 @@ pub struct MinuteCount {
 /// awaiting confirmation for weeks could pass it).
 pub const HISTORY_LIMIT: i64 = 500;
 
-/// Records the attempts in a completion batch (`batch` is the completion's JSON array):
-/// the history of every item still held under its claim token (the same guard as the row's
-/// update, run first in the same transaction), and the per-minute count of all of them.
+/// Records the attempts of the completions in `items` that were `applied` (a result whose
+/// claim was lost is not the row's history), and counts every attempt per minute: two
+/// statements at most, in the completion's transaction.
 pub(crate) async fn record_batch(
     conn: &mut SqliteConnection,
     store: &Store,
     queue: QueueName,
-    batch: &str,
+    items: &[Completion],
+    applied: &[bool],
 ) -> Result<(), StoreError> {
-    let sql = store.sql(queue);
     if store.history_on() {
-        sqlx::query(&sql.history_of_batch)
-            .bind(batch)
-            .execute(&mut *conn)
-            .await
-            .map_err(StoreError::classify)?;
+        let rows: Vec<serde_json::Value> = items
+            .iter()
+            .zip(applied)
+            .filter(|(_, ok)| **ok)
+            .filter_map(|(c, _)| {
+                let a = c.attempt.as_ref()?;
+                Some(serde_json::json!([
+                    c.id,
+                    a.attempt,
+                    a.started_at,
+                    a.duration_ms,
+                    a.http_status,
+                    c.last_code,
+                    a.message,
+                    a.action,
+                    c.status.as_str(),
+                    &*a.instance,
+                    c.now,
+                ]))
+            })
+            .collect();
+        if !rows.is_empty() {
+            sqlx::query(&store.sql(queue).history_of_batch)
+                .bind(serde_json::Value::Array(rows).to_string())
+                .execute(&mut *conn)
+                .await
+                .map_err(StoreError::classify)?;
+        }
     }
-    sqlx::query(&sql.count_minutes)
-        .bind(batch)
+    let mut minutes: Vec<(i64, i64)> = Vec::new();
+    for c in items.iter().filter(|c| c.attempt.is_some()) {
+        let minute = c.now.div_euclid(60_000);
+        match minutes.iter_mut().find(|(m, _)| *m == minute) {
+            Some((_, n)) => *n += 1,
+            None => minutes.push((minute, 1)),
+        }
+    }
+    for (minute, attempts) in minutes {
+        sqlx::query(
+            "INSERT INTO attempt_minutes (queue, minute, attempts) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (queue, minute) DO UPDATE SET attempts = attempts + excluded.attempts",
+        )
+        .bind(queue.as_str())
+        .bind(minute)
+        .bind(attempts)
         .execute(&mut *conn)
         .await
         .map_err(StoreError::classify)?;
+    }
     Ok(())
 }
 
@@ -201,6 +244,8 @@ mod tests {
 
     fn facts(action: &'static str, message: &str, now: i64) -> AttemptFacts {
         AttemptFacts {
+            attempt: 1,
+            instance: "test".into(),
             started_at: now - 120,
             duration_ms: 118,
             http_status: 200,

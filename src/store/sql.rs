@@ -48,12 +48,9 @@ pub(crate) struct QueueSql {
     pub complete: String,
     /// A batch of completions as one JSON array, `?1`.
     pub complete_batch: String,
-    /// `?1` the completion batch's JSON array: records the attempt of every item that has
-    /// one and is still held under its token (run before `complete_batch`, whose guard it
-    /// shares).
+    /// `?1` a JSON array of `[row id, attempt, started, duration, http, code, message,
+    /// action, status, instance, now]`: records those attempts.
     pub history_of_batch: String,
-    /// `?1` the completion batch's JSON array: counts its attempts per minute.
-    pub count_minutes: String,
     /// `?1` now, `?2` default max attempts: records the attempts `rescue` is about to end
     /// (run first, same condition).
     pub history_of_rescue: String,
@@ -270,18 +267,9 @@ impl QueueSql {
                  RETURNING id"
             ),
             history_of_batch: format!(
-                "{HISTORY_INSERT} SELECT '{q}', r.id, r.attempts, j.value ->> 'started', j.value ->> 'duration', \
-                   j.value ->> 'http', j.value ->> 'code', j.value ->> 'hmessage', j.value ->> 'action', \
-                   j.value ->> 'status', r.claimed_by, j.value ->> 'now' \
-                 FROM json_each(?1) AS j CROSS JOIN {t} AS r \
-                 WHERE j.value ->> 'action' IS NOT NULL AND r.id = j.value ->> 'id' \
-                   AND +r.claim_token = j.value ->> 'token' AND +r.status = 'running'"
-            ),
-            count_minutes: format!(
-                "INSERT INTO attempt_minutes (queue, minute, attempts) \
-                 SELECT '{q}', (value ->> 'now') / 60000, COUNT(*) FROM json_each(?1) \
-                 WHERE value ->> 'action' IS NOT NULL GROUP BY 2 \
-                 ON CONFLICT (queue, minute) DO UPDATE SET attempts = attempts + excluded.attempts"
+                "{HISTORY_INSERT} SELECT '{q}', value ->> 0, value ->> 1, value ->> 2, value ->> 3, \
+                   value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
+                 FROM json_each(?1)"
             ),
             history_of_rescue: format!(
                 "{HISTORY_INSERT} SELECT '{q}', id, attempts, COALESCE(updated_at, ?1), NULL, -1, NULL, \
