@@ -9,6 +9,10 @@ use super::{Store, StoreError};
 /// How long dropping a scratch database waits for its connections to be returned.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
+/// The same from a current-thread runtime, where a connection still on its way back cannot
+/// arrive while the drop waits (see `Drop`): long enough to close the idle ones.
+const CURRENT_THREAD_CLOSE_LIMIT: Duration = Duration::from_millis(300);
+
 /// A migrated store on a fresh file in a temporary directory. The directory is removed
 /// only after the store is closed: [`ScratchDatabase::close`] does both in order, and
 /// dropping it without `close` closes the pool first from a helper thread.
@@ -63,6 +67,15 @@ impl Drop for ScratchDatabase {
         };
         // Drop cannot await, and the caller's runtime may be the one dropping us: close the
         // pool on a thread with a runtime of its own (closing needs no other task).
+        // On a current-thread runtime (a `#[tokio::test]`) a connection dropped a moment ago
+        // goes back to the pool through a task on this very thread, which cannot run while
+        // this waits: closing the idle connections is all that can happen, so the wait is
+        // short there. The late one is closed when it comes back to the closed pool; its
+        // files are already unlinked, which an open SQLite connection on Linux outlives.
+        let limit = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => CURRENT_THREAD_CLOSE_LIMIT,
+            _ => CLOSE_LIMIT,
+        };
         let store = self.store.clone();
         let closed = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -70,7 +83,7 @@ impl Drop for ScratchDatabase {
                 .build();
             if let Ok(runtime) = runtime {
                 runtime.block_on(async {
-                    let _ = tokio::time::timeout(CLOSE_LIMIT, store.close()).await;
+                    let _ = tokio::time::timeout(limit, store.close()).await;
                 });
             }
         })
