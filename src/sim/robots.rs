@@ -304,13 +304,18 @@ pub(super) async fn dingtalk(State(shared): State<Arc<Shared>>, uri: Uri, body: 
     shared.finish(received, verdict)
 }
 
+/// Whether `timestamp`, an integer in units of `unit_ms` milliseconds, is within `max_ms`
+/// of now (any integer, however hostile, is merely refused).
+fn within_skew(timestamp: &str, unit_ms: i64, max_ms: i64) -> bool {
+    timestamp
+        .parse::<i64>()
+        .is_ok_and(|ts| (now_ms() / unit_ms).abs_diff(ts) <= (max_ms / unit_ms).unsigned_abs())
+}
+
 /// DingTalk's check: the timestamp (ms) within an hour, and `sign` equal to
 /// `Base64(HMAC-SHA256(secret, "<timestamp>\n<secret>"))`.
 fn dingtalk_sign_ok(secret: &str, timestamp: &str, sign: &str) -> bool {
-    let Ok(ts) = timestamp.parse::<i64>() else {
-        return false;
-    };
-    if (now_ms() - ts).abs() > ROBOT_MAX_SKEW_MS {
+    if !within_skew(timestamp, 1, ROBOT_MAX_SKEW_MS) {
         return false;
     }
     let expected = b64(&hmac(
@@ -373,10 +378,7 @@ pub(super) async fn feishu(
 /// Feishu's check: the timestamp (s, a string) within an hour, and `sign` equal to
 /// `Base64(HMAC-SHA256(key = "<timestamp>\n<secret>", message = empty))`.
 fn feishu_sign_ok(secret: &str, timestamp: &str, sign: &str) -> bool {
-    let Ok(ts) = timestamp.parse::<i64>() else {
-        return false;
-    };
-    if (now_ms() / 1000 - ts).abs() > ROBOT_MAX_SKEW_MS / 1000 {
+    if !within_skew(timestamp, 1000, ROBOT_MAX_SKEW_MS) {
         return false;
     }
     sign == b64(&hmac(format!("{timestamp}\n{secret}").as_bytes(), b""))
@@ -457,10 +459,7 @@ pub(super) async fn webhook(
 /// The webhook receiver's check: the timestamp (s) within five minutes, and the signature
 /// `sha256=` + hex `HMAC-SHA256(secret, "<timestamp>." + body)`.
 fn webhook_sign_ok(secret: &str, timestamp: &str, signature: &str, body: &[u8]) -> bool {
-    let Ok(ts) = timestamp.parse::<i64>() else {
-        return false;
-    };
-    if (now_ms() / 1000 - ts).abs() > WEBHOOK_MAX_SKEW_S {
+    if !within_skew(timestamp, 1000, WEBHOOK_MAX_SKEW_S * 1000) {
         return false;
     }
     let mut message = format!("{timestamp}.").into_bytes();
@@ -470,4 +469,39 @@ fn webhook_sign_ok(secret: &str, timestamp: &str, signature: &str, body: &[u8]) 
 
 fn plain(status: StatusCode, text: &'static str) -> Response {
     typed_reply(status, "text/plain;charset=UTF-8", text)
+}
+
+#[cfg(test)]
+mod skew_tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_judged_without_overflow_whatever_they_hold() {
+        let now = now_ms();
+        assert!(within_skew(&now.to_string(), 1, ROBOT_MAX_SKEW_MS));
+        assert!(within_skew(
+            &(now / 1000).to_string(),
+            1000,
+            ROBOT_MAX_SKEW_MS
+        ));
+        assert!(!within_skew(
+            &(now - 2 * ROBOT_MAX_SKEW_MS).to_string(),
+            1,
+            ROBOT_MAX_SKEW_MS
+        ));
+        for hostile in [
+            i64::MIN.to_string(),
+            i64::MAX.to_string(),
+            "-0".into(),
+            "9".repeat(40),
+            "1e3".into(),
+            String::new(),
+        ] {
+            assert!(!within_skew(&hostile, 1, ROBOT_MAX_SKEW_MS), "{hostile}");
+            assert!(
+                !within_skew(&hostile, 1000, WEBHOOK_MAX_SKEW_S * 1000),
+                "{hostile}"
+            );
+        }
+    }
 }
