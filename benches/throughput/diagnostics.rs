@@ -18,10 +18,11 @@ use invoice_worker::clients::rebill::{RebillClient, RebillSettings};
 use invoice_worker::secret::Secret;
 use invoice_worker::sim::{SimOptions, Simulator};
 use invoice_worker::store::complete::{Completion, FinalStatus};
+use invoice_worker::store::driver::QueueStore;
 use invoice_worker::store::pauses::PauseChange;
 use invoice_worker::store::rows::{Claimed, RebillRow};
 use invoice_worker::store::scratch::ScratchDatabase;
-use invoice_worker::store::{now_ms, QueueName, Store};
+use invoice_worker::store::{now_ms, QueueName};
 
 use crate::support::{claim_rebill, insert_pending_into, BenchResult, CpuWindow, TAX};
 use crate::{Knobs, Summary};
@@ -61,12 +62,17 @@ pub struct StoreLoop {
 
 /// Time spent in claims and completions, and how many of each.
 #[derive(Default)]
-struct LoopTimes {
-    claim: Duration,
-    complete: Duration,
-    claims: u64,
-    completes: u64,
-    rows: u64,
+pub struct LoopTimes {
+    /// Time in claims.
+    pub claim: Duration,
+    /// Time in completions.
+    pub complete: Duration,
+    /// Claims made (the last one empty).
+    pub claims: u64,
+    /// Completion transactions.
+    pub completes: u64,
+    /// Rows completed.
+    pub rows: u64,
 }
 
 /// Claim `claim` rows, complete them in transactions of `complete_batch`, until drained.
@@ -101,9 +107,10 @@ pub async fn store_loop(n: u64, claim: u32, complete_batch: usize) -> BenchResul
     Ok(figures)
 }
 
-/// The loop itself: claims until a claim comes back empty, completing every claimed row.
-async fn claim_and_complete(
-    store: &Store,
+/// The loop itself: claims until a claim comes back empty, completing every claimed row
+/// (on either backend).
+pub async fn claim_and_complete<S: QueueStore>(
+    store: &S,
     claim: u32,
     complete_batch: usize,
 ) -> BenchResult<LoopTimes> {
@@ -121,7 +128,7 @@ async fn claim_and_complete(
         let items: Vec<Completion> = batch.rows.iter().map(|c| done_completion(c, now)).collect();
         for chunk in items.chunks(complete_batch) {
             let t = Instant::now();
-            let applied = store.complete(QueueName::Rebill, chunk).await?;
+            let applied = QueueStore::complete(store, QueueName::Rebill, chunk).await?;
             times.rows += applied.iter().filter(|a| **a).count() as u64;
             times.complete += t.elapsed();
             times.completes += 1;

@@ -8,7 +8,9 @@
 //! 4. idle daemon CPU and RSS (in-process, and the real binary as a child process);
 //! 5. insert-to-attempt latency while the daemon idles;
 //! 6. diagnostics: the store's claim/complete loop and the HTTP client measured alone, to
-//!    show what the end-to-end figure is made of.
+//!    show what the end-to-end figure is made of;
+//! 7. the PostgreSQL store on a throwaway cluster: its claim/complete loop (the storage
+//!    limit) with 1, 2 and 4 claimers on one table, and its claim cost vs finished rows.
 //!
 //! Sections 4 and 5 run first, while the process is still small (its RSS is part of the
 //! figure); the results are printed in section order at the end.
@@ -19,7 +21,7 @@
 //! `BENCH_LOG=1` installs the daemon's log subscriber (stderr, INFO), as the binary does.
 //!
 //! Layout: one module per section (`e2e`, `latency`, `claim_cost`, `idle`, `pickup`,
-//! `diagnostics`), the helpers they share in `support`. The benchmark reaches the database
+//! `diagnostics`, `postgres`), the helpers they share in `support`. The benchmark reaches the database
 //! only through the store's public API and through connections of its own opened on the
 //! database file, as another process inserting or watching rows would.
 
@@ -29,6 +31,7 @@ mod e2e;
 mod idle;
 mod latency;
 mod pickup;
+mod postgres;
 mod support;
 
 use std::str::FromStr;
@@ -54,7 +57,7 @@ impl Knobs {
                     .collect::<Vec<_>>()
             })
             .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| vec![1, 2, 3, 4, 5, 6]);
+            .unwrap_or_else(|| vec![1, 2, 3, 4, 5, 6, 7]);
         let scale = std::env::var("BENCH_SCALE")
             .ok()
             .and_then(|s| f64::from_str(&s).ok())
@@ -87,13 +90,14 @@ impl Knobs {
 
 /// The order the sections run in: idle and pickup first, so their memory figures are not
 /// inflated by the big drains.
-const SECTIONS: [(u32, &str); 6] = [
+const SECTIONS: [(u32, &str); 7] = [
     (4, "4. idle daemon"),
     (5, "5. insert-to-attempt latency"),
     (1, "1. end-to-end throughput"),
     (2, "2. latency-bound run"),
     (3, "3. claim cost vs finished rows"),
     (6, "6. diagnostics"),
+    (7, "7. PostgreSQL store"),
 ];
 
 fn main() {
@@ -147,6 +151,7 @@ async fn run_sections(knobs: &Knobs, summary: &mut Summary) {
             1 => e2e::run(knobs, summary).await,
             2 => latency::run(knobs, summary).await,
             3 => claim_cost::run(knobs, summary).await,
+            7 => postgres::run(knobs, summary).await,
             _ => diagnostics::run(knobs, summary).await,
         };
         report(title, result);

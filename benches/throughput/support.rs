@@ -7,6 +7,7 @@
 //! or watching rows would, so what is measured is the store as the daemon uses it.
 
 use invoice_worker::store::claim::{ClaimBatch, ClaimParams};
+use invoice_worker::store::driver::QueueStore;
 use invoice_worker::store::pauses::ClaimPlan;
 use invoice_worker::store::rows::RebillRow;
 use std::path::{Path, PathBuf};
@@ -384,8 +385,8 @@ impl Drop for ChildGuard {
 
 /// Claims up to `limit` due rebill rows under `token` (a 30 s lease), as the worker does on
 /// a queue without pauses.
-pub async fn claim_rebill(
-    store: &Store,
+pub async fn claim_rebill<S: QueueStore>(
+    store: &S,
     token: &str,
     limit: u32,
 ) -> BenchResult<ClaimBatch<RebillRow>> {
@@ -396,5 +397,5 @@ pub async fn claim_rebill(
         claim_token: token,
         claimed_by: "bench",
     };
-    Ok(store.claim(&params, |_| ClaimPlan::unpaused()).await?)
+    Ok(QueueStore::claim(store, &params, |_| ClaimPlan::unpaused()).await?)
 }

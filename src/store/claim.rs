@@ -5,7 +5,7 @@ use std::time::Duration;
 use sqlx::{Row, SqliteConnection};
 
 use super::pauses::{self, ClaimPlan, PauseView, WHOLE_QUEUE};
-use super::rows::{ClaimMeta, Claimed, QueueRow};
+use super::rows::{decode_claimed, unreadable_reason, ClaimMeta, Claimed, QueueRow};
 use super::sql::QueueSql;
 use super::{QueueName, Store, StoreError};
 
@@ -151,7 +151,7 @@ async fn claim_rows<R: QueueRow>(
     let mut rows = Vec::with_capacity(fetched.len());
     for r in &fetched {
         let id: i64 = r.try_get("id")?;
-        match decode::<R>(r) {
+        match decode_claimed::<_, R>(r) {
             Ok((meta, row)) => rows.push(Claimed { meta, row }),
             // A value the worker cannot read (written around the CHECKs, or by an older
             // schema) rejects that row alone instead of failing every claim.
@@ -159,19 +159,6 @@ async fn claim_rows<R: QueueRow>(
         }
     }
     Ok(rows)
-}
-
-fn decode<R: QueueRow>(r: &sqlx::sqlite::SqliteRow) -> Result<(ClaimMeta, R), sqlx::Error> {
-    let meta = ClaimMeta {
-        id: r.try_get("id")?,
-        attempts: r.try_get("attempts")?,
-        max_attempts: r.try_get("max_attempts")?,
-        recent_attempts: r.try_get("recent_attempts")?,
-        claim_token: r.try_get("claim_token")?,
-        outcome: r.try_get("outcome")?,
-        confirm_since: r.try_get("confirm_since")?,
-    };
-    Ok((meta, R::from_row(r)?))
 }
 
 /// Puts back a row this transaction just claimed, as if it never had been.
@@ -197,12 +184,7 @@ async fn reject_unreadable(
     error: &sqlx::Error,
     history: bool,
 ) -> Result<(), StoreError> {
-    let reason = match error {
-        sqlx::Error::ColumnDecode { index, .. } => {
-            format!("column {index}: value of the wrong type")
-        }
-        other => format!("row unreadable: {other}"),
-    };
+    let reason = unreadable_reason(error);
     tracing::warn!(queue = queue.as_str(), row_id = id, %reason, "row rejected: it cannot be read");
     if history {
         sqlx::query(&sql.history_of_unreadable)

@@ -7,12 +7,16 @@
 pub mod admin;
 pub mod claim;
 pub mod complete;
+#[cfg(test)]
+mod conformance;
+pub mod driver;
 pub mod history;
 pub mod housekeeping;
 pub mod leases;
 pub mod outbox;
 pub mod page;
 pub mod pauses;
+pub mod postgres;
 pub mod rows;
 pub mod scratch;
 pub mod services;
@@ -31,8 +35,8 @@ use sqlx::Connection as _;
 /// The default size the `-wal` file is kept under: 16 MiB.
 pub const DEFAULT_WAL_LIMIT: u64 = 16 * 1024 * 1024;
 
-/// The embedded migrations (`migrations/`).
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The embedded SQLite migrations (`migrations/sqlite/`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// Which queue a statement is about. The two tables share their bookkeeping columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -94,6 +98,31 @@ impl FromStr for QueueName {
     }
 }
 
+/// One value per queue (each backend's statements, built once per queue).
+#[derive(Debug)]
+pub(crate) struct PerQueue<T> {
+    rebill: T,
+    title: T,
+}
+
+impl<T> PerQueue<T> {
+    /// Builds the value of each queue.
+    pub fn new(build: impl Fn(QueueName) -> T) -> PerQueue<T> {
+        PerQueue {
+            rebill: build(QueueName::Rebill),
+            title: build(QueueName::Title),
+        }
+    }
+
+    /// The value of `queue`.
+    pub fn of(&self, queue: QueueName) -> &T {
+        match queue {
+            QueueName::Rebill => &self.rebill,
+            QueueName::Title => &self.title,
+        }
+    }
+}
+
 /// Failures of the store. Callers branch on [`StoreError::Constraint`] (a writer's mistake).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -106,6 +135,17 @@ pub enum StoreError {
     /// Migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The PostgreSQL server could not be reached or refused the login (the URL shown is
+    /// scrubbed of its password).
+    #[error("cannot connect to [database] url {url}: {reason}")]
+    Connect {
+        /// `[database] url` without its password.
+        url: String,
+        /// Why, scrubbed of the password too.
+        reason: String,
+        /// The server refused the credentials (a wrong password or user).
+        auth: bool,
+    },
     /// The database file could not be created.
     #[error("cannot create database file {path}: {source}")]
     Create {
@@ -165,7 +205,7 @@ pub struct Store {
     /// Other processes are still covered by the busy timeout.
     write_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// Every per-queue statement's text, built once.
-    statements: std::sync::Arc<sql::Statements>,
+    statements: std::sync::Arc<PerQueue<sql::QueueSql>>,
     /// Whether pauses started and lifted raise alerts (`outbox`).
     alerts: bool,
     /// Whether attempts are recorded in the history (`history`).
@@ -239,7 +279,7 @@ impl Store {
             busy_timeout,
             wal_limit,
             write_gate: std::sync::Arc::default(),
-            statements: std::sync::Arc::new(sql::Statements::new()),
+            statements: std::sync::Arc::new(PerQueue::new(sql::QueueSql::new)),
             alerts: false,
             history: true,
         })

@@ -1,5 +1,6 @@
 //! Row types read back from the queue tables.
 
+use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
 use sqlx::FromRow;
 
@@ -7,7 +8,10 @@ use super::QueueName;
 use crate::title_fields::TitleFields;
 
 /// What a queue's row type must provide to go through the generic machinery.
-pub trait QueueRow: for<'r> FromRow<'r, SqliteRow> + Send + Sync + Unpin + Clone + 'static {
+/// Each backend reads it from its own row type.
+pub trait QueueRow:
+    for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + Send + Sync + Unpin + Clone + 'static
+{
     /// The queue this row type belongs to.
     const QUEUE: QueueName;
     /// The seller key (pause scope) of this row.
@@ -32,6 +36,26 @@ pub struct ClaimMeta {
     pub outcome: Option<String>,
     /// When the row was first accepted, if it is being confirmed (ms).
     pub confirm_since: Option<i64>,
+}
+
+/// Reads a claimed row of either backend: its bookkeeping and the queue's own columns.
+pub(crate) fn decode_claimed<'r, Rw, R>(row: &'r Rw) -> Result<(ClaimMeta, R), sqlx::Error>
+where
+    Rw: sqlx::Row,
+    ClaimMeta: FromRow<'r, Rw>,
+    R: FromRow<'r, Rw>,
+{
+    Ok((ClaimMeta::from_row(row)?, R::from_row(row)?))
+}
+
+/// Why a row that cannot be read is rejected (its `last_message`).
+pub(crate) fn unreadable_reason(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::ColumnDecode { index, .. } => {
+            format!("column {index}: value of the wrong type")
+        }
+        other => format!("row unreadable: {other}"),
+    }
 }
 
 /// A row claimed by this worker: bookkeeping plus the queue's own columns.

@@ -94,31 +94,6 @@ pub(crate) struct QueueSql {
     pub cancel: String,
 }
 
-/// The statements of both queues.
-#[derive(Debug)]
-pub(crate) struct Statements {
-    rebill: QueueSql,
-    title: QueueSql,
-}
-
-impl Statements {
-    /// Builds every statement of both queues.
-    pub fn new() -> Statements {
-        Statements {
-            rebill: QueueSql::new(QueueName::Rebill),
-            title: QueueSql::new(QueueName::Title),
-        }
-    }
-
-    /// The statements of `queue`.
-    pub fn of(&self, queue: QueueName) -> &QueueSql {
-        match queue {
-            QueueName::Rebill => &self.rebill,
-            QueueName::Title => &self.title,
-        }
-    }
-}
-
 /// `UPDATE … RETURNING *` claiming due pending rows that also pass `filter`.
 fn claim_update(queue: QueueName, filter: &str) -> String {
     let t = queue.table();
@@ -149,7 +124,8 @@ const HISTORY_INSERT: &str =
      http_status, code, message, action, status, instance, recorded_at)";
 
 impl QueueSql {
-    fn new(queue: QueueName) -> QueueSql {
+    /// Builds `queue`'s statements.
+    pub fn new(queue: QueueName) -> QueueSql {
         let t = queue.table();
         let q = queue.as_str();
         let seller = queue.seller_expr();

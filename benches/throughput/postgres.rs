@@ -1,0 +1,229 @@
+//! Section 7: the PostgreSQL store on a throwaway cluster (`fsync=off`, loopback), run in
+//! the same process as the SQLite sections so that the figures compare on one machine.
+//!
+//! - The storage limit: the bare claim-64 / complete-64 loop (`FOR UPDATE SKIP LOCKED`
+//!   claim, one `unnest` completion per batch), the same loop as section 6's on SQLite.
+//! - Claimers at once: 1, 2 and 4 such loops, each with its own pool, draining one table
+//!   (what several daemons' stores do; contention must not make it slower), checking that
+//!   every row is completed exactly once.
+//! - Claim cost with 1 000 vs 1 000 000 finished rows in the table.
+//!
+//! Skipped, with one line saying so, where no PostgreSQL server binaries are installed.
+
+use std::time::Instant;
+
+use invoice_worker::store::driver::{HeldParams, QueueStore};
+use invoice_worker::store::postgres::{cluster, PgConnect, PgStore};
+use invoice_worker::store::{now_ms, QueueName};
+use sqlx::{Connection, PgConnection};
+
+use crate::diagnostics::claim_and_complete;
+use crate::support::{claim_rebill, BenchResult, TAX};
+use crate::{verdict, Knobs, Summary};
+
+/// A migrated database on the cluster, with a setup connection of its own (as a writer's).
+async fn database(
+    cluster: &cluster::ScratchCluster,
+) -> BenchResult<(String, PgStore, PgConnection)> {
+    let url = cluster.create_database().await?;
+    let mut connect = PgConnect::new(url.clone());
+    connect.pool_size = 4;
+    let store = PgStore::connect_and_migrate(&connect).await?;
+    let conn = PgConnection::connect(&url).await?;
+    Ok((url, store, conn))
+}
+
+/// `n` due pending rows in one statement.
+async fn insert_pending(conn: &mut PgConnection, prefix: &str, n: u64) -> BenchResult<()> {
+    sqlx::query(
+        "INSERT INTO rebill_orders (orderno, tax_num, next_attempt_at) \
+         SELECT $1 || g, $2, 0 FROM generate_series(1, $3) g",
+    )
+    .bind(prefix)
+    .bind(TAX)
+    .bind(n as i64)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// How many rows were completed more than once, or not at all (must be 0 and 0).
+async fn completion_check(conn: &mut PgConnection) -> BenchResult<(i64, i64)> {
+    let (not_done,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM rebill_orders WHERE status <> 'done'")
+            .fetch_one(&mut *conn)
+            .await?;
+    let (twice,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM rebill_orders WHERE attempts <> 1")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok((not_done, twice))
+}
+
+/// `claimers` loops of claim-64 / complete-64 on one table of `n` rows: rows/s.
+async fn drain(cluster: &cluster::ScratchCluster, n: u64, claimers: usize) -> BenchResult<f64> {
+    let (url, store, mut conn) = database(cluster).await?;
+    insert_pending(&mut conn, "PG-", n).await?;
+    sqlx::query("ANALYZE rebill_orders")
+        .execute(&mut conn)
+        .await?;
+    let mut stores = vec![store];
+    for _ in 1..claimers {
+        let mut connect = PgConnect::new(url.clone());
+        connect.pool_size = 4;
+        stores.push(PgStore::connect(&connect).await?);
+    }
+    let t0 = Instant::now();
+    let loops: Vec<_> = stores
+        .iter()
+        .cloned()
+        .map(|s| {
+            tokio::spawn(async move {
+                claim_and_complete(&s, 64, 64)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let mut rows = 0;
+    for l in loops {
+        rows += l.await?.map_err(|e| format!("claim loop: {e}"))?.rows;
+    }
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    let (not_done, twice) = completion_check(&mut conn).await?;
+    for s in &stores {
+        s.close().await;
+    }
+    if rows != n || not_done != 0 || twice != 0 {
+        return Err(format!(
+            "{claimers} claimers completed {rows} of {n} rows; {not_done} not done, {twice} attempted more than once"
+        )
+        .into());
+    }
+    Ok(rate)
+}
+
+/// The median time of a 64-row claim on a table with `finished` done rows, interleaved
+/// with the other database's; put-backs not timed.
+async fn claim_costs(
+    cluster: &cluster::ScratchCluster,
+    finished: [u64; 2],
+    iterations: usize,
+) -> BenchResult<[f64; 2]> {
+    let mut dbs = Vec::new();
+    for f in finished {
+        let (_, store, mut conn) = database(cluster).await?;
+        let t = Instant::now();
+        sqlx::query(
+            "INSERT INTO rebill_orders (orderno, tax_num, status, outcome, attempts, next_attempt_at, last_code, \
+               last_message, created_at, updated_at, finished_at, recent_attempts) \
+             SELECT 'DONE-' || g, $1, 'done', 'accepted', 1, $2 - g * 100, '0', '重试成功', \
+               $2 - g * 100, $2 - g * 100 + 50, $2 - g * 100 + 50, '[' || ($2 - g * 100) || ']' \
+             FROM generate_series(1, $3) g",
+        )
+        .bind(TAX)
+        .bind(now_ms())
+        .bind(f as i64)
+        .execute(&mut conn)
+        .await?;
+        insert_pending(&mut conn, "PENDING-", 64).await?;
+        sqlx::query("VACUUM ANALYZE rebill_orders")
+            .execute(&mut conn)
+            .await?;
+        println!(
+            "  [{f} finished] PostgreSQL database prepared in {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+        dbs.push((store, conn));
+    }
+    let mut samples = [Vec::new(), Vec::new()];
+    for i in 0..iterations + 20 {
+        for (k, (store, _)) in dbs.iter().enumerate() {
+            let token = format!("cost-{i}");
+            let t = Instant::now();
+            let batch = claim_rebill(store, &token, 64).await?;
+            let took = t.elapsed();
+            if batch.rows.len() != 64 {
+                return Err(format!("claimed {} of 64 rows", batch.rows.len()).into());
+            }
+            let held: Vec<(i64, String)> = batch
+                .rows
+                .iter()
+                .map(|r| (r.meta.id, r.meta.claim_token.clone()))
+                .collect();
+            let put_back = HeldParams {
+                queue: QueueName::Rebill,
+                held: &held,
+                now: now_ms(),
+            };
+            QueueStore::release(store, put_back).await?;
+            if i >= 20 {
+                samples[k].push(took);
+            }
+        }
+    }
+    for (store, conn) in dbs {
+        conn.close().await?;
+        store.close().await;
+    }
+    Ok(samples.map(|mut s| {
+        s.sort();
+        s[s.len() / 2].as_secs_f64() * 1e6
+    }))
+}
+
+/// Section 7.
+pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
+    println!();
+    println!("== 7. PostgreSQL store ==");
+    let Some(cluster) = tokio::task::spawn_blocking(cluster::shared).await? else {
+        println!(
+            "  skipped: no PostgreSQL server binaries installed (Debian's postgresql package)"
+        );
+        return Ok(());
+    };
+    let n = knobs.rows(40_000);
+    let mut rates = Vec::new();
+    for claimers in [1usize, 2, 4] {
+        let rate = drain(cluster, n, claimers).await?;
+        println!(
+            "  {claimers} claimer(s), each its own pool, claim 64 / complete 64 (FOR UPDATE SKIP LOCKED, unnest): {rate:.0} rows/s over {n} rows; every row completed exactly once"
+        );
+        rates.push((claimers, rate));
+    }
+    let one = rates[0].1;
+    summary.add(
+        7,
+        "PostgreSQL claim-64/complete-64 loop, rows/s (storage limit)",
+        format!("{one:.0}"),
+        "(limit)",
+    );
+    for (claimers, rate) in rates.iter().skip(1) {
+        let ratio = rate / one;
+        summary.add(
+            7,
+            format!("PostgreSQL {claimers} claimers on one table vs 1"),
+            format!("{ratio:.2}×"),
+            format!(">= 1.0× ({})", verdict(ratio >= 1.0)),
+        );
+    }
+    let finished = [knobs.rows(1_000), knobs.rows(1_000_000)];
+    let [small, large] = claim_costs(cluster, finished, 200).await?;
+    let ratio = large / small;
+    println!(
+        "  claim of 64 rows: median {small:.0} µs with {} finished rows, {large:.0} µs with {} ({ratio:.2}×; interleaved, put-back not timed)",
+        finished[0], finished[1]
+    );
+    summary.add(
+        7,
+        format!("PostgreSQL claim µs (64 rows), {} finished", finished[1]),
+        format!("{large:.0}"),
+        "(median)",
+    );
+    summary.add(
+        7,
+        "PostgreSQL claim cost ratio 1M vs 1k finished",
+        format!("{ratio:.2}×"),
+        format!("<= 1.5× ({})", verdict(ratio <= 1.5)),
+    );
+    Ok(())
+}

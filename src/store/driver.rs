@@ -1,0 +1,214 @@
+//! The store interface both backends implement, in the spirit of River's `riverdriver`:
+//! one method per queue operation, with a params struct where an operation takes more than
+//! a queue. SQLite ([`Store`]) and PostgreSQL ([`PgStore`]) each run their own SQL behind
+//! it; the conformance suite (`tests/it/conformance.rs`) runs every operation against
+//! both, so that the queue machinery cannot tell them apart.
+//!
+//! Times in and out are the caller's clock. SQLite has one host, so that clock is the
+//! database's; PostgreSQL moves them across to its own clock (see
+//! [`super::postgres::ClockBoundary`]).
+
+use std::future::Future;
+
+use super::admin::{Enqueued, NewRebill, NewTitle};
+use super::claim::{ClaimBatch, ClaimParams};
+use super::complete::Completion;
+use super::pauses::{ClaimPlan, PauseView};
+use super::postgres::PgStore;
+use super::rows::QueueRow;
+use super::{QueueName, Store, StoreError};
+
+/// Rows this daemon holds, by id and claim token.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldParams<'a> {
+    /// The queue they belong to.
+    pub queue: QueueName,
+    /// (row id, claim token) of each.
+    pub held: &'a [(i64, String)],
+    /// The caller's now, ms.
+    pub now: i64,
+}
+
+/// Inputs of a lease renewal.
+#[derive(Debug, Clone, Copy)]
+pub struct RenewParams<'a> {
+    /// The rows to renew.
+    pub rows: HeldParams<'a>,
+    /// The new end of their leases (caller's clock), ms.
+    pub lease_until: i64,
+}
+
+/// Inputs of a rescue of expired leases.
+#[derive(Debug, Clone, Copy)]
+pub struct RescueParams {
+    /// The queue to rescue.
+    pub queue: QueueName,
+    /// The caller's now, ms (PostgreSQL judges expiry by its own clock).
+    pub now: i64,
+    /// `[worker] max_attempts`, for rows without their own limit.
+    pub default_max_attempts: u32,
+}
+
+/// The queue operations of a store backend.
+pub trait QueueStore: Clone + Send + Sync + 'static {
+    /// Inserts a rebilling job unless an active row for the same order exists.
+    fn enqueue_rebill(
+        &self,
+        job: &NewRebill,
+        now: i64,
+    ) -> impl Future<Output = Result<Enqueued, StoreError>> + Send;
+
+    /// Inserts a title submission.
+    fn enqueue_title(&self, job: &NewTitle)
+        -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// Stores a generated serial on a claimed title row (false: claim lost, or set already).
+    fn set_title_serial(
+        &self,
+        id: i64,
+        claim_token: &str,
+        serial: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Claims due rows under a lease, following the pause plan the queue's policy makes.
+    fn claim<R: QueueRow>(
+        &self,
+        params: &ClaimParams<'_>,
+        plan: impl FnOnce(&[PauseView]) -> ClaimPlan + Send,
+    ) -> impl Future<Output = Result<ClaimBatch<R>, StoreError>> + Send;
+
+    /// Applies a batch of completions, each guarded by its claim token; per item, whether
+    /// it was applied.
+    fn complete(
+        &self,
+        queue: QueueName,
+        items: &[Completion],
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
+
+    /// Extends held rows' leases; per row, whether the claim still held.
+    fn renew_leases(
+        &self,
+        params: RenewParams<'_>,
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + Send;
+
+    /// Ends the attempts whose lease expired; how many.
+    fn rescue_expired(
+        &self,
+        params: RescueParams,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Puts held rows back without using up their attempt; how many.
+    fn release(
+        &self,
+        params: HeldParams<'_>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// When the next pending row falls due after `now`, if any.
+    fn next_due_after(
+        &self,
+        queue: QueueName,
+        now: i64,
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+}
+
+impl QueueStore for Store {
+    async fn enqueue_rebill(&self, job: &NewRebill, _now: i64) -> Result<Enqueued, StoreError> {
+        Store::enqueue_rebill(self, job).await
+    }
+
+    async fn enqueue_title(&self, job: &NewTitle) -> Result<i64, StoreError> {
+        Store::enqueue_title(self, job).await
+    }
+
+    async fn set_title_serial(
+        &self,
+        id: i64,
+        claim_token: &str,
+        serial: &str,
+    ) -> Result<bool, StoreError> {
+        Store::set_title_serial(self, id, claim_token, serial).await
+    }
+
+    async fn claim<R: QueueRow>(
+        &self,
+        params: &ClaimParams<'_>,
+        plan: impl FnOnce(&[PauseView]) -> ClaimPlan + Send,
+    ) -> Result<ClaimBatch<R>, StoreError> {
+        Store::claim(self, params, plan).await
+    }
+
+    async fn complete(
+        &self,
+        queue: QueueName,
+        items: &[Completion],
+    ) -> Result<Vec<bool>, StoreError> {
+        Store::complete(self, queue, items).await
+    }
+
+    async fn renew_leases(&self, p: RenewParams<'_>) -> Result<Vec<bool>, StoreError> {
+        Store::renew_leases(self, p.rows.queue, p.rows.held, p.lease_until).await
+    }
+
+    async fn rescue_expired(&self, p: RescueParams) -> Result<u64, StoreError> {
+        Store::rescue_expired(self, p.queue, p.now, p.default_max_attempts).await
+    }
+
+    async fn release(&self, p: HeldParams<'_>) -> Result<u64, StoreError> {
+        Store::release(self, p.queue, p.held, p.now).await
+    }
+
+    async fn next_due_after(&self, queue: QueueName, now: i64) -> Result<Option<i64>, StoreError> {
+        Store::next_due_after(self, queue, now).await
+    }
+}
+
+impl QueueStore for PgStore {
+    async fn enqueue_rebill(&self, job: &NewRebill, now: i64) -> Result<Enqueued, StoreError> {
+        PgStore::enqueue_rebill(self, job, now).await
+    }
+
+    async fn enqueue_title(&self, job: &NewTitle) -> Result<i64, StoreError> {
+        PgStore::enqueue_title(self, job).await
+    }
+
+    async fn set_title_serial(
+        &self,
+        id: i64,
+        claim_token: &str,
+        serial: &str,
+    ) -> Result<bool, StoreError> {
+        PgStore::set_title_serial(self, id, claim_token, serial).await
+    }
+
+    async fn claim<R: QueueRow>(
+        &self,
+        params: &ClaimParams<'_>,
+        plan: impl FnOnce(&[PauseView]) -> ClaimPlan + Send,
+    ) -> Result<ClaimBatch<R>, StoreError> {
+        PgStore::claim(self, params, plan).await
+    }
+
+    async fn complete(
+        &self,
+        queue: QueueName,
+        items: &[Completion],
+    ) -> Result<Vec<bool>, StoreError> {
+        PgStore::complete(self, queue, items).await
+    }
+
+    async fn renew_leases(&self, p: RenewParams<'_>) -> Result<Vec<bool>, StoreError> {
+        PgStore::renew_leases(self, p.rows.queue, p.rows.held, p.lease_until, p.rows.now).await
+    }
+
+    async fn rescue_expired(&self, p: RescueParams) -> Result<u64, StoreError> {
+        PgStore::rescue_expired(self, p.queue, p.default_max_attempts).await
+    }
+
+    async fn release(&self, p: HeldParams<'_>) -> Result<u64, StoreError> {
+        PgStore::release(self, p.queue, p.held).await
+    }
+
+    async fn next_due_after(&self, queue: QueueName, now: i64) -> Result<Option<i64>, StoreError> {
+        PgStore::next_due_after(self, queue, now).await
+    }
+}
