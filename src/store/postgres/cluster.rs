@@ -8,6 +8,7 @@
 //! (a finished test binary, a panic, `kill -9`), so no server outlives its tests.
 
 use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -191,7 +192,15 @@ impl ScratchCluster {
     /// `pg_ctl restart -m fast`: every connection is cut, the server is back when this
     /// returns (the fault tests' restarted database).
     pub fn restart(&self) -> Result<(), ClusterError> {
-        self.pg_ctl(&["restart", "-m", "fast", "-w", "-t", "60"])
+        // The log file again: without one the new server would inherit this call's output
+        // pipes, and waiting for their end would wait for the server's.
+        let log = self.log_file();
+        let log = log.to_string_lossy();
+        self.pg_ctl(&["restart", "-m", "fast", "-w", "-t", "60", "-l", &log])
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.data.with_file_name("server.log")
     }
 
     /// `pg_ctl stop -m fast`: the server is down until [`ScratchCluster::start_again`].
@@ -213,7 +222,7 @@ impl ScratchCluster {
             port = self.port,
             sock = socket_dir.display()
         );
-        let log = self.data.with_file_name("server.log");
+        let log = self.log_file();
         self.run(
             "pg_ctl",
             &[
@@ -305,10 +314,13 @@ fn spawn_reaper(
     } else {
         "\"$1/pg_ctl\""
     };
+    // Its own process group, and deaf to the signals a terminal or `timeout` sends to a
+    // whole group: a test run stopped that way must still have its server stopped.
     let script = format!(
-        "cat >/dev/null; [ -f \"$2/postmaster.pid\" ] && {stop} -D \"$2\" stop -m immediate -w >/dev/null 2>&1; rm -rf \"$3\""
+        "trap '' INT TERM HUP; cat >/dev/null; [ -f \"$2/postmaster.pid\" ] && {stop} -D \"$2\" stop -m immediate -w >/dev/null 2>&1; rm -rf \"$3\""
     );
     let mut child = Command::new("sh")
+        .process_group(0)
         .arg("-c")
         .arg(script)
         .arg("reaper")

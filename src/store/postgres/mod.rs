@@ -10,6 +10,8 @@
 //! times that cross the boundary by the difference (see [`ClockBoundary`]).
 
 pub mod cluster;
+#[cfg(test)]
+mod faults;
 mod queue;
 mod sql;
 
