@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::admin::{Enqueued, NewRebill, NewTitle};
 use super::claim::{ClaimBatch, ClaimParams};
 use super::complete::{Completion, FinalStatus};
-use super::driver::{HeldParams, QueueStore, RenewParams, RescueParams};
+use super::driver::{HeldParams, PruneParams, QueueStore, RenewParams, RescueParams};
 use super::pauses::{ClaimPlan, PauseChange, PauseRecord, ProbeStep};
 use super::postgres::PgStore;
 use super::rows::{RebillRow, TitleRow};
@@ -593,6 +593,35 @@ async fn a_hand_edited_attempt_list_never_stops_the_claims<S: QueueStore + Raw>(
     }
 }
 
+async fn pruning_deletes_only_old_finished_rows_in_batches<S: QueueStore + Raw>(s: S) {
+    let now = now_ms();
+    s.exec(&format!(
+        "INSERT INTO rebill_orders (orderno, tax_num, status, finished_at) VALUES \
+         ('O-1', 'X', 'done', {old}), ('O-2', 'X', 'done', {old}), ('O-3', 'X', 'done', {old}), \
+         ('O-4', 'X', 'failed', {old}), ('O-5', 'X', 'done', {recent}), ('O-6', 'X', 'pending', NULL)",
+        old = now - 40 * 86_400_000,
+        recent = now - 86_400_000
+    ))
+    .await
+    .unwrap();
+    let p = PruneParams {
+        queue: QueueName::Rebill,
+        statuses: &["done"],
+        finished_before: now - 30 * 86_400_000,
+        batch: 2,
+        now,
+    };
+    assert_eq!(s.prune_batch(p).await.unwrap(), 2, "one batch");
+    assert_eq!(s.prune_batch(p).await.unwrap(), 1);
+    assert_eq!(s.prune_batch(p).await.unwrap(), 0, "then nothing");
+    let left = s.text("SELECT string_agg(orderno, ',') FROM (SELECT orderno FROM rebill_orders ORDER BY orderno) o").await;
+    assert_eq!(
+        left.as_deref(),
+        Some("O-4,O-5,O-6"),
+        "failed, recent and active rows stay"
+    );
+}
+
 /// Runs each scenario as one test per backend.
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
@@ -635,6 +664,7 @@ on_both_backends!(
     the_tables_refuse_what_the_worker_could_not_send,
     a_deleted_row_takes_its_history_along,
     a_hand_edited_attempt_list_never_stops_the_claims,
+    pruning_deletes_only_old_finished_rows_in_batches,
 );
 
 /// What only the server backend has: logins, a clock of its own, notifications.

@@ -49,6 +49,21 @@ pub struct RescueParams {
     pub default_max_attempts: u32,
 }
 
+/// Inputs of one pruning batch.
+#[derive(Debug, Clone, Copy)]
+pub struct PruneParams<'a> {
+    /// The queue to prune.
+    pub queue: QueueName,
+    /// The finished statuses to delete.
+    pub statuses: &'a [&'a str],
+    /// Rows that finished before this time (caller's clock), ms.
+    pub finished_before: i64,
+    /// Most rows deleted by one call.
+    pub batch: u32,
+    /// The caller's now, ms.
+    pub now: i64,
+}
+
 /// The queue operations of a store backend.
 pub trait QueueStore: Clone + Send + Sync + 'static {
     /// Inserts a rebilling job unless an active row for the same order exists.
@@ -109,6 +124,12 @@ pub trait QueueStore: Clone + Send + Sync + 'static {
         queue: QueueName,
         now: i64,
     ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+
+    /// Deletes one batch of finished rows past their retention; how many.
+    fn prune_batch(
+        &self,
+        params: PruneParams<'_>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 impl QueueStore for Store {
@@ -160,6 +181,10 @@ impl QueueStore for Store {
     async fn next_due_after(&self, queue: QueueName, now: i64) -> Result<Option<i64>, StoreError> {
         Store::next_due_after(self, queue, now).await
     }
+
+    async fn prune_batch(&self, p: PruneParams<'_>) -> Result<u64, StoreError> {
+        Store::prune_batch(self, p.queue, p.statuses, p.finished_before, p.batch).await
+    }
 }
 
 impl QueueStore for PgStore {
@@ -210,5 +235,9 @@ impl QueueStore for PgStore {
 
     async fn next_due_after(&self, queue: QueueName, now: i64) -> Result<Option<i64>, StoreError> {
         PgStore::next_due_after(self, queue, now).await
+    }
+
+    async fn prune_batch(&self, p: PruneParams<'_>) -> Result<u64, StoreError> {
+        PgStore::prune_batch(self, p.queue, p.statuses, p.finished_before, p.batch, p.now).await
     }
 }

@@ -27,6 +27,9 @@ pub enum WatchMode {
     Notifications,
     /// `PRAGMA data_version` every so often (no notifications on this file system).
     Polling(Duration),
+    /// PostgreSQL's LISTEN/NOTIFY (fed by the tables' insert triggers), with a poll every
+    /// so often for what a lost connection missed.
+    Listen(Duration),
 }
 
 /// A running commit watcher: `wake` ticks after every commit of another connection.

@@ -12,6 +12,8 @@
 pub mod cluster;
 #[cfg(test)]
 mod faults;
+pub mod housekeeping;
+pub mod listen;
 mod queue;
 mod sql;
 
