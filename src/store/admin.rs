@@ -57,6 +57,23 @@ pub struct QueueCounts {
 }
 
 impl QueueCounts {
+    /// The counts of active rows: (pending, running, awaiting confirmation), and the
+    /// oldest due time of a due pending row as of `now` (both in one clock).
+    pub(crate) fn of_active(
+        queue: QueueName,
+        (pending, running, awaiting): (i64, i64, i64),
+        oldest_due: Option<i64>,
+        now: i64,
+    ) -> QueueCounts {
+        QueueCounts {
+            queue: queue.as_str(),
+            by_status: vec![("pending".into(), pending), ("running".into(), running)],
+            // A hostile due time (i64::MIN passes the CHECK) must not overflow.
+            oldest_pending_age_ms: oldest_due.map(|at| now.saturating_sub(at).max(0)),
+            awaiting_confirmation: awaiting,
+        }
+    }
+
     /// Rows with `status`.
     pub fn count(&self, status: &str) -> i64 {
         self.by_status
@@ -216,13 +233,12 @@ impl Store {
                 .bind(now)
                 .fetch_one(self.pool())
                 .await?;
-        Ok(QueueCounts {
-            queue: queue.as_str(),
-            by_status: vec![("pending".into(), pending), ("running".into(), running)],
-            // A hostile due time (i64::MIN passes the CHECK) must not overflow.
-            oldest_pending_age_ms: oldest.map(|at| now.saturating_sub(at).max(0)),
-            awaiting_confirmation: awaiting,
-        })
+        Ok(QueueCounts::of_active(
+            queue,
+            (pending, running, awaiting),
+            oldest,
+            now,
+        ))
     }
 
     /// (status, count) of `queue`'s finished rows (`done`, `failed`, `rejected`,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::admin::{Enqueued, NewRebill, NewTitle};
 use super::claim::{ClaimBatch, ClaimParams};
 use super::complete::{Completion, FinalStatus};
-use super::driver::{HeldParams, PruneParams, QueueStore, RenewParams, RescueParams};
+use super::driver::{HeldParams, PauseParams, PruneParams, QueueStore, RenewParams, RescueParams};
 use super::pauses::{ClaimPlan, PauseChange, PauseRecord, ProbeStep};
 use super::postgres::PgStore;
 use super::rows::{RebillRow, TitleRow};
@@ -622,6 +622,135 @@ async fn pruning_deletes_only_old_finished_rows_in_batches<S: QueueStore + Raw>(
     );
 }
 
+async fn a_rescue_racing_a_completion_never_undoes_it<S: QueueStore + Raw>(s: S) {
+    for round in 0..40 {
+        let id = insert(&s, &format!("RACE-{round}"), SELLER).await;
+        // Expired at once: the rescuer may take it while its result is being written.
+        claim(&s, 1, Duration::ZERO, "racing").await;
+        let rescue = s.rescue_expired(RescueParams {
+            queue: QueueName::Rebill,
+            now: now_ms() + 1,
+            default_max_attempts: 5,
+        });
+        let done = [accepted(id, "racing", now_ms())];
+        let complete = s.complete(QueueName::Rebill, &done);
+        let (rescued, applied) = tokio::join!(rescue, complete);
+        let (rescued, applied) = (rescued.unwrap(), applied.unwrap()[0]);
+        let status = s
+            .text(&format!("SELECT status FROM rebill_orders WHERE id = {id}"))
+            .await
+            .unwrap();
+        match (rescued, applied) {
+            (0, true) => assert_eq!(status, "done"),
+            (1, false) => assert_eq!(status, "pending"),
+            other => panic!("round {round}: rescued/applied {other:?}, status {status}"),
+        }
+        s.exec(&format!("DELETE FROM rebill_orders WHERE id = {id}"))
+            .await
+            .unwrap();
+    }
+}
+
+async fn counts_follow_the_rows<S: QueueStore + Raw>(s: S) {
+    let empty = s.counts(QueueName::Rebill, now_ms()).await.unwrap();
+    assert_eq!(
+        (empty.count("pending"), empty.oldest_pending_age_ms),
+        (0, None)
+    );
+    let mut old = job("N-1", SELLER);
+    old.not_before = Some(now_ms() - 60_000);
+    s.enqueue_rebill(&old, now_ms()).await.unwrap();
+    insert(&s, "N-2", SELLER).await;
+    insert(&s, "N-3", SELLER).await;
+    let held = claim(&s, 1, LEASE, "t").await;
+    let id = held.rows[0].meta.id;
+    let c = s.counts(QueueName::Rebill, now_ms()).await.unwrap();
+    assert_eq!((c.count("pending"), c.count("running")), (2, 1));
+    s.complete(QueueName::Rebill, &[accepted(id, "t", now_ms())])
+        .await
+        .unwrap();
+    let c = s.counts(QueueName::Rebill, now_ms()).await.unwrap();
+    assert_eq!(
+        (c.count("pending"), c.count("running"), c.count("done")),
+        (2, 0, 1)
+    );
+    let age = c.oldest_pending_age_ms.unwrap();
+    assert!((0..10_000).contains(&age), "the two due now: {age}");
+}
+
+async fn operators_retry_finished_rows_and_cancel_pending_ones<S: QueueStore + Raw>(s: S) {
+    let failed = insert(&s, "M-1", SELLER).await;
+    claim(&s, 1, LEASE, "t").await;
+    let mut fail = accepted(failed, "t", now_ms());
+    fail.status = FinalStatus::Failed;
+    fail.outcome = None;
+    s.complete(QueueName::Rebill, &[fail]).await.unwrap();
+    let pending = insert(&s, "M-2", SELLER).await;
+    assert_eq!(
+        s.retry(QueueName::Rebill, &[failed, pending])
+            .await
+            .unwrap(),
+        [failed]
+    );
+    let row = format!("SELECT attempts FROM rebill_orders WHERE id = {failed}");
+    assert_eq!(s.number(&row).await, Some(0), "a fresh budget");
+    let running = claim(&s, 1, LEASE, "t2").await.rows[0].meta.id;
+    let other = if running == failed { pending } else { failed };
+    assert_eq!(
+        s.cancel(QueueName::Rebill, &[running, other])
+            .await
+            .unwrap(),
+        [other],
+        "a running row finishes its attempt first"
+    );
+    let status = format!("SELECT status FROM rebill_orders WHERE id = {other}");
+    assert_eq!(s.text(&status).await.as_deref(), Some("cancelled"));
+}
+
+async fn an_operators_pause_holds_the_seller_until_resumed<S: QueueStore + Raw>(s: S) {
+    insert(&s, "V-1", SELLER).await;
+    let until = now_ms() + 3_600_000;
+    let p = PauseParams {
+        queue: QueueName::Rebill,
+        scope: SELLER,
+        until,
+        reason: "证书更换",
+        now: now_ms(),
+    };
+    s.pause(p).await.unwrap();
+    let shown = s.pauses(now_ms()).await.unwrap();
+    assert_eq!(shown.len(), 1);
+    assert_eq!(
+        (shown[0].scope.as_str(), shown[0].reason.as_str()),
+        (SELLER, "证书更换")
+    );
+    assert!(
+        (shown[0].until_at - until).abs() < 5_000,
+        "in the caller's clock"
+    );
+    assert!(claim(&s, 8, LEASE, "t").await.rows.is_empty(), "held");
+    assert!(s.resume(QueueName::Rebill, SELLER, now_ms()).await.unwrap());
+    assert!(
+        !s.resume(QueueName::Rebill, SELLER, now_ms()).await.unwrap(),
+        "nothing left"
+    );
+    assert_eq!(claim(&s, 8, LEASE, "t").await.rows.len(), 1);
+}
+
+async fn the_rescuer_is_needed_only_for_expired_leases<S: QueueStore + Raw>(s: S) {
+    insert(&s, "U-1", SELLER).await;
+    assert!(!s.rescue_needed(QueueName::Rebill, now_ms()).await.unwrap());
+    claim(&s, 1, LEASE, "t").await;
+    assert!(
+        !s.rescue_needed(QueueName::Rebill, now_ms()).await.unwrap(),
+        "its lease runs"
+    );
+    s.exec("UPDATE rebill_orders SET lease_expires_at = 0")
+        .await
+        .unwrap();
+    assert!(s.rescue_needed(QueueName::Rebill, now_ms()).await.unwrap());
+}
+
 /// Runs each scenario as one test per backend.
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
@@ -636,7 +765,7 @@ macro_rules! on_both_backends {
         }
         mod postgres {
             $(
-                #[tokio::test]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
                     let Some(cluster) = crate::store::postgres::cluster::shared() else {
                         return;
@@ -665,6 +794,11 @@ on_both_backends!(
     a_deleted_row_takes_its_history_along,
     a_hand_edited_attempt_list_never_stops_the_claims,
     pruning_deletes_only_old_finished_rows_in_batches,
+    a_rescue_racing_a_completion_never_undoes_it,
+    counts_follow_the_rows,
+    operators_retry_finished_rows_and_cancel_pending_ones,
+    an_operators_pause_holds_the_seller_until_resumed,
+    the_rescuer_is_needed_only_for_expired_leases,
 );
 
 /// What only the server backend has: logins, a clock of its own, notifications.

@@ -10,7 +10,7 @@
 
 use std::future::Future;
 
-use super::admin::{Enqueued, NewRebill, NewTitle};
+use super::admin::{Enqueued, NewRebill, NewTitle, PauseInfo, QueueCounts};
 use super::claim::{ClaimBatch, ClaimParams};
 use super::complete::Completion;
 use super::pauses::{ClaimPlan, PauseView};
@@ -60,6 +60,21 @@ pub struct PruneParams<'a> {
     pub finished_before: i64,
     /// Most rows deleted by one call.
     pub batch: u32,
+    /// The caller's now, ms.
+    pub now: i64,
+}
+
+/// Inputs of an operator's pause.
+#[derive(Debug, Clone, Copy)]
+pub struct PauseParams<'a> {
+    /// The queue.
+    pub queue: QueueName,
+    /// A seller key, or `*` for the whole queue.
+    pub scope: &'a str,
+    /// When it ends (caller's clock), ms.
+    pub until: i64,
+    /// Why, as the operator gave it.
+    pub reason: &'a str,
     /// The caller's now, ms.
     pub now: i64,
 }
@@ -130,6 +145,50 @@ pub trait QueueStore: Clone + Send + Sync + 'static {
         &self,
         params: PruneParams<'_>,
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Counts of `queue`'s rows per status, the oldest due row's age, rows awaiting
+    /// confirmation.
+    fn counts(
+        &self,
+        queue: QueueName,
+        now: i64,
+    ) -> impl Future<Output = Result<QueueCounts, StoreError>> + Send;
+
+    /// Whether the rescuer has anything to do at `now`.
+    fn rescue_needed(
+        &self,
+        queue: QueueName,
+        now: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Finished rows pending again with a fresh budget; the ids changed.
+    fn retry(
+        &self,
+        queue: QueueName,
+        ids: &[i64],
+    ) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+
+    /// Pending rows cancelled; the ids changed.
+    fn cancel(
+        &self,
+        queue: QueueName,
+        ids: &[i64],
+    ) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+
+    /// Pauses a seller or the whole queue.
+    fn pause(&self, params: PauseParams<'_>)
+        -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Lifts a pause at once; whether there was one.
+    fn resume(
+        &self,
+        queue: QueueName,
+        scope: &str,
+        now: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Every recorded pause, its times in the caller's clock.
+    fn pauses(&self, now: i64) -> impl Future<Output = Result<Vec<PauseInfo>, StoreError>> + Send;
 }
 
 impl QueueStore for Store {
@@ -185,6 +244,33 @@ impl QueueStore for Store {
     async fn prune_batch(&self, p: PruneParams<'_>) -> Result<u64, StoreError> {
         Store::prune_batch(self, p.queue, p.statuses, p.finished_before, p.batch).await
     }
+    async fn counts(&self, queue: QueueName, now: i64) -> Result<QueueCounts, StoreError> {
+        Store::counts(self, queue, now).await
+    }
+
+    async fn rescue_needed(&self, queue: QueueName, now: i64) -> Result<bool, StoreError> {
+        Store::rescue_needed(self, queue, now).await
+    }
+
+    async fn retry(&self, queue: QueueName, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+        Store::retry(self, queue, ids).await
+    }
+
+    async fn cancel(&self, queue: QueueName, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+        Store::cancel(self, queue, ids).await
+    }
+
+    async fn pause(&self, p: PauseParams<'_>) -> Result<(), StoreError> {
+        Store::pause(self, p.queue, p.scope, p.until, p.reason).await
+    }
+
+    async fn resume(&self, queue: QueueName, scope: &str, _now: i64) -> Result<bool, StoreError> {
+        Store::resume(self, queue, scope).await
+    }
+
+    async fn pauses(&self, _now: i64) -> Result<Vec<PauseInfo>, StoreError> {
+        Store::pauses(self).await
+    }
 }
 
 impl QueueStore for PgStore {
@@ -239,5 +325,32 @@ impl QueueStore for PgStore {
 
     async fn prune_batch(&self, p: PruneParams<'_>) -> Result<u64, StoreError> {
         PgStore::prune_batch(self, p.queue, p.statuses, p.finished_before, p.batch, p.now).await
+    }
+    async fn counts(&self, queue: QueueName, now: i64) -> Result<QueueCounts, StoreError> {
+        PgStore::counts(self, queue, now).await
+    }
+
+    async fn rescue_needed(&self, queue: QueueName, _now: i64) -> Result<bool, StoreError> {
+        PgStore::rescue_needed(self, queue).await
+    }
+
+    async fn retry(&self, queue: QueueName, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+        PgStore::retry(self, queue, ids).await
+    }
+
+    async fn cancel(&self, queue: QueueName, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+        PgStore::cancel(self, queue, ids).await
+    }
+
+    async fn pause(&self, p: PauseParams<'_>) -> Result<(), StoreError> {
+        PgStore::pause(self, p.queue, p.scope, p.until, p.reason, p.now).await
+    }
+
+    async fn resume(&self, queue: QueueName, scope: &str, now: i64) -> Result<bool, StoreError> {
+        PgStore::resume(self, queue, scope, now).await
+    }
+
+    async fn pauses(&self, now: i64) -> Result<Vec<PauseInfo>, StoreError> {
+        PgStore::pauses(self, now).await
     }
 }

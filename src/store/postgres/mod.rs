@@ -9,6 +9,7 @@
 //! working in their own clock; each transaction reads the database's once and moves the
 //! times that cross the boundary by the difference (see [`ClockBoundary`]).
 
+mod admin;
 pub mod cluster;
 #[cfg(test)]
 mod faults;

@@ -626,7 +626,7 @@ async fn start_pause(
 }
 
 /// Writes `event` to the outbox inside the caller's transaction.
-async fn raise(
+pub(super) async fn raise(
     conn: &mut PgConnection,
     event: &crate::alerts::Event,
     clock: ClockBoundary,
