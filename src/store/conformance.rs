@@ -1016,6 +1016,56 @@ mod postgres_only {
         s.close().await;
     }
 
+    /// The roles docs/operations.md gives: a writer with INSERT and SELECT alone can insert
+    /// work (the insert trigger's notification included) and read it back, and can change
+    /// nothing the daemon works on.
+    #[tokio::test]
+    async fn a_writer_with_insert_and_select_can_insert_and_nothing_more() {
+        let Some(cluster) = cluster::shared() else {
+            return;
+        };
+        let s = cluster.scratch_store().await.unwrap();
+        let (database,): (String,) = sqlx::query_as("SELECT current_database()")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+        let writer = format!("writer_{database}");
+        for sql in [
+            format!("CREATE ROLE {writer} LOGIN PASSWORD 'writer-pass'"),
+            format!("GRANT CONNECT ON DATABASE {database} TO {writer}"),
+            format!("GRANT SELECT, INSERT ON rebill_orders, title_submissions TO {writer}"),
+        ] {
+            s.exec(&sql).await.unwrap();
+        }
+        let url = format!(
+            "postgres://{writer}:writer-pass@127.0.0.1:{}/{database}",
+            cluster.port()
+        );
+        let w = PgStore::connect(&PgConnect::new(url)).await.unwrap();
+        w.exec("INSERT INTO rebill_orders (orderno, tax_num) VALUES ('W-1', 'X') ON CONFLICT DO NOTHING")
+            .await
+            .expect("a writer inserts");
+        w.exec("INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc) VALUES ('W-2', '1', '', 'M')")
+            .await
+            .expect("into both tables");
+        assert_eq!(
+            w.text("SELECT status FROM rebill_orders WHERE orderno = 'W-1'")
+                .await
+                .as_deref(),
+            Some("pending")
+        );
+        for sql in [
+            "UPDATE rebill_orders SET status = 'done'",
+            "DELETE FROM rebill_orders",
+            "DELETE FROM pauses",
+        ] {
+            let err = w.exec(sql).await.unwrap_err().to_string();
+            assert!(err.contains("permission denied"), "{sql}: {err}");
+        }
+        w.close().await;
+        s.close().await;
+    }
+
     /// The insert trigger notifies once per statement, whatever its row count, naming the
     /// queue; a daemon LISTENing wakes once per writer's statement, not per row.
     #[tokio::test]
