@@ -8,7 +8,9 @@ use std::time::Duration;
 use super::admin::{Enqueued, NewRebill, NewTitle};
 use super::claim::{ClaimBatch, ClaimParams};
 use super::complete::{Completion, FinalStatus};
-use super::driver::{HeldParams, PauseParams, PruneParams, QueueStore, RenewParams, RescueParams};
+use super::driver::{
+    AlertStore, HeldParams, PauseParams, PruneParams, QueueStore, RenewParams, RescueParams,
+};
 use super::pauses::{ClaimPlan, PauseChange, PauseRecord, ProbeStep};
 use super::postgres::PgStore;
 use super::rows::{RebillRow, TitleRow};
@@ -751,6 +753,163 @@ async fn the_rescuer_is_needed_only_for_expired_leases<S: QueueStore + Raw>(s: S
     assert!(s.rescue_needed(QueueName::Rebill, now_ms()).await.unwrap());
 }
 
+async fn an_alert_is_delivered_once_and_retried_until_it_is<S: QueueStore + AlertStore + Raw>(
+    s: S,
+) {
+    use crate::alerts::{Event, EventKind};
+    use crate::store::outbox::AlertDelivery;
+    let event = Event::new(EventKind::Test, "rebill", now_ms());
+    s.raise_alert(&event).await.unwrap();
+    let lease = Duration::from_secs(60);
+    let first = s.claim_alerts(now_ms(), lease, "d1", 8).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!((first[0].event.as_str(), first[0].attempts), ("test", 1));
+    assert!(
+        (first[0].created_at - now_ms()).abs() < 5_000,
+        "in the caller's clock"
+    );
+    assert!(
+        s.claim_alerts(now_ms(), lease, "d2", 8)
+            .await
+            .unwrap()
+            .is_empty(),
+        "held by the first deliverer"
+    );
+    let retry = AlertDelivery::Retry {
+        at: now_ms(),
+        error: "robot: HTTP 502".into(),
+    };
+    let id = first[0].id;
+    assert!(s
+        .finish_alert(id, "d1", &["ops".into()], &retry, now_ms())
+        .await
+        .unwrap());
+    assert!(
+        !s.finish_alert(id, "d1", &[], &retry, now_ms())
+            .await
+            .unwrap(),
+        "claim spent"
+    );
+    let report = s.alert_report(now_ms()).await.unwrap();
+    assert_eq!(
+        (report.pending, report.last_error.as_deref()),
+        (1, Some("robot: HTTP 502"))
+    );
+    let second = s.claim_alerts(now_ms() + 10, lease, "d3", 8).await.unwrap();
+    assert_eq!((second.len(), second[0].attempts), (1, 2));
+    assert_eq!(
+        second[0].delivered(),
+        ["ops"],
+        "a retry skips the targets that have it"
+    );
+    assert!(s
+        .finish_alert(
+            id,
+            "d3",
+            &["ops".into(), "dev".into()],
+            &AlertDelivery::Delivered,
+            now_ms()
+        )
+        .await
+        .unwrap());
+    assert_eq!(s.next_alert_due(now_ms()).await.unwrap(), None);
+    s.record_target("ops", Some("HTTP 502"), now_ms())
+        .await
+        .unwrap();
+    s.record_target("dev", None, now_ms()).await.unwrap();
+    let report = s.alert_report(now_ms()).await.unwrap();
+    assert_eq!(report.pending, 0);
+    let health: Vec<(&str, bool)> = report
+        .targets
+        .iter()
+        .map(|t| (t.name.as_str(), t.failing_since.is_some()))
+        .collect();
+    assert_eq!(health, [("dev", false), ("ops", true)]);
+    let pruned = s
+        .prune_alerts(now_ms() + 60_000, 100, now_ms())
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1);
+}
+
+async fn failed_rows_are_digested_once<S: QueueStore + AlertStore + Raw>(s: S) {
+    let every = Duration::ZERO;
+    assert!(
+        s.digest_failed(QueueName::Rebill, now_ms(), every)
+            .await
+            .unwrap()
+            .is_none(),
+        "the first look only starts the window"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for n in 0..2 {
+        let id = insert(&s, &format!("X-{n}"), SELLER).await;
+        claim(&s, 1, LEASE, "t").await;
+        let mut fail = accepted(id, "t", now_ms());
+        fail.status = FinalStatus::Failed;
+        fail.outcome = None;
+        fail.last_message = Some("纳税人识别号不存在".into());
+        s.complete(QueueName::Rebill, &[fail]).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let digest = s
+        .digest_failed(QueueName::Rebill, now_ms(), every)
+        .await
+        .unwrap();
+    let digest = digest.expect("a digest of the two");
+    assert_eq!(digest.count, Some(2));
+    assert_eq!(digest.rows[0].message, "纳税人识别号不存在");
+    assert_eq!(digest.rows[0].seller, SELLER);
+    assert!(s
+        .digest_failed(QueueName::Rebill, now_ms(), every)
+        .await
+        .unwrap()
+        .is_none());
+    let raised = s
+        .number("SELECT COUNT(*) FROM alert_outbox WHERE event = 'rows_failed'")
+        .await;
+    assert_eq!(raised, Some(1));
+}
+
+async fn a_stuck_queue_is_alerted_once_and_its_recovery_too<S: QueueStore + AlertStore + Raw>(
+    s: S,
+) {
+    let after = Duration::from_secs(60);
+    let mut old = job("Y-1", SELLER);
+    old.not_before = Some(now_ms() - 600_000);
+    s.enqueue_rebill(&old, now_ms()).await.unwrap();
+    let stuck = s
+        .watch_stuck(QueueName::Rebill, now_ms(), after)
+        .await
+        .unwrap();
+    let stuck = stuck.expect("stuck for ten minutes");
+    assert_eq!(stuck.count, Some(1));
+    let since = stuck.since.unwrap();
+    assert!(
+        (since - (now_ms() - 600_000)).abs() < 5_000,
+        "since, in the caller's clock"
+    );
+    assert!(s
+        .watch_stuck(QueueName::Rebill, now_ms(), after)
+        .await
+        .unwrap()
+        .is_none());
+    claim(&s, 1, LEASE, "t").await;
+    let moved = s
+        .watch_stuck(QueueName::Rebill, now_ms(), after)
+        .await
+        .unwrap();
+    assert!(matches!(
+        moved.map(|e| e.event),
+        Some(crate::alerts::EventKind::QueueRecovered)
+    ));
+    assert!(s
+        .watch_stuck(QueueName::Rebill, now_ms(), after)
+        .await
+        .unwrap()
+        .is_none());
+}
+
 /// Runs each scenario as one test per backend.
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
@@ -799,6 +958,9 @@ on_both_backends!(
     operators_retry_finished_rows_and_cancel_pending_ones,
     an_operators_pause_holds_the_seller_until_resumed,
     the_rescuer_is_needed_only_for_expired_leases,
+    an_alert_is_delivered_once_and_retried_until_it_is,
+    failed_rows_are_digested_once,
+    a_stuck_queue_is_alerted_once_and_its_recovery_too,
 );
 
 /// What only the server backend has: logins, a clock of its own, notifications.

@@ -10,13 +10,17 @@
 
 use std::future::Future;
 
+use std::time::Duration;
+
 use super::admin::{Enqueued, NewRebill, NewTitle, PauseInfo, QueueCounts};
 use super::claim::{ClaimBatch, ClaimParams};
 use super::complete::Completion;
+use super::outbox::{AlertDelivery, AlertReport, ClaimedAlert};
 use super::pauses::{ClaimPlan, PauseView};
 use super::postgres::PgStore;
 use super::rows::QueueRow;
 use super::{QueueName, Store, StoreError};
+use crate::alerts::Event;
 
 /// Rows this daemon holds, by id and claim token.
 #[derive(Debug, Clone, Copy)]
@@ -352,5 +356,209 @@ impl QueueStore for PgStore {
 
     async fn pauses(&self, now: i64) -> Result<Vec<PauseInfo>, StoreError> {
         PgStore::pauses(self, now).await
+    }
+}
+
+/// The alert outbox and the monitors' memory of a store backend (`alerts/` uses it).
+pub trait AlertStore: Clone + Send + Sync + 'static {
+    /// Writes an event to the outbox in a transaction of its own.
+    fn raise_alert(&self, event: &Event) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Claims up to `limit` due alerts for `lease` under `token`.
+    fn claim_alerts(
+        &self,
+        now: i64,
+        lease: Duration,
+        token: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ClaimedAlert>, StoreError>> + Send;
+
+    /// Records a delivery round; false when the claim was lost.
+    fn finish_alert(
+        &self,
+        id: i64,
+        token: &str,
+        delivered_to: &[String],
+        result: &AlertDelivery,
+        now: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// When the next undelivered alert is due.
+    fn next_alert_due(
+        &self,
+        now: i64,
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
+
+    /// Remembers how a post to a target went.
+    fn record_target(
+        &self,
+        name: &str,
+        error: Option<&str>,
+        now: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The outbox and the targets' health.
+    fn alert_report(
+        &self,
+        now: i64,
+    ) -> impl Future<Output = Result<AlertReport, StoreError>> + Send;
+
+    /// A "rows failed" digest, once across daemons, when one is due.
+    fn digest_failed(
+        &self,
+        queue: QueueName,
+        now: i64,
+        every: Duration,
+    ) -> impl Future<Output = Result<Option<Event>, StoreError>> + Send;
+
+    /// "Queue stuck" / "queue recovered", once per change across daemons.
+    fn watch_stuck(
+        &self,
+        queue: QueueName,
+        now: i64,
+        after: Duration,
+    ) -> impl Future<Output = Result<Option<Event>, StoreError>> + Send;
+
+    /// Deletes one batch of finished alerts; how many.
+    fn prune_alerts(
+        &self,
+        before: i64,
+        batch: u32,
+        now: i64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+impl AlertStore for Store {
+    async fn raise_alert(&self, event: &Event) -> Result<(), StoreError> {
+        Store::raise_alert(self, event).await
+    }
+
+    async fn claim_alerts(
+        &self,
+        now: i64,
+        lease: Duration,
+        token: &str,
+        limit: u32,
+    ) -> Result<Vec<ClaimedAlert>, StoreError> {
+        Store::claim_alerts(self, now, lease, token, limit).await
+    }
+
+    async fn finish_alert(
+        &self,
+        id: i64,
+        token: &str,
+        delivered_to: &[String],
+        result: &AlertDelivery,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        Store::finish_alert(self, id, token, delivered_to, result, now).await
+    }
+
+    async fn next_alert_due(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        let _ = now;
+        Store::next_alert_due(self).await
+    }
+
+    async fn record_target(
+        &self,
+        name: &str,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        Store::record_target(self, name, error, now).await
+    }
+
+    async fn alert_report(&self, now: i64) -> Result<AlertReport, StoreError> {
+        let _ = now;
+        Store::alert_report(self).await
+    }
+
+    async fn digest_failed(
+        &self,
+        queue: QueueName,
+        now: i64,
+        every: Duration,
+    ) -> Result<Option<Event>, StoreError> {
+        Store::digest_failed(self, queue, now, every).await
+    }
+
+    async fn watch_stuck(
+        &self,
+        queue: QueueName,
+        now: i64,
+        after: Duration,
+    ) -> Result<Option<Event>, StoreError> {
+        Store::watch_stuck(self, queue, now, after).await
+    }
+
+    async fn prune_alerts(&self, before: i64, batch: u32, now: i64) -> Result<u64, StoreError> {
+        let _ = now;
+        Store::prune_alerts(self, before, batch).await
+    }
+}
+
+impl AlertStore for PgStore {
+    async fn raise_alert(&self, event: &Event) -> Result<(), StoreError> {
+        PgStore::raise_alert(self, event).await
+    }
+
+    async fn claim_alerts(
+        &self,
+        now: i64,
+        lease: Duration,
+        token: &str,
+        limit: u32,
+    ) -> Result<Vec<ClaimedAlert>, StoreError> {
+        PgStore::claim_alerts(self, now, lease, token, limit).await
+    }
+
+    async fn finish_alert(
+        &self,
+        id: i64,
+        token: &str,
+        delivered_to: &[String],
+        result: &AlertDelivery,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        PgStore::finish_alert(self, id, token, delivered_to, result, now).await
+    }
+
+    async fn next_alert_due(&self, now: i64) -> Result<Option<i64>, StoreError> {
+        PgStore::next_alert_due(self, now).await
+    }
+
+    async fn record_target(
+        &self,
+        name: &str,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        PgStore::record_target(self, name, error, now).await
+    }
+
+    async fn alert_report(&self, now: i64) -> Result<AlertReport, StoreError> {
+        PgStore::alert_report(self, now).await
+    }
+
+    async fn digest_failed(
+        &self,
+        queue: QueueName,
+        now: i64,
+        every: Duration,
+    ) -> Result<Option<Event>, StoreError> {
+        PgStore::digest_failed(self, queue, now, every).await
+    }
+
+    async fn watch_stuck(
+        &self,
+        queue: QueueName,
+        now: i64,
+        after: Duration,
+    ) -> Result<Option<Event>, StoreError> {
+        PgStore::watch_stuck(self, queue, now, after).await
+    }
+
+    async fn prune_alerts(&self, before: i64, batch: u32, now: i64) -> Result<u64, StoreError> {
+        PgStore::prune_alerts(self, before, batch, now).await
     }
 }

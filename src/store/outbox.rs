@@ -106,6 +106,55 @@ pub enum AlertDelivery {
     },
 }
 
+impl AlertDelivery {
+    /// The outbox row's `status`, next attempt time and last error after this round.
+    pub(crate) fn row_values(&self, now: i64) -> (&'static str, i64, Option<&str>) {
+        match self {
+            AlertDelivery::Delivered => ("delivered", now, None),
+            AlertDelivery::Retry { at, error } => ("pending", *at, Some(error.as_str())),
+            AlertDelivery::GiveUp { error } => ("given_up", now, Some(error.as_str())),
+        }
+    }
+}
+
+/// The "rows failed" digest of `count` rows since `since`, with the first of them
+/// (id, order, seller, message).
+pub(crate) fn rows_failed_event(
+    queue: QueueName,
+    now: i64,
+    count: i64,
+    since: i64,
+    rows: Vec<(i64, String, String, String)>,
+) -> Event {
+    let mut event = Event::new(EventKind::RowsFailed, queue.as_str(), now);
+    event.count = Some(count);
+    event.since = Some(since);
+    event.rows = rows
+        .into_iter()
+        .map(|(id, order, seller, message)| FailedRow {
+            id,
+            order,
+            seller,
+            message,
+        })
+        .collect();
+    event
+}
+
+/// "Queue stuck" since `since` with `due` rows waiting, or (`due` = `None`) "queue
+/// recovered" from being stuck since `since`.
+pub(crate) fn stuck_event(queue: QueueName, now: i64, since: i64, due: Option<i64>) -> Event {
+    let kind = if due.is_some() {
+        EventKind::QueueStuck
+    } else {
+        EventKind::QueueRecovered
+    };
+    let mut e = Event::new(kind, queue.as_str(), now);
+    e.since = Some(since);
+    e.count = due;
+    e
+}
+
 /// How one alert target fared last.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct TargetHealth {
@@ -187,11 +236,7 @@ impl Store {
         result: &AlertDelivery,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let (status, next, error) = match result {
-            AlertDelivery::Delivered => ("delivered", now, None),
-            AlertDelivery::Retry { at, error } => ("pending", *at, Some(error.as_str())),
-            AlertDelivery::GiveUp { error } => ("given_up", now, Some(error.as_str())),
-        };
+        let (status, next, error) = result.row_values(now);
         let delivered = serde_json::to_string(delivered_to).unwrap_or_else(|_| "[]".into());
         let _turn = self.write_turn().await;
         let done = sqlx::query(FINISH)
@@ -295,18 +340,7 @@ impl Store {
             .bind(MAX_EXAMPLES as i64)
             .fetch_all(self.pool())
             .await?;
-        let mut event = Event::new(EventKind::RowsFailed, queue.as_str(), now);
-        event.count = Some(count);
-        event.since = Some(since);
-        event.rows = rows
-            .into_iter()
-            .map(|(id, order, seller, message)| FailedRow {
-                id,
-                order,
-                seller,
-                message,
-            })
-            .collect();
+        let event = rows_failed_event(queue, now, count, since, rows);
         Ok(self
             .swap_and_raise(&key, since, now, &event)
             .await?
@@ -345,16 +379,9 @@ impl Store {
                     .bind(now)
                     .fetch_one(self.pool())
                     .await?;
-                let mut e = Event::new(EventKind::QueueStuck, queue.as_str(), now);
-                e.since = Some(since);
-                e.count = Some(count);
-                e
+                stuck_event(queue, now, since, Some(count))
             }
-            (stuck_at, None) if stuck_at != 0 => {
-                let mut e = Event::new(EventKind::QueueRecovered, queue.as_str(), now);
-                e.since = Some(stuck_at);
-                e
-            }
+            (stuck_at, None) if stuck_at != 0 => stuck_event(queue, now, stuck_at, None),
             _ => return Ok(None),
         };
         self.init_state(&key, 0, now).await?;

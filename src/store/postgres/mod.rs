@@ -15,6 +15,7 @@ pub mod cluster;
 mod faults;
 pub mod housekeeping;
 pub mod listen;
+mod outbox;
 mod queue;
 mod sql;
 

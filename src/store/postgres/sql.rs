@@ -43,6 +43,15 @@ pub(super) struct QueueSql {
     pub complete_batch: String,
     /// Attempts as arrays, `$1` … `$11`: records them.
     pub history_of_batch: String,
+    /// `$1` after, `$2` until: how many rows became `failed` in that window.
+    pub failed_between_count: String,
+    /// `$1` after, `$2` until, `$3` limit: the first of them (id, order, seller, message).
+    pub failed_between: String,
+    /// `$1` now, `$2` queue name: the oldest due time of a pending row whose seller is not
+    /// paused.
+    pub oldest_due_unpaused: String,
+    /// `$1` now: how many pending rows are due.
+    pub due_count: String,
 }
 
 /// The history table's columns, in the order every recording statement fills them.
@@ -189,6 +198,22 @@ impl QueueSql {
                 "{HISTORY_INSERT} SELECT '{q}', h.* FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], \
                    $4::BIGINT[], $5::BIGINT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], \
                    $11::BIGINT[]) AS h"
+            ),
+            failed_between_count: format!(
+                "SELECT COUNT(*) FROM {t} WHERE status = 'failed' AND finished_at > $1 AND finished_at <= $2"
+            ),
+            failed_between: format!(
+                "SELECT id, {order}, {seller}, COALESCE(last_message, '') \
+                 FROM {t} WHERE status = 'failed' AND finished_at > $1 AND finished_at <= $2 \
+                 ORDER BY finished_at LIMIT $3",
+                order = queue.order_column()
+            ),
+            oldest_due_unpaused: format!(
+                "SELECT MIN(next_attempt_at) FROM {t} WHERE status = 'pending' AND next_attempt_at <= $1 \
+                 AND {seller} NOT IN (SELECT p.scope FROM pauses p WHERE p.queue = $2)"
+            ),
+            due_count: format!(
+                "SELECT COUNT(*) FROM {t} WHERE status = 'pending' AND next_attempt_at <= $1"
             ),
         }
     }
