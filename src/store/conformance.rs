@@ -9,7 +9,8 @@ use super::admin::{Enqueued, NewRebill, NewTitle};
 use super::claim::{ClaimBatch, ClaimParams};
 use super::complete::{Completion, FinalStatus};
 use super::driver::{
-    AlertStore, HeldParams, PauseParams, PruneParams, QueueStore, RenewParams, RescueParams,
+    AlertStore, HeldParams, InspectStore, PauseParams, PruneParams, QueueStore, RenewParams,
+    RescueParams,
 };
 use super::pauses::{ClaimPlan, PauseChange, PauseRecord, ProbeStep};
 use super::postgres::PgStore;
@@ -910,6 +911,94 @@ async fn a_stuck_queue_is_alerted_once_and_its_recovery_too<S: QueueStore + Aler
         .is_none());
 }
 
+async fn an_attempt_is_in_the_rows_history_and_its_minute<S: QueueStore + InspectStore + Raw>(
+    s: S,
+) {
+    use crate::store::history::AttemptFacts;
+    let id = insert(&s, "H-9", SELLER).await;
+    claim(&s, 1, LEASE, "t").await;
+    let now = now_ms();
+    let mut c = retry_in(id, "t", now, 60_000);
+    c.attempt = Some(AttemptFacts {
+        attempt: 1,
+        instance: "host-a".into(),
+        started_at: now - 120,
+        duration_ms: 118,
+        http_status: 200,
+        action: "retry",
+        message: "系统繁忙".into(),
+    });
+    s.complete(QueueName::Rebill, &[c]).await.unwrap();
+    let history = s.attempt_history(QueueName::Rebill, id).await.unwrap();
+    assert_eq!(history.len(), 1);
+    let h = &history[0];
+    assert_eq!(
+        (h.attempt, h.http_status, h.action.as_str()),
+        (1, 200, "retry")
+    );
+    assert_eq!(
+        (h.status.as_str(), h.instance.as_deref()),
+        ("pending", Some("host-a"))
+    );
+    assert_eq!(
+        (h.code.as_deref(), h.message.as_deref()),
+        (Some("9999"), Some("系统繁忙"))
+    );
+    assert_eq!(h.duration_ms, Some(118));
+    let minutes = s
+        .attempts_per_minute(QueueName::Rebill, now - 120_000)
+        .await
+        .unwrap();
+    assert_eq!(minutes.iter().map(|m| m.attempts).sum::<i64>(), 1);
+    let detail = s
+        .show(QueueName::Rebill, id)
+        .await
+        .unwrap()
+        .expect("the row");
+    assert_eq!(detail.value("orderno"), Some("H-9"));
+    assert_eq!(detail.value("status"), Some("pending"));
+    assert_eq!(detail.value("invoice_no"), None);
+    assert_eq!(detail.history, history);
+    assert!(s
+        .show(QueueName::Rebill, id + 1000)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        s.prune_minutes(now + 120_000).await.unwrap(),
+        minutes.len() as u64
+    );
+    assert_eq!(
+        s.prune_orphaned_history().await.unwrap(),
+        0,
+        "its row is there"
+    );
+    s.optimize().await.unwrap();
+}
+
+async fn a_title_row_shows_its_private_fields_masked<S: QueueStore + InspectStore + Raw>(s: S) {
+    let mut t = NewTitle::default();
+    t.fields.order_no = "T-9".into();
+    t.fields.invoice_type = "1".into();
+    t.fields.gmf_mc = "上海某某有限公司".into();
+    t.fields.gmf_dh = Some("13800138000".into());
+    t.fields.gmf_yhzh = Some("6222021234567890123".into());
+    let id = s.enqueue_title(&t).await.unwrap();
+    let detail = s
+        .show(QueueName::Title, id)
+        .await
+        .unwrap()
+        .expect("the row");
+    assert_eq!(detail.value("gmf_mc"), Some("上海某某有限公司"));
+    for private in ["gmf_dh", "gmf_yhzh"] {
+        let shown = detail.value(private).unwrap();
+        assert!(
+            !shown.contains("13800138000") && !shown.contains("6222021234567890123"),
+            "{private}: {shown}"
+        );
+    }
+}
+
 /// Runs each scenario as one test per backend.
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
@@ -961,6 +1050,8 @@ on_both_backends!(
     an_alert_is_delivered_once_and_retried_until_it_is,
     failed_rows_are_digested_once,
     a_stuck_queue_is_alerted_once_and_its_recovery_too,
+    an_attempt_is_in_the_rows_history_and_its_minute,
+    a_title_row_shows_its_private_fields_masked,
 );
 
 /// What only the server backend has: logins, a clock of its own, notifications.

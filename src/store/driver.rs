@@ -15,10 +15,12 @@ use std::time::Duration;
 use super::admin::{Enqueued, NewRebill, NewTitle, PauseInfo, QueueCounts};
 use super::claim::{ClaimBatch, ClaimParams};
 use super::complete::Completion;
+use super::history::{HistoryEntry, MinuteCount};
 use super::outbox::{AlertDelivery, AlertReport, ClaimedAlert};
 use super::pauses::{ClaimPlan, PauseView};
 use super::postgres::PgStore;
 use super::rows::QueueRow;
+use super::show::RowDetail;
 use super::{QueueName, Store, StoreError};
 use crate::alerts::Event;
 
@@ -560,5 +562,106 @@ impl AlertStore for PgStore {
 
     async fn prune_alerts(&self, before: i64, batch: u32, now: i64) -> Result<u64, StoreError> {
         PgStore::prune_alerts(self, before, batch, now).await
+    }
+}
+
+/// What operators read of rows and attempts, and the history's housekeeping.
+pub trait InspectStore: Clone + Send + Sync + 'static {
+    /// One row with every column and its history; `None` if there is none.
+    fn show(
+        &self,
+        queue: QueueName,
+        id: i64,
+    ) -> impl Future<Output = Result<Option<RowDetail>, StoreError>> + Send;
+
+    /// A row's recorded attempts, oldest first.
+    fn attempt_history(
+        &self,
+        queue: QueueName,
+        id: i64,
+    ) -> impl Future<Output = Result<Vec<HistoryEntry>, StoreError>> + Send;
+
+    /// A queue's attempts per minute since `since`.
+    fn attempts_per_minute(
+        &self,
+        queue: QueueName,
+        since: i64,
+    ) -> impl Future<Output = Result<Vec<MinuteCount>, StoreError>> + Send;
+
+    /// Deletes per-minute counts older than `before`; how many.
+    fn prune_minutes(&self, before: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Deletes history whose row is gone; how many.
+    fn prune_orphaned_history(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Refreshes the planner's statistics.
+    fn optimize(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+impl InspectStore for Store {
+    async fn show(&self, queue: QueueName, id: i64) -> Result<Option<RowDetail>, StoreError> {
+        Store::show(self, queue, id).await
+    }
+
+    async fn attempt_history(
+        &self,
+        queue: QueueName,
+        id: i64,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        Store::attempt_history(self, queue, id).await
+    }
+
+    async fn attempts_per_minute(
+        &self,
+        queue: QueueName,
+        since: i64,
+    ) -> Result<Vec<MinuteCount>, StoreError> {
+        Store::attempts_per_minute(self, queue, since).await
+    }
+
+    async fn prune_minutes(&self, before: i64) -> Result<u64, StoreError> {
+        Store::prune_minutes(self, before).await
+    }
+
+    async fn prune_orphaned_history(&self) -> Result<u64, StoreError> {
+        Store::prune_orphaned_history(self).await
+    }
+
+    async fn optimize(&self) -> Result<(), StoreError> {
+        Store::optimize(self).await
+    }
+}
+
+impl InspectStore for PgStore {
+    async fn show(&self, queue: QueueName, id: i64) -> Result<Option<RowDetail>, StoreError> {
+        PgStore::show(self, queue, id).await
+    }
+
+    async fn attempt_history(
+        &self,
+        queue: QueueName,
+        id: i64,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        PgStore::attempt_history(self, queue, id).await
+    }
+
+    async fn attempts_per_minute(
+        &self,
+        queue: QueueName,
+        since: i64,
+    ) -> Result<Vec<MinuteCount>, StoreError> {
+        PgStore::attempts_per_minute(self, queue, since).await
+    }
+
+    async fn prune_minutes(&self, before: i64) -> Result<u64, StoreError> {
+        PgStore::prune_minutes(self, before).await
+    }
+
+    async fn prune_orphaned_history(&self) -> Result<u64, StoreError> {
+        PgStore::prune_orphaned_history(self).await
+    }
+
+    async fn optimize(&self) -> Result<(), StoreError> {
+        PgStore::optimize(self).await
     }
 }

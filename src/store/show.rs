@@ -36,6 +36,31 @@ fn columns_as_object<S: serde::Serializer>(
 }
 
 impl RowDetail {
+    /// A row's detail from its columns as text, the private title fields masked.
+    pub(crate) fn masked(
+        queue: QueueName,
+        id: i64,
+        columns: Vec<(String, Option<String>)>,
+        history: Vec<HistoryEntry>,
+    ) -> RowDetail {
+        let columns = columns
+            .into_iter()
+            .map(|(name, value)| {
+                let value = value.map(|v| match queue {
+                    QueueName::Title => crate::title_fields::mask_column(&name, &v),
+                    QueueName::Rebill => v,
+                });
+                (name, value)
+            })
+            .collect();
+        RowDetail {
+            queue,
+            id,
+            columns,
+            history,
+        }
+    }
+
     /// The value of `column`, if it is set.
     pub fn value(&self, column: &str) -> Option<&str> {
         self.columns
@@ -69,19 +94,9 @@ impl Store {
         };
         let mut columns = Vec::with_capacity(names.len());
         for (i, (name,)) in names.into_iter().enumerate() {
-            let value: Option<String> = row.try_get(i)?;
-            let value = value.map(|v| match queue {
-                QueueName::Title => crate::title_fields::mask_column(&name, &v),
-                QueueName::Rebill => v,
-            });
-            columns.push((name, value));
+            columns.push((name, row.try_get(i)?));
         }
         let history = self.attempt_history(queue, id).await?;
-        Ok(Some(RowDetail {
-            queue,
-            id,
-            columns,
-            history,
-        }))
+        Ok(Some(RowDetail::masked(queue, id, columns, history)))
     }
 }

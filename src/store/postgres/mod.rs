@@ -13,6 +13,7 @@ mod admin;
 pub mod cluster;
 #[cfg(test)]
 mod faults;
+mod history;
 pub mod housekeeping;
 pub mod listen;
 mod outbox;
