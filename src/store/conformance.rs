@@ -999,6 +999,49 @@ async fn a_title_row_shows_its_private_fields_masked<S: QueueStore + InspectStor
     }
 }
 
+async fn failed_rows_are_listed_and_retried_all_or_by_seller<S: QueueStore + Raw>(s: S) {
+    let now = now_ms();
+    s.exec(&format!(
+        "INSERT INTO rebill_orders (orderno, tax_num, status, attempts, finished_at, last_message) VALUES \
+         ('Z-1', '{SELLER}', 'failed', 5, {now}, '授权已过期'), ('Z-2', '{OTHER}', 'failed', 5, {now}, 'x'), \
+         ('Z-3', '{OTHER}', 'failed', 5, {now}, 'x'), ('Z-4', '{OTHER}', 'done', 1, {now}, 'ok')"
+    ))
+    .await
+    .unwrap();
+    let failed = s.list(QueueName::Rebill, Some("failed"), 10).await.unwrap();
+    let orders: Vec<&str> = failed.iter().map(|r| r.order.as_str()).collect();
+    assert_eq!(orders, ["Z-3", "Z-2", "Z-1"], "newest first");
+    let first = &failed[2];
+    assert_eq!((first.key.as_deref(), first.attempts), (Some(SELLER), 5));
+    assert_eq!(first.last_message.as_deref(), Some("授权已过期"));
+    assert_eq!(
+        (first.finished_at, first.problem.as_deref()),
+        (Some(now), None)
+    );
+    assert_eq!(
+        s.list(QueueName::Rebill, None, 2).await.unwrap().len(),
+        2,
+        "the limit"
+    );
+    assert_eq!(
+        s.retry_failed(QueueName::Rebill, Some(SELLER))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(s.retry_failed(QueueName::Rebill, None).await.unwrap(), 2);
+    assert_eq!(s.retry_failed(QueueName::Rebill, None).await.unwrap(), 0);
+    let pending = s
+        .list(QueueName::Rebill, Some("pending"), 10)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 3);
+    assert!(pending
+        .iter()
+        .all(|r| r.attempts == 0 && r.finished_at.is_none()));
+    assert_eq!(claim(&s, 8, LEASE, "t").await.rows.len(), 3, "due at once");
+}
+
 /// Runs each scenario as one test per backend.
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
@@ -1052,6 +1095,7 @@ on_both_backends!(
     a_stuck_queue_is_alerted_once_and_its_recovery_too,
     an_attempt_is_in_the_rows_history_and_its_minute,
     a_title_row_shows_its_private_fields_masked,
+    failed_rows_are_listed_and_retried_all_or_by_seller,
 );
 
 /// What only the server backend has: logins, a clock of its own, notifications.

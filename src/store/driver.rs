@@ -12,7 +12,7 @@ use std::future::Future;
 
 use std::time::Duration;
 
-use super::admin::{Enqueued, NewRebill, NewTitle, PauseInfo, QueueCounts};
+use super::admin::{Enqueued, NewRebill, NewTitle, PauseInfo, QueueCounts, RowSummary};
 use super::claim::{ClaimBatch, ClaimParams};
 use super::complete::Completion;
 use super::history::{HistoryEntry, MinuteCount};
@@ -174,6 +174,21 @@ pub trait QueueStore: Clone + Send + Sync + 'static {
         ids: &[i64],
     ) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
 
+    /// Every failed row (of one seller, when given) pending again; how many.
+    fn retry_failed(
+        &self,
+        queue: QueueName,
+        seller: Option<&str>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Rows newest first, optionally of one status.
+    fn list(
+        &self,
+        queue: QueueName,
+        status: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<RowSummary>, StoreError>> + Send;
+
     /// Pending rows cancelled; the ids changed.
     fn cancel(
         &self,
@@ -266,6 +281,26 @@ impl QueueStore for Store {
         Store::cancel(self, queue, ids).await
     }
 
+    async fn retry_failed(
+        &self,
+        queue: QueueName,
+        seller: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        match seller {
+            Some(seller) => Store::retry_failed_of_seller(self, queue, seller).await,
+            None => Store::retry_all_failed(self, queue).await,
+        }
+    }
+
+    async fn list(
+        &self,
+        queue: QueueName,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RowSummary>, StoreError> {
+        Store::list(self, queue, status, limit).await
+    }
+
     async fn pause(&self, p: PauseParams<'_>) -> Result<(), StoreError> {
         Store::pause(self, p.queue, p.scope, p.until, p.reason).await
     }
@@ -346,6 +381,23 @@ impl QueueStore for PgStore {
 
     async fn cancel(&self, queue: QueueName, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
         PgStore::cancel(self, queue, ids).await
+    }
+
+    async fn retry_failed(
+        &self,
+        queue: QueueName,
+        seller: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        PgStore::retry_failed(self, queue, seller).await
+    }
+
+    async fn list(
+        &self,
+        queue: QueueName,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RowSummary>, StoreError> {
+        PgStore::list(self, queue, status, limit).await
     }
 
     async fn pause(&self, p: PauseParams<'_>) -> Result<(), StoreError> {

@@ -2,8 +2,13 @@
 //! list. Times shown are moved into the caller's clock; changes use the database's.
 
 use super::{ClockBoundary, PgStore};
-use crate::store::admin::{PauseInfo, QueueCounts};
+use crate::store::admin::{PauseInfo, QueueCounts, RowSummary};
 use crate::store::{pauses, QueueName, StoreError};
+
+/// What an operator's retry sets: pending again now, with a fresh attempt budget (the 24 h
+/// window of recent attempts is kept).
+const RETRY_SET: &str = "status = 'pending', outcome = NULL, attempts = 0, confirm_since = NULL, \
+     next_attempt_at = invoice_worker_now_ms(), updated_at = invoice_worker_now_ms(), finished_at = NULL";
 
 impl PgStore {
     /// Counts per status and the oldest due pending row's age.
@@ -72,12 +77,57 @@ impl PgStore {
     pub async fn retry(&self, queue: QueueName, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
         self.update_ids(
             queue,
-            "status = 'pending', outcome = NULL, attempts = 0, confirm_since = NULL, \
-             next_attempt_at = invoice_worker_now_ms(), updated_at = invoice_worker_now_ms(), finished_at = NULL",
+            RETRY_SET,
             "status IN ('failed', 'rejected', 'cancelled')",
             ids,
         )
         .await
+    }
+
+    /// Makes every `failed` row of `queue` (of one seller, when given) pending again;
+    /// how many.
+    pub async fn retry_failed(
+        &self,
+        queue: QueueName,
+        seller: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(&format!(
+            "UPDATE {t} SET {RETRY_SET} WHERE status = 'failed' AND ($1::TEXT IS NULL OR {seller} = $1)",
+            t = queue.table(),
+            seller = queue.seller_expr()
+        ))
+        .bind(seller)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::classify_pg)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Rows of a queue, newest first, optionally of one status. (Typed columns: a value of
+    /// the wrong type cannot be stored, so `problem` is always empty here.)
+    pub async fn list(
+        &self,
+        queue: QueueName,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RowSummary>, StoreError> {
+        let key = match queue {
+            QueueName::Rebill => "tax_num",
+            QueueName::Title => "ttqqlsh",
+        };
+        Ok(sqlx::query_as(&format!(
+            "SELECT id, {order} AS \"order\", {key} AS key, status, outcome, attempts, next_attempt_at, \
+               last_code, last_message, invoice_no, invoice_down_url, updated_at, finished_at, \
+               CASE WHEN finished_at IS NULL THEN 'null' ELSE 'integer' END AS finished_type, \
+               finished_at::FLOAT8 AS finished_num, NULL::TEXT AS problem \
+             FROM {t} WHERE ($1::TEXT IS NULL OR status = $1) ORDER BY id DESC LIMIT $2",
+            order = queue.order_column(),
+            t = queue.table()
+        ))
+        .bind(status)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Cancels pending rows (running rows finish their attempt first). The ids changed.
