@@ -271,6 +271,15 @@ impl ClockBoundary {
         })
     }
 
+    /// The same database reading for a caller whose clock said `caller_now` (the items
+    /// of one batch each carry their own now).
+    pub fn for_caller(self, caller_now: i64) -> ClockBoundary {
+        ClockBoundary {
+            database_now: self.database_now,
+            caller_now,
+        }
+    }
+
     /// A time in the caller's clock, in the database's.
     pub fn inbound(self, caller_time: i64) -> i64 {
         caller_time

@@ -304,7 +304,10 @@ impl PgStore {
             {
                 h.row_id.push(c.id);
                 h.attempt.push(a.attempt);
-                h.started_at.push(clock.inbound(a.started_at));
+                // Each attempt's times are moved by its own completion's now (as the row's
+                // are in `complete_rows`).
+                let own = clock.for_caller(c.now);
+                h.started_at.push(own.inbound(a.started_at));
                 h.duration_ms.push(a.duration_ms);
                 h.http_status.push(a.http_status);
                 h.code.push(c.last_code.clone());
@@ -312,7 +315,7 @@ impl PgStore {
                 h.action.push(a.action);
                 h.status.push(c.status.as_str());
                 h.instance.push(a.instance.to_string());
-                h.recorded_at.push(clock.inbound(c.now));
+                h.recorded_at.push(own.inbound(c.now));
             }
             if !h.row_id.is_empty() {
                 sqlx::query(&sql.history_of_batch)
@@ -511,13 +514,7 @@ async fn complete_rows(
     clock: ClockBoundary,
 ) -> Result<Vec<bool>, StoreError> {
     // Each item's times are the same distance from the database's now as from its own.
-    let moved = |c: &Completion, t: i64| {
-        ClockBoundary {
-            database_now: clock.database_now,
-            caller_now: c.now,
-        }
-        .inbound(t)
-    };
+    let moved = |c: &Completion, t: i64| clock.for_caller(c.now).inbound(t);
     let done: Vec<(i64,)> = sqlx::query_as(&sql.complete_batch)
         .bind(items.iter().map(|c| c.id).collect::<Vec<_>>())
         .bind(
