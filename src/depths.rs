@@ -1,8 +1,8 @@
 //! Queue depths for `/metrics`, systemd's `STATUS=` and the console, counted by the daemon
 //! in the background so that no request counts rows. Active rows (pending, running) are
 //! counted through their partial indexes; finished rows cost O(rows) to count, so each kind
-//! is counted again only after a pause of at least 500 times what counting it last cost
-//! (at most 0.2 % of a core, however big the tables grow).
+//! is counted again only after a pause of at least 500 times what counting it cost (at most
+//! 0.2 % of a core, however big the tables grow; never more than 5 minutes apart).
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -18,6 +18,29 @@ const EVERY: Duration = Duration::from_secs(2);
 
 /// A count may take at most this share of the time (1/500 = 0.2 %).
 const COST_FACTOR: u32 = 500;
+
+/// The longest time between two counts of the same kind, however costly counting was.
+const MOST: Duration = Duration::from_secs(300);
+
+/// The cost of a kind of count, as the least of its last three: a count measured in wall
+/// time that the machine stalled (a loaded host, a busy runtime, a cold first connection)
+/// must not hold the next one off for 500 times the stall. One sample on its own once made
+/// a test's finished counts wait over 20 s on a loaded CI machine.
+#[derive(Debug, Default)]
+struct Cost {
+    recent: [Duration; 3],
+    next: usize,
+}
+
+impl Cost {
+    /// Records a count's cost; the pause before the next count of its kind.
+    fn pause_after(&mut self, cost: Duration) -> Duration {
+        self.recent[self.next] = cost;
+        self.next = (self.next + 1) % self.recent.len();
+        let least = self.recent.iter().min().copied().unwrap_or_default();
+        EVERY.max(least * COST_FACTOR).min(MOST)
+    }
+}
 
 /// The latest counts of every queue, and the pauses.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -121,17 +144,19 @@ impl Depths {
     }
 
     /// Keeps the counts fresh until `stop`: active rows every 2 s (or 500 times their cost),
-    /// finished rows likewise by their own cost. A failed count is logged and tried again.
+    /// finished rows likewise by their own cost (the least of the last three, at most 5
+    /// minutes apart). A failed count is logged and tried again.
     pub async fn run(self, store: Store, clock: crate::clock::Clock, stop: CancellationToken) {
         let mut finished_due = Instant::now();
+        let (mut active_cost, mut finished_cost) = (Cost::default(), Cost::default());
         loop {
             let count_finished = Instant::now() >= finished_due;
             let pause = match self.refresh(&store, clock.now_ms(), count_finished).await {
                 Ok((active, finished)) => {
                     if count_finished {
-                        finished_due = Instant::now() + EVERY.max(finished * COST_FACTOR);
+                        finished_due = Instant::now() + finished_cost.pause_after(finished);
                     }
-                    EVERY.max(active * COST_FACTOR)
+                    active_cost.pause_after(active)
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot count the queues; trying again");
@@ -208,6 +233,30 @@ pub fn status_line(snapshot: &Snapshot) -> String {
 mod tests {
     use super::*;
     use crate::store::test_support::{accepted, claim_rebill, insert_due, temp_store};
+
+    #[test]
+    fn one_stalled_count_does_not_hold_the_next_off() {
+        let mut cost = Cost::default();
+        // A cold first count that took a second: the next one still comes after 2 s.
+        assert_eq!(cost.pause_after(Duration::from_secs(1)), EVERY);
+        assert_eq!(cost.pause_after(Duration::from_micros(300)), EVERY);
+        // Counting is costly for good (a big table): 500 times, once every sample says so.
+        assert_eq!(cost.pause_after(Duration::from_millis(20)), EVERY);
+        assert_eq!(
+            cost.pause_after(Duration::from_millis(20)),
+            EVERY,
+            "the 0.3 ms one is still recent"
+        );
+        assert_eq!(
+            cost.pause_after(Duration::from_millis(20)),
+            Duration::from_secs(10)
+        );
+        // And never more than five minutes apart.
+        for _ in 0..3 {
+            cost.pause_after(Duration::from_secs(30));
+        }
+        assert_eq!(cost.pause_after(Duration::from_secs(30)), MOST);
+    }
 
     #[tokio::test]
     async fn finished_counts_are_kept_between_their_refreshes_and_active_ones_move() {
