@@ -39,6 +39,7 @@ impl PgStore {
             .fetch_one(&mut *tx)
             .await?;
         if !locked {
+            tx.rollback().await?;
             return Ok(None);
         }
         let taken: Option<(i64,)> = sqlx::query_as(
@@ -52,7 +53,13 @@ impl PgStore {
         .bind(instance)
         .fetch_optional(&mut *tx)
         .await?;
-        Ok(taken.map(|_| HousekeepingTurn { tx }))
+        if taken.is_none() {
+            // Ended here, not when the dropped transaction's connection is next used:
+            // until then its lock would make this daemon's own next look find it taken.
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        Ok(Some(HousekeepingTurn { tx }))
     }
 
     /// Deletes up to `batch` rows of `queue` in one of `statuses` that finished before
