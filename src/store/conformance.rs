@@ -26,41 +26,29 @@ trait Raw {
     async fn text(&self, sql: &str) -> Option<String>;
 }
 
-impl Raw for Store {
-    async fn exec(&self, sql: &str) -> Result<u64, StoreError> {
-        let done = sqlx::query(sql)
-            .execute(self.pool())
-            .await
-            .map_err(StoreError::classify)?;
-        Ok(done.rows_affected())
-    }
-    async fn number(&self, sql: &str) -> Option<i64> {
-        let (v,): (Option<i64>,) = sqlx::query_as(sql).fetch_one(self.pool()).await.expect(sql);
-        v
-    }
-    async fn text(&self, sql: &str) -> Option<String> {
-        let (v,): (Option<String>,) = sqlx::query_as(sql).fetch_one(self.pool()).await.expect(sql);
-        v
-    }
+/// Both stores' raw access, each sorting its own constraint errors.
+macro_rules! raw_for {
+    ($($store:ty => $classify:path),*) => {$(
+        impl Raw for $store {
+            async fn exec(&self, sql: &str) -> Result<u64, StoreError> {
+                let done = sqlx::query(sql).execute(self.pool()).await.map_err($classify)?;
+                Ok(done.rows_affected())
+            }
+            async fn number(&self, sql: &str) -> Option<i64> {
+                let (v,): (Option<i64>,) =
+                    sqlx::query_as(sql).fetch_one(self.pool()).await.expect(sql);
+                v
+            }
+            async fn text(&self, sql: &str) -> Option<String> {
+                let (v,): (Option<String>,) =
+                    sqlx::query_as(sql).fetch_one(self.pool()).await.expect(sql);
+                v
+            }
+        }
+    )*};
 }
 
-impl Raw for PgStore {
-    async fn exec(&self, sql: &str) -> Result<u64, StoreError> {
-        let done = sqlx::query(sql)
-            .execute(self.pool())
-            .await
-            .map_err(StoreError::classify_pg)?;
-        Ok(done.rows_affected())
-    }
-    async fn number(&self, sql: &str) -> Option<i64> {
-        let (v,): (Option<i64>,) = sqlx::query_as(sql).fetch_one(self.pool()).await.expect(sql);
-        v
-    }
-    async fn text(&self, sql: &str) -> Option<String> {
-        let (v,): (Option<String>,) = sqlx::query_as(sql).fetch_one(self.pool()).await.expect(sql);
-        v
-    }
-}
+raw_for!(Store => StoreError::classify, PgStore => StoreError::classify_pg);
 
 const SELLER: &str = "91310117568051222X";
 const OTHER: &str = "91110108MA01AAAA0X";

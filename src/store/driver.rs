@@ -650,70 +650,43 @@ pub trait InspectStore: Clone + Send + Sync + 'static {
     fn optimize(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-impl InspectStore for Store {
-    async fn show(&self, queue: QueueName, id: i64) -> Result<Option<RowDetail>, StoreError> {
-        Store::show(self, queue, id).await
-    }
+/// The two stores' inspect operations have the same signatures: one delegation each.
+macro_rules! inspect_store_for {
+    ($($store:ty),*) => {$(
+        impl InspectStore for $store {
+            async fn show(&self, queue: QueueName, id: i64) -> Result<Option<RowDetail>, StoreError> {
+                <$store>::show(self, queue, id).await
+            }
 
-    async fn attempt_history(
-        &self,
-        queue: QueueName,
-        id: i64,
-    ) -> Result<Vec<HistoryEntry>, StoreError> {
-        Store::attempt_history(self, queue, id).await
-    }
+            async fn attempt_history(
+                &self,
+                queue: QueueName,
+                id: i64,
+            ) -> Result<Vec<HistoryEntry>, StoreError> {
+                <$store>::attempt_history(self, queue, id).await
+            }
 
-    async fn attempts_per_minute(
-        &self,
-        queue: QueueName,
-        since: i64,
-    ) -> Result<Vec<MinuteCount>, StoreError> {
-        Store::attempts_per_minute(self, queue, since).await
-    }
+            async fn attempts_per_minute(
+                &self,
+                queue: QueueName,
+                since: i64,
+            ) -> Result<Vec<MinuteCount>, StoreError> {
+                <$store>::attempts_per_minute(self, queue, since).await
+            }
 
-    async fn prune_minutes(&self, before: i64) -> Result<u64, StoreError> {
-        Store::prune_minutes(self, before).await
-    }
+            async fn prune_minutes(&self, before: i64) -> Result<u64, StoreError> {
+                <$store>::prune_minutes(self, before).await
+            }
 
-    async fn prune_orphaned_history(&self) -> Result<u64, StoreError> {
-        Store::prune_orphaned_history(self).await
-    }
+            async fn prune_orphaned_history(&self) -> Result<u64, StoreError> {
+                <$store>::prune_orphaned_history(self).await
+            }
 
-    async fn optimize(&self) -> Result<(), StoreError> {
-        Store::optimize(self).await
-    }
+            async fn optimize(&self) -> Result<(), StoreError> {
+                <$store>::optimize(self).await
+            }
+        }
+    )*};
 }
 
-impl InspectStore for PgStore {
-    async fn show(&self, queue: QueueName, id: i64) -> Result<Option<RowDetail>, StoreError> {
-        PgStore::show(self, queue, id).await
-    }
-
-    async fn attempt_history(
-        &self,
-        queue: QueueName,
-        id: i64,
-    ) -> Result<Vec<HistoryEntry>, StoreError> {
-        PgStore::attempt_history(self, queue, id).await
-    }
-
-    async fn attempts_per_minute(
-        &self,
-        queue: QueueName,
-        since: i64,
-    ) -> Result<Vec<MinuteCount>, StoreError> {
-        PgStore::attempts_per_minute(self, queue, since).await
-    }
-
-    async fn prune_minutes(&self, before: i64) -> Result<u64, StoreError> {
-        PgStore::prune_minutes(self, before).await
-    }
-
-    async fn prune_orphaned_history(&self) -> Result<u64, StoreError> {
-        PgStore::prune_orphaned_history(self).await
-    }
-
-    async fn optimize(&self) -> Result<(), StoreError> {
-        PgStore::optimize(self).await
-    }
-}
+inspect_store_for!(Store, PgStore);
