@@ -11,8 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::store::admin::{Enqueued, NewRebill, NewTitle};
+use crate::store::database::Location;
+use crate::store::driver::PauseParams;
+use crate::store::driver::{InspectStore as _, QueueStore as _};
 use crate::store::pauses::WHOLE_QUEUE;
-use crate::store::{now_ms, QueueName, Store, StoreError};
+use crate::store::{now_ms, Database, QueueName, StoreError};
 use crate::title_fields::TitleFields;
 
 /// invoice-worker: retries failed e-invoice work (fw199 rebilling, 开票精灵 titles) from a
@@ -122,7 +125,13 @@ pub enum Command {
         queue: QueueName,
     },
     /// Run the whole thing against simulated servers: no credentials, no network.
-    Sandbox,
+    Sandbox {
+        /// Run it on this PostgreSQL database (`postgres://user@host/db`; its queue tables
+        /// must be empty) instead of a SQLite file of its own. The password may also come
+        /// from $INVOICE_WORKER_DATABASE_PASSWORD.
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+    },
     /// Alert targets (`[[alert]]`).
     #[command(subcommand)]
     Alert(AlertCommand),
@@ -256,8 +265,8 @@ pub const DEFAULT_CONFIG: &str = "worker.toml";
 
 /// Parses arguments and runs the command (the binary's whole job).
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    if let Command::Sandbox = cli.command {
-        return crate::sandbox::run().await.map_err(CliError::Runtime);
+    if let Command::Sandbox { database_url } = &cli.command {
+        return crate::sandbox::run(database_url.as_deref()).await;
     }
     let explicit = cli.config.is_some();
     let path = cli
@@ -269,8 +278,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Run => run_daemon(&config, &path).await,
         Command::Migrate => {
-            open(&config).await?;
-            println!("database {} is up to date", config.database.path.display());
+            let store = open(&config).await?;
+            println!("database {} is up to date", store.describe());
             Ok(())
         }
         Command::CheckConfig => check_config(&config, &path),
@@ -328,13 +337,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             if let Some(seller) = seller {
                 println!(
                     "{} failed {} rows of seller {seller} are pending again",
-                    store.retry_failed_of_seller(queue, &seller).await?,
+                    store.retry_failed(queue, Some(&seller)).await?,
                     queue.as_str()
                 );
             } else if all_failed {
                 println!(
                     "{} failed {} rows are pending again",
-                    store.retry_all_failed(queue).await?,
+                    store.retry_failed(queue, None).await?,
                     queue.as_str()
                 );
             } else {
@@ -355,7 +364,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let store = open(&config).await?;
             let until = now_ms() + duration.as_millis() as i64;
             store
-                .pause(queue, &tax_num, until, "paused by operator")
+                .pause(PauseParams {
+                    queue,
+                    scope: &tax_num,
+                    until,
+                    reason: "paused by operator",
+                    now: now_ms(),
+                })
                 .await?;
             let what = if tax_num == WHOLE_QUEUE {
                 "whole queue".to_string()
@@ -371,23 +386,34 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Resume { tax_num, queue } => {
             let store = open(&config).await?;
-            if store.resume(queue, &tax_num).await? {
+            if store.resume(queue, &tax_num, now_ms()).await? {
                 println!("{} {tax_num} resumed", queue.as_str());
             } else {
                 println!("{} {tax_num} was not paused", queue.as_str());
             }
             Ok(())
         }
-        Command::Sandbox => Ok(()),
+        Command::Sandbox { .. } => Ok(()),
         Command::Alert(AlertCommand::Test) => alert_test(&config).await,
     }
 }
 
-async fn open(config: &Config) -> Result<Store, CliError> {
-    let store = Store::open_configured(&config.database)
+/// Why the database at `location` did not open, as the exit code tells it: a refused login
+/// is a configuration problem (exit 2, naming `[database] url`), anything else a failure.
+pub(crate) fn opening(location: &Location, e: StoreError) -> CliError {
+    match e {
+        StoreError::Connect { auth: true, .. } => CliError::Usage(e.to_string()),
+        other => CliError::Runtime(
+            anyhow::Error::from(other).context(format!("opening database {}", location.describe())),
+        ),
+    }
+}
+
+async fn open(config: &Config) -> Result<Database, CliError> {
+    let location = config.database.location()?;
+    let store = Database::open(&location)
         .await
-        .with_context(|| format!("opening database {}", config.database.path.display()))
-        .map_err(CliError::Runtime)?;
+        .map_err(|e| opening(&location, e))?;
     // An operator's resume tells the group chat too.
     Ok(store.with_alerts(!config.alert.is_empty()))
 }
@@ -512,9 +538,13 @@ async fn run_daemon(config: &Config, path: &std::path::Path) -> Result<(), CliEr
     config.title_credentials()?;
     config.alert_targets()?;
     warn_if_exposed(config, path);
+    let location = config.database.location()?;
+    let store = Database::open(&location)
+        .await
+        .map_err(|e| opening(&location, e))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    crate::daemon::run_until_stopped(config, shutdown)
+    crate::daemon::run_until_stopped(config, store, shutdown)
         .await
         .map_err(CliError::Runtime)
 }
@@ -537,7 +567,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-async fn enqueue(store: &Store, what: EnqueueCommand) -> Result<(), CliError> {
+async fn enqueue(store: &Database, what: EnqueueCommand) -> Result<(), CliError> {
     match what {
         EnqueueCommand::Rebill {
             tax_num,
@@ -545,12 +575,15 @@ async fn enqueue(store: &Store, what: EnqueueCommand) -> Result<(), CliError> {
             max_attempts,
         } => {
             match store
-                .enqueue_rebill(&NewRebill {
-                    orderno: orderno.clone(),
-                    tax_num,
-                    max_attempts,
-                    not_before: None,
-                })
+                .enqueue_rebill(
+                    &NewRebill {
+                        orderno: orderno.clone(),
+                        tax_num,
+                        max_attempts,
+                        not_before: None,
+                    },
+                    now_ms(),
+                )
                 .await?
             {
                 Enqueued::Inserted(id) => println!("rebill row {id} enqueued (orderno {orderno})"),

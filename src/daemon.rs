@@ -22,7 +22,7 @@ use crate::queue::heartbeat::{Heartbeat, WriteHealth};
 use crate::queue::housekeeping;
 use crate::queue::rules::PauseDefaults;
 use crate::queue::worker::{Handler, Worker, WorkerSettings};
-use crate::store::{QueueName, Store};
+use crate::store::{Database, QueueName};
 
 /// How often queue depths are pushed to systemd's `STATUS=` and the gauges.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
@@ -100,7 +100,7 @@ fn rebill_job(config: &Config, clock: &Clock) -> anyhow::Result<Option<RebillJob
 }
 
 /// Builds the title handler, or says why the queue is off.
-fn title_job(config: &Config, store: &Store, clock: &Clock) -> anyhow::Result<Option<TitleJob>> {
+fn title_job(config: &Config, store: &Database, clock: &Clock) -> anyhow::Result<Option<TitleJob>> {
     let t = &config.title;
     if !t.enabled {
         tracing::info!("title queue disabled by config (title.enabled = false)");
@@ -144,12 +144,13 @@ fn title_job(config: &Config, store: &Store, clock: &Clock) -> anyhow::Result<Op
     )))
 }
 
-/// Runs the daemon until `shutdown` is cancelled, then drains and returns. Migrations run
-/// first; systemd hears READY=1 once the loops run.
-pub async fn run_until_stopped(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let store = Store::open_configured(&config.database)
-        .await
-        .with_context(|| format!("opening database {}", config.database.path.display()))?;
+/// Runs the daemon on `store` (opened and migrated) until `shutdown` is cancelled, then
+/// drains, closes the store and returns; systemd hears READY=1 once the loops run.
+pub async fn run_until_stopped(
+    config: &Config,
+    store: Database,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let result = run_with_store(config, store.clone(), shutdown).await;
     // Bounded: a store that cannot write must not keep a stopping daemon alive.
     if tokio::time::timeout(Duration::from_secs(5), store.close())
@@ -164,7 +165,7 @@ pub async fn run_until_stopped(config: &Config, shutdown: CancellationToken) -> 
 /// Like [`run_until_stopped`], on an already opened and migrated store.
 pub async fn run_with_store(
     config: &Config,
-    store: Store,
+    store: Database,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let instance = instance_name();
@@ -291,6 +292,7 @@ pub async fn run_with_store(
             store.clone(),
             config.housekeeping.clone(),
             clock.clone(),
+            instance.clone(),
             internal_stop.clone(),
         )))
     } else {
@@ -298,7 +300,12 @@ pub async fn run_with_store(
     };
 
     let _ = sd_notify::notify(false, &[NotifyState::Ready]);
-    tracing::info!(instance = %instance, database = %config.database.path.display(), "invoice-worker running");
+    tracing::info!(
+        instance = %instance,
+        backend = store.backend(),
+        database = %store.describe(),
+        "invoice-worker running"
+    );
     let supervisor = tokio::spawn(supervise(
         depths,
         health,

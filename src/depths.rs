@@ -11,7 +11,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::admin::{PauseInfo, QueueCounts};
-use crate::store::{QueueName, Store, StoreError};
+use crate::store::driver::QueueStore as _;
+use crate::store::{Database, QueueName, StoreError};
 
 /// The shortest time between two counts of the same kind.
 const EVERY: Duration = Duration::from_secs(2);
@@ -87,7 +88,7 @@ impl Depths {
     /// took: (active, finished).
     pub async fn refresh(
         &self,
-        store: &Store,
+        store: &Database,
         now: i64,
         finished: bool,
     ) -> Result<(Duration, Duration), StoreError> {
@@ -97,7 +98,7 @@ impl Depths {
         for queue in QueueName::ALL {
             queues.push(store.active_counts(queue, now).await?);
         }
-        let pauses = store.pauses().await?;
+        let pauses = store.pauses(now).await?;
         let active_cost = started.elapsed();
         let started = Instant::now();
         let mut finished_at = previous.finished_at;
@@ -146,7 +147,7 @@ impl Depths {
     /// Keeps the counts fresh until `stop`: active rows every 2 s (or 500 times their cost),
     /// finished rows likewise by their own cost (the least of the last three, at most 5
     /// minutes apart). A failed count is logged and tried again.
-    pub async fn run(self, store: Store, clock: crate::clock::Clock, stop: CancellationToken) {
+    pub async fn run(self, store: Database, clock: crate::clock::Clock, stop: CancellationToken) {
         let mut finished_due = Instant::now();
         let (mut active_cost, mut finished_cost) = (Cost::default(), Cost::default());
         loop {
@@ -264,7 +265,10 @@ mod tests {
         let ids = insert_due(&store, &["a", "b", "c"]).await;
         let depths = Depths::new();
         let now = 1_700_000_000_000;
-        depths.refresh(&store, now, true).await.expect("count");
+        depths
+            .refresh(&store.clone().into(), now, true)
+            .await
+            .expect("count");
         let first = depths.latest();
         let rebill = first.queue(QueueName::Rebill).expect("rebill counted");
         assert_eq!((rebill.count("pending"), rebill.count("done")), (3, 0));
@@ -276,14 +280,20 @@ mod tests {
             .await
             .expect("complete");
         // Active rows only: the done count is the one taken before.
-        depths.refresh(&store, now + 1, false).await.expect("count");
+        depths
+            .refresh(&store.clone().into(), now + 1, false)
+            .await
+            .expect("count");
         let second = depths.latest();
         let rebill = second.queue(QueueName::Rebill).expect("rebill counted");
         assert_eq!((rebill.count("pending"), rebill.count("done")), (2, 0));
         assert_eq!(second.finished_at, now);
         assert_eq!(second.active_at, now + 1);
 
-        depths.refresh(&store, now + 2, true).await.expect("count");
+        depths
+            .refresh(&store.clone().into(), now + 2, true)
+            .await
+            .expect("count");
         let third = depths.latest();
         let rebill = third.queue(QueueName::Rebill).expect("rebill counted");
         assert_eq!((rebill.count("pending"), rebill.count("done")), (2, 1));

@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::queue::heartbeat::{Heartbeat, WriteHealth};
-use crate::store::{QueueName, Store};
+use crate::store::{Database, QueueName};
 
 /// How long `/healthz` waits for the database to answer `SELECT 1`.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -131,7 +131,7 @@ pub fn watchdog_stuck_after(watchdog: Duration, health_max_age: Duration) -> Dur
 #[derive(Clone)]
 pub struct Health {
     /// The queue database.
-    pub store: Store,
+    pub store: Database,
     /// (queue, claim-loop heartbeat) for every running worker.
     pub loops: Vec<(QueueName, Heartbeat)>,
     /// (queue, completer write health) for every running worker.

@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use crate::store::admin::RowSummary;
+use crate::store::driver::{AlertStore as _, QueueStore as _};
 use crate::store::outbox::AlertReport;
 use crate::store::show::RowDetail;
-use crate::store::{now_ms, QueueName, Store};
+use crate::store::{now_ms, Database, QueueName};
 
 fn clip(text: &str, width: usize) -> String {
     let flat: String = text
@@ -99,7 +100,7 @@ pub fn alerts_text(report: &AlertReport, now: i64, report_failing_after: Duratio
 /// Prints per-queue counts, the oldest pending age, pauses and, when alerts are
 /// configured (`alerting`), the outbox (`invoice-worker status`).
 pub async fn print_status(
-    store: &Store,
+    store: &Database,
     json: bool,
     alerting: Option<&crate::config::AlertingConfig>,
 ) -> anyhow::Result<()> {
@@ -108,9 +109,9 @@ pub async fn print_status(
     for queue in QueueName::ALL {
         counts.push(store.counts(queue, now).await?);
     }
-    let pauses = store.pauses().await?;
+    let pauses = store.pauses(now).await?;
     let alerts = match alerting {
-        Some(_) => Some(store.alert_report().await?),
+        Some(_) => Some(store.alert_report(now).await?),
         None => None,
     };
     if json {

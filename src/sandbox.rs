@@ -7,10 +7,13 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::cli::CliError;
 use crate::config::{Config, DataType};
 use crate::sim::{RebillBehavior, SimOptions, Simulator, TitleBehavior};
 use crate::store::admin::{NewRebill, NewTitle};
-use crate::store::{now_ms, QueueName, Store};
+use crate::store::database::Location;
+use crate::store::driver::QueueStore as _;
+use crate::store::{now_ms, Database, QueueName, StoreError};
 use crate::title_fields::TitleFields;
 
 /// Longest the sandbox waits for the queues to drain.
@@ -19,33 +22,69 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(90);
 const SELLER: &str = "91310117568051222X";
 const SMS_SELLER: &str = "91440300715267260A";
 
-/// Runs the sandbox and prints the final table.
-pub async fn run() -> anyhow::Result<()> {
+/// Runs the sandbox and prints the final table: on a SQLite file of its own, or on the
+/// PostgreSQL database at `database_url`, whose queue tables must be empty (the demo's
+/// table shows every row, and it must not mix its rows with anyone's).
+pub async fn run(database_url: Option<&str>) -> Result<(), CliError> {
     let sim = Simulator::start(SimOptions::default())
         .await
         .context("starting the simulated servers")?;
     let dir = std::env::temp_dir().join(format!("invoice-worker-sandbox-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let config = sandbox_config(&sim, &dir)?;
+    let mut config = sandbox_config(&sim, &dir)?;
+    if let Some(url) = database_url {
+        config.database.url = Some(url.to_string());
+        config.validate()?;
+    }
     crate::telemetry::init(&config.log);
-    let _ = std::fs::remove_file(&config.database.path);
-    let store = Store::open_and_migrate(&config.database.path, config.database.busy_timeout)
-        .await?
+    let location = config.database.location()?;
+    if let Location::Sqlite { path, .. } = &location {
+        let _ = std::fs::remove_file(path);
+    }
+    let store = Database::open(&location)
+        .await
+        .map_err(|e| crate::cli::opening(&location, e))?
         .with_alerts(true);
-    seed(&store, &sim).await?;
+    if !empty(&store).await? {
+        return Err(CliError::Usage(format!(
+            "sandbox: the queue tables of {} are not empty; the sandbox needs a database of its own (createdb invoice_worker_sandbox)",
+            store.describe()
+        )));
+    }
+    let result = demo(&sim, &config, &store).await;
+    store.close().await;
+    sim.shutdown();
+    result.map_err(CliError::Runtime)
+}
+
+/// Whether neither queue table holds a row.
+async fn empty(store: &Database) -> Result<bool, StoreError> {
+    for queue in QueueName::ALL {
+        if !store.list(queue, None, 1).await?.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+async fn demo(sim: &Simulator, config: &Config, store: &Database) -> anyhow::Result<()> {
+    seed(store, sim).await?;
     println!(
-        "sandbox: simulated servers on {}, database {}",
+        "sandbox: simulated servers on {}, {} database {}",
         sim.addr(),
-        config.database.path.display()
+        store.backend(),
+        store.describe()
     );
 
     let shutdown = CancellationToken::new();
     let daemon = {
-        let (config, store, shutdown) = (config.clone(), store.clone(), shutdown.clone());
+        let (mut config, store, shutdown) = (config.clone(), store.clone(), shutdown.clone());
+        // Already opened: the daemon must not look at `url` again.
+        config.database.url = None;
         tokio::spawn(async move { crate::daemon::run_with_store(&config, store, shutdown).await })
     };
     let started = std::time::Instant::now();
-    while !drained(&store).await? {
+    while !drained(store).await? {
         if started.elapsed() > DRAIN_LIMIT {
             shutdown.cancel();
             anyhow::bail!("sandbox queues did not drain within {DRAIN_LIMIT:?}");
@@ -62,7 +101,6 @@ pub async fn run() -> anyhow::Result<()> {
     }
     shutdown.cancel();
     daemon.await.context("daemon task")??;
-    sim.shutdown();
 
     println!();
     for queue in QueueName::ALL {
@@ -73,7 +111,7 @@ pub async fn run() -> anyhow::Result<()> {
         );
         println!();
     }
-    crate::report::print_status(&store, false, Some(&config.alerting)).await?;
+    crate::report::print_status(store, false, Some(&config.alerting)).await?;
     for message in sim.robot_messages().iter().filter(|m| m.answered == "Ok") {
         println!();
         println!(
@@ -89,7 +127,6 @@ pub async fn run() -> anyhow::Result<()> {
         sim.token_requests(),
         started.elapsed().as_secs_f64()
     );
-    store.close().await;
     Ok(())
 }
 
@@ -120,7 +157,7 @@ fn sandbox_config(sim: &Simulator, dir: &std::path::Path) -> anyhow::Result<Conf
     Ok(c)
 }
 
-async fn seed(store: &Store, sim: &Simulator) -> anyhow::Result<()> {
+async fn seed(store: &Database, sim: &Simulator) -> anyhow::Result<()> {
     let sms = "本次操作需登录电子发票服务平台,请先使用短信验证码登录";
     let rebill: Vec<(&str, &str, Vec<RebillBehavior>)> = vec![
         ("SBX-ACCEPTED", SELLER, vec![RebillBehavior::Accepted]),
@@ -167,12 +204,15 @@ async fn seed(store: &Store, sim: &Simulator) -> anyhow::Result<()> {
         // The SMS seller's second row comes after the first, so the first trips the pause.
         let not_before = (orderno == "SBX-SMS-SAME-SELLER").then_some(now + 500);
         store
-            .enqueue_rebill(&NewRebill {
-                orderno: orderno.to_string(),
-                tax_num: tax_num.to_string(),
-                max_attempts: None,
-                not_before,
-            })
+            .enqueue_rebill(
+                &NewRebill {
+                    orderno: orderno.to_string(),
+                    tax_num: tax_num.to_string(),
+                    max_attempts: None,
+                    not_before,
+                },
+                now,
+            )
             .await?;
     }
 
@@ -235,9 +275,9 @@ fn fail(code: i64, message: &str) -> RebillBehavior {
 }
 
 /// True when nothing is running and every pending row waits behind a pause.
-async fn drained(store: &Store) -> anyhow::Result<bool> {
+async fn drained(store: &Database) -> anyhow::Result<bool> {
     let now = now_ms();
-    let pauses = store.pauses().await?;
+    let pauses = store.pauses(now).await?;
     for queue in QueueName::ALL {
         let counts = store.counts(queue, now).await?;
         if counts.count("running") > 0 {

@@ -234,13 +234,15 @@ async fn page_costs(db: &mut ClaimDb) -> BenchResult<Vec<(String, f64)>> {
     use std::sync::Arc;
     let store = db.scratch.store().clone();
     let depths = invoice_worker::depths::Depths::new();
-    depths.refresh(&store, now_ms(), true).await?;
+    depths
+        .refresh(&store.clone().into(), now_ms(), true)
+        .await?;
     let (last_id,): (i64,) = sqlx::query_as("SELECT MAX(id) FROM rebill_orders")
         .fetch_one(&mut db.conn)
         .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let console = Arc::new(invoice_worker::console::Console::new(
-        store.clone(),
+        store.clone().into(),
         depths,
         None,
         invoice_worker::clock::Clock::system(),
@@ -301,7 +303,9 @@ async fn count_costs(db: &ClaimDb) -> BenchResult<(Duration, Duration)> {
     let depths = invoice_worker::depths::Depths::new();
     let (mut active, mut finished) = (Vec::new(), Vec::new());
     for _ in 0..COUNT_RUNS {
-        let (a, f) = depths.refresh(db.scratch.store(), now_ms(), true).await?;
+        let (a, f) = depths
+            .refresh(&db.scratch.store().clone().into(), now_ms(), true)
+            .await?;
         active.push(a);
         finished.push(f);
     }

@@ -127,10 +127,9 @@ pub struct RunningDaemon {
 pub fn start_daemon(config: &Config, store: &Store) -> RunningDaemon {
     let token = CancellationToken::new();
     let (config, store, stop) = (config.clone(), store.clone(), token.clone());
-    let handle =
-        tokio::spawn(
-            async move { invoice_worker::daemon::run_with_store(&config, store, stop).await },
-        );
+    let handle = tokio::spawn(async move {
+        invoice_worker::daemon::run_with_store(&config, store.into(), stop).await
+    });
     RunningDaemon { token, handle }
 }
 

@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Event, PostError, Poster};
 use crate::clock::Clock;
 use crate::config::{AlertTarget, AlertingConfig};
+use crate::store::driver::AlertStore as _;
 use crate::store::outbox::{AlertDelivery, ClaimedAlert};
-use crate::store::Store;
+use crate::store::Database;
 
 /// How long a claimed alert is kept from other deliverers while its posts run.
 const LEASE: Duration = Duration::from_secs(60);
@@ -38,7 +39,7 @@ struct Target {
 
 /// Posts outbox alerts to the configured targets.
 pub struct Deliverer {
-    store: Store,
+    store: Database,
     poster: Poster,
     targets: Vec<Target>,
     settings: AlertingConfig,
@@ -60,7 +61,7 @@ struct Round {
 impl Deliverer {
     /// A deliverer to `targets` through `store`'s outbox.
     pub fn new(
-        store: Store,
+        store: Database,
         targets: Vec<AlertTarget>,
         settings: AlertingConfig,
         clock: Clock,
@@ -93,7 +94,7 @@ impl Deliverer {
     pub async fn run(mut self, mut wake: watch::Receiver<u64>, stop: CancellationToken) {
         loop {
             // A read first: most wake-ups are other commits, and a claim takes the write lock.
-            let next = match self.store.next_alert_due().await {
+            let next = match self.store.next_alert_due(self.clock.now_ms()).await {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::warn!(error = %e, "alert outbox unreadable; retrying");
@@ -329,6 +330,7 @@ mod tests {
     use crate::secret::Secret;
     use crate::sim::{SimOptions, Simulator};
     use crate::store::test_support::temp_store;
+    use crate::store::Store;
 
     fn wecom(sim: &Simulator, key: &str, per_minute: u32) -> AlertTarget {
         AlertTarget {
@@ -361,7 +363,7 @@ mod tests {
         }
         let targets = vec![wecom(&sim, "limited", 1)];
         let mut d = Deliverer::new(
-            store.clone(),
+            store.clone().into(),
             targets,
             AlertingConfig::default(),
             clock,
@@ -398,7 +400,8 @@ mod tests {
         let settings = AlertingConfig::default();
         let day = settings.give_up_after;
         let targets = vec![wecom(&sim, "down", 600)];
-        let mut d = Deliverer::new(store.clone(), targets, settings, clock.clone(), "t").unwrap();
+        let mut d =
+            Deliverer::new(store.clone().into(), targets, settings, clock.clone(), "t").unwrap();
         assert_eq!(d.round().await.unwrap(), 2);
         let s = statuses(&store).await;
         assert_eq!(s[0].0, "given_up");

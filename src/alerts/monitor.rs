@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::AlertingConfig;
-use crate::store::{QueueName, Store};
+use crate::store::driver::AlertStore as _;
+use crate::store::{Database, QueueName};
 
 /// How often the monitors look: often enough for the shorter of the two settings, at
 /// least every 30 s, never more than twice a second.
@@ -18,7 +19,7 @@ pub fn tick(settings: &AlertingConfig) -> Duration {
 }
 
 /// One look at `queues`: raises what is due. Errors are logged; the next look retries.
-pub async fn look(store: &Store, queues: &[QueueName], settings: &AlertingConfig, now: i64) {
+pub async fn look(store: &Database, queues: &[QueueName], settings: &AlertingConfig, now: i64) {
     for &queue in queues {
         match store.digest_failed(queue, now, settings.digest_every).await {
             Ok(Some(event)) => {
@@ -49,7 +50,7 @@ pub async fn look(store: &Store, queues: &[QueueName], settings: &AlertingConfig
 
 /// Looks every [`tick`] until `stop`.
 pub async fn run(
-    store: Store,
+    store: Database,
     queues: Vec<QueueName>,
     settings: AlertingConfig,
     clock: Clock,

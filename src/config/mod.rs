@@ -16,8 +16,8 @@ pub use schema::{
     TitleConfig, WorkerConfig, DEFAULT_REBILL_ENDPOINT,
 };
 pub use secrets::{
-    alert_env_prefix, AlertTarget, RebillCredentials, TitleCredentials, ENV_REBILL_SECRET,
-    ENV_TITLE_SECRET,
+    alert_env_prefix, AlertTarget, RebillCredentials, TitleCredentials, ENV_DATABASE_PASSWORD,
+    ENV_REBILL_SECRET, ENV_TITLE_SECRET,
 };
 pub use validate::check_endpoint;
 
@@ -85,10 +85,15 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<text>"),
             message: describe_toml_error(text, &e),
         })?;
+        config.database.path_given = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("database")?.get("path").map(|_| ()))
+            .is_some();
         config.validate()?;
         Ok(config)
     }

@@ -57,6 +57,39 @@ pub struct DatabaseConfig {
     /// Database files 0660 instead of 0600, so that writers in the daemon's group (other
     /// systems inserting rows) need not run as the daemon's user.
     pub group_writable: bool,
+    /// `postgres://user@host:5432/db` (several daemons on several hosts share it) or
+    /// `sqlite:///path`; unset = the SQLite file at `path`. Shown without its password.
+    #[serde(
+        serialize_with = "serialize_scrubbed_url",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub url: Option<String>,
+    /// A file holding the PostgreSQL password (`$CREDENTIALS_DIRECTORY` is expanded); it
+    /// wins over one in `url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Most PostgreSQL connections this daemon holds.
+    pub pool_size: u32,
+    /// How long connecting to PostgreSQL (or waiting for a pooled connection) may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// PostgreSQL cancels any statement running longer ("0s" = no limit).
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// Whether the file named `path` itself (not left at its default), so that `path` and
+    /// `url` together can be refused.
+    #[serde(skip)]
+    pub path_given: bool,
+}
+
+fn serialize_scrubbed_url<S: serde::Serializer>(
+    url: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => serializer.serialize_str(&crate::store::postgres::scrub_url(url)),
+        None => serializer.serialize_none(),
+    }
 }
 
 impl Default for DatabaseConfig {
@@ -66,6 +99,12 @@ impl Default for DatabaseConfig {
             busy_timeout: Duration::from_secs(5),
             wal_limit: bytesize::ByteSize::b(crate::store::DEFAULT_WAL_LIMIT),
             group_writable: false,
+            url: None,
+            password_file: None,
+            pool_size: 10,
+            connect_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
+            path_given: false,
         }
     }
 }

@@ -3,9 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{invalid, AlertKind, Config, ConfigError};
+use super::{invalid, AlertKind, Config, ConfigError, DatabaseConfig};
 use crate::alerts::EventKind;
 use crate::secret::Secret;
+use crate::store::database::Location;
+use crate::store::postgres::{scrub_url, PgConnect};
+use crate::store::FileMode;
 
 /// Credentials for the rebill queue, resolved from wherever they were given.
 #[derive(Debug, Clone)]
@@ -29,6 +32,8 @@ pub struct TitleCredentials {
 pub const ENV_REBILL_SECRET: &str = "INVOICE_WORKER_REBILL_APP_SECRET";
 /// Environment variable that supplies the title client secret.
 pub const ENV_TITLE_SECRET: &str = "INVOICE_WORKER_TITLE_CLIENT_SECRET";
+/// Environment variable that supplies the PostgreSQL password.
+pub const ENV_DATABASE_PASSWORD: &str = "INVOICE_WORKER_DATABASE_PASSWORD";
 /// Environment variable that supplies the console's login token.
 pub const ENV_CONSOLE_TOKEN: &str = "INVOICE_WORKER_HTTP_CONSOLE_TOKEN";
 
@@ -100,6 +105,7 @@ impl Config {
     /// True when any secret is written inline in the file (for the permissions warning).
     pub fn has_inline_secret(&self) -> bool {
         self.rebill.app_secret.is_some()
+            || self.database.url.as_deref().is_some_and(url_has_password)
             || self.title.client_secret.is_some()
             || self.http.console_token.is_some()
             || self
@@ -166,6 +172,98 @@ impl Config {
         }
         Ok(targets)
     }
+}
+
+impl DatabaseConfig {
+    /// Where the queue lives: the SQLite file (`path`, or a `sqlite://` URL) or the
+    /// PostgreSQL server with its password resolved (`password_file`, then
+    /// `$INVOICE_WORKER_DATABASE_PASSWORD`, then the URL's own). Errors name the key.
+    pub fn location(&self) -> Result<Location, ConfigError> {
+        let mut location = self.location_without_password()?;
+        if let Location::Postgres(connect) = &mut location {
+            connect.password = resolve_secret(
+                "database.password",
+                None,
+                self.password_file.as_deref(),
+                ENV_DATABASE_PASSWORD,
+            )?;
+        }
+        Ok(location)
+    }
+
+    /// [`DatabaseConfig::location`] without reading the password (the checks at load).
+    pub(super) fn location_without_password(&self) -> Result<Location, ConfigError> {
+        let sqlite = |path: PathBuf| Location::Sqlite {
+            path,
+            busy_timeout: self.busy_timeout,
+            wal_limit: self.wal_limit.as_u64(),
+            mode: FileMode::of(self.group_writable),
+        };
+        let Some(url) = self.url.as_deref() else {
+            if self.password_file.is_some() {
+                return Err(invalid(
+                    "database.password_file",
+                    "is only used with a postgres:// database.url",
+                ));
+            }
+            return Ok(sqlite(self.path.clone()));
+        };
+        if self.path_given {
+            return Err(invalid(
+                "database.url",
+                "set either database.path or database.url, not both",
+            ));
+        }
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() || path.contains('?') {
+                return Err(invalid(
+                    "database.url",
+                    "a SQLite URL is sqlite:///absolute/path or sqlite://relative/path, without options",
+                ));
+            }
+            if self.password_file.is_some() {
+                return Err(invalid(
+                    "database.password_file",
+                    "is only used with a postgres:// database.url",
+                ));
+            }
+            return Ok(sqlite(PathBuf::from(path)));
+        }
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid(
+                "database.url",
+                format!(
+                    "{} must start with postgres://, postgresql:// or sqlite://",
+                    scrub_url(url)
+                ),
+            ));
+        }
+        match url::Url::parse(url) {
+            Ok(parsed) if parsed.host_str().is_some_and(|h| !h.is_empty()) => {}
+            _ => {
+                return Err(invalid(
+                    "database.url",
+                    format!(
+                        "{} is not a URL of the form postgres://user@host:5432/database",
+                        scrub_url(url)
+                    ),
+                ))
+            }
+        }
+        Ok(Location::Postgres(PgConnect {
+            url: url.to_string(),
+            password: None,
+            pool_size: self.pool_size,
+            connect_timeout: self.connect_timeout,
+            statement_timeout: self.statement_timeout,
+        }))
+    }
+}
+
+/// Whether a database URL carries a password of its own (userinfo or `password=`).
+fn url_has_password(url: &str) -> bool {
+    url::Url::parse(url)
+        .is_ok_and(|u| u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password"))
 }
 
 /// `INVOICE_WORKER_ALERT_<NAME>`: the name upper-cased, anything but letters and digits

@@ -21,6 +21,20 @@ impl Config {
                 format!("{} is below the 1 MiB minimum", d.wal_limit),
             ));
         }
+        if d.url.is_some() {
+            if d.pool_size == 0 || d.pool_size > 1000 {
+                return Err(invalid("database.pool_size", "must be between 1 and 1000"));
+            }
+            if d.connect_timeout.is_zero() {
+                return Err(invalid(
+                    "database.connect_timeout",
+                    "must be greater than 0",
+                ));
+            }
+            // The URL's shape and its keys' combinations; the password file is read when
+            // the database is opened.
+            d.location_without_password()?;
+        }
         let w = &self.worker;
         if w.lease < Duration::from_secs(1) {
             return Err(invalid("worker.lease", "must be at least 1s"));

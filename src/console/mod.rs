@@ -23,8 +23,10 @@ use serde::Deserialize;
 use crate::clock::Clock;
 use crate::depths::Depths;
 use crate::secret::Secret;
+use crate::store::driver::PauseParams;
+use crate::store::driver::{InspectStore as _, QueueStore as _};
 use crate::store::page::RowFilter;
-use crate::store::{QueueName, Store, StoreError};
+use crate::store::{Database, QueueName, StoreError};
 use auth::{Gate, Refusal, SESSION_COOKIE};
 use pages::{Flash, Visitor};
 
@@ -36,7 +38,7 @@ const CHART_SPAN_MS: i64 = 3_600_000;
 
 /// What the console's handlers share.
 pub struct Console {
-    store: Store,
+    store: Database,
     depths: Depths,
     gate: Gate,
     clock: Clock,
@@ -48,7 +50,7 @@ impl Console {
     /// A console over `store`, showing the counts `depths` keeps, with actions allowed to
     /// whoever logs in with `token` (none = read-only), served on `listen`.
     pub fn new(
-        store: Store,
+        store: Database,
         depths: Depths,
         token: Option<Secret>,
         clock: Clock,
@@ -273,7 +275,7 @@ async fn overview(
     let now = console.clock.now_ms();
     let mut snapshot = console.depths.latest();
     // Pauses are few and read by key: fresh, so an action's result shows at once.
-    match console.store.pauses().await {
+    match console.store.pauses(now).await {
         Ok(pauses) => snapshot.pauses = pauses,
         Err(e) => return store_failed(&console, &jar, &e),
     }
@@ -499,7 +501,13 @@ async fn pause(
         .unwrap_or(i64::MAX);
     match console
         .store
-        .pause(queue, scope, until, "paused by operator (console)")
+        .pause(PauseParams {
+            queue,
+            scope,
+            until,
+            reason: "paused by operator (console)",
+            now: console.clock.now_ms(),
+        })
         .await
     {
         Ok(()) => {
@@ -528,7 +536,11 @@ async fn resume(
         Err(answer) => return *answer,
     };
     let scope = form.scope.trim();
-    match console.store.resume(queue, scope).await {
+    match console
+        .store
+        .resume(queue, scope, console.clock.now_ms())
+        .await
+    {
         Ok(true) => {
             tracing::info!(queue = queue.as_str(), scope, "console action: resumed");
             after_action("/", &format!("{} {scope} resumed", queue.as_str()), false)
@@ -564,11 +576,7 @@ async fn retry_seller(
         "/rows?{}",
         pages::query(&[("queue", queue.as_str()), ("seller", &form.seller)])
     );
-    match console
-        .store
-        .retry_failed_of_seller(queue, &form.seller)
-        .await
-    {
+    match console.store.retry_failed(queue, Some(&form.seller)).await {
         Ok(n) => {
             tracing::info!(queue = queue.as_str(), seller = %form.seller, rows = n, "console action: retried failed rows");
             after_action(

@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::store::complete::Completion;
 use crate::store::history::AttemptFacts;
 use crate::store::rows::{ClaimMeta, Claimed, QueueRow};
-use crate::store::{QueueName, Store};
+use crate::store::{Database, QueueName};
 use crate::validate::invisible::escape_for_log;
 
 /// What a queue plugs into the generic loop: how to handle one claimed row, and which of
@@ -190,7 +190,7 @@ macro_rules! log_attempt {
 /// What every attempt of one worker shares.
 pub(super) struct AttemptContext<H: Handler> {
     pub handler: Arc<H>,
-    pub store: Store,
+    pub store: Database,
     pub backoff: Backoff,
     pub lease: Duration,
     pub clock: Clock,
@@ -358,7 +358,7 @@ mod tests {
         fn log_attempt(&self, _: &RebillRow, _: &AttemptRecord) {}
     }
 
-    fn context(store: Store, clock: Clock, hold_until: i64) -> AttemptContext<Unused> {
+    fn context(store: Database, clock: Clock, hold_until: i64) -> AttemptContext<Unused> {
         let (tx, _rx) = mpsc::channel(1);
         AttemptContext {
             handler: Arc::new(Unused),
@@ -384,7 +384,11 @@ mod tests {
         let (_db, store) = temp_store().await;
         tokio::time::pause();
         let clock = Clock::following_tokio();
-        let ctx = context(store, clock.clone(), clock.after(Duration::from_secs(3600)));
+        let ctx = context(
+            store.into(),
+            clock.clone(),
+            clock.after(Duration::from_secs(3600)),
+        );
         let (virtual_start, real_start) = (tokio::time::Instant::now(), std::time::Instant::now());
         assert!(wait_for_turn(&ctx).await);
         let waited = virtual_start.elapsed();

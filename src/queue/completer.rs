@@ -7,8 +7,9 @@ use tokio::sync::mpsc;
 
 use super::heartbeat::WriteHealth;
 use crate::store::complete::{Completion, FinalStatus};
+use crate::store::driver::QueueStore as _;
 use crate::store::pauses::PauseChange;
-use crate::store::{QueueName, Store, StoreError};
+use crate::store::{Database, QueueName, StoreError};
 
 /// Most completions written in one transaction.
 const MAX_BATCH: usize = 512;
@@ -18,7 +19,7 @@ const MAX_BATCH: usize = 512;
 /// result the database refuses is recorded as `failed` with the reason, so one bad value
 /// cannot stall the queue.
 pub async fn run(
-    store: Store,
+    store: Database,
     queue: QueueName,
     mut rx: mpsc::Receiver<Completion>,
     health: WriteHealth,
@@ -57,7 +58,7 @@ pub async fn run(
     }
 }
 
-async fn one_by_one(store: &Store, queue: QueueName, batch: &[Completion]) {
+async fn one_by_one(store: &Database, queue: QueueName, batch: &[Completion]) {
     for c in batch {
         let single = std::slice::from_ref(c);
         let refused = match store.complete(queue, single).await {
@@ -131,7 +132,7 @@ mod tests {
         }
         drop(tx);
         run(
-            store.clone(),
+            store.clone().into(),
             QueueName::Rebill,
             rx,
             WriteHealth::new(crate::clock::Clock::system()),

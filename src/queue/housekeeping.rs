@@ -8,7 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::HousekeepingConfig;
-use crate::store::{QueueName, Store, StoreError};
+use crate::store::driver::PruneParams;
+use crate::store::driver::{AlertStore as _, InspectStore as _, QueueStore as _};
+use crate::store::{Database, QueueName, StoreError};
 
 /// When housekeeping runs next, from a cron expression. tokio-cron-scheduler parses the
 /// expression and computes the next time (a `Job`'s next tick); its `JobScheduler` is not
@@ -33,35 +35,58 @@ impl Schedule {
         Ok(job.job_data()?.next_tick_utc())
     }
 
-    /// Time until the next run on `clock` (an hour when the expression has no future time).
-    pub async fn until_next(&mut self, clock: &Clock) -> Result<Duration, JobSchedulerError> {
+    /// Time until the next run on `clock` (an hour when the expression has no future
+    /// time), and that run's scheduled time (epoch ms: the run's name across daemons).
+    pub async fn until_next(
+        &mut self,
+        clock: &Clock,
+    ) -> Result<(Duration, i64), JobSchedulerError> {
         Ok(match self.next_tick()? {
-            Some(at) => (at - clock.now_utc()).to_std().unwrap_or(Duration::ZERO),
-            None => Duration::from_secs(3600),
+            Some(at) => (
+                (at - clock.now_utc()).to_std().unwrap_or(Duration::ZERO),
+                at.timestamp_millis(),
+            ),
+            None => (Duration::from_secs(3600), clock.now_ms() + 3_600_000),
         })
     }
 }
 
-/// Runs housekeeping at every time of `schedule` until `stop`.
+/// Runs housekeeping at every time of `schedule` until `stop`. Daemons sharing a
+/// PostgreSQL database make one run per scheduled time between them (`instance` names
+/// this one); each daemon on a SQLite file makes its own.
 pub async fn run_on_schedule(
     mut schedule: Schedule,
-    store: Store,
+    store: Database,
     cfg: HousekeepingConfig,
     clock: Clock,
+    instance: String,
     stop: CancellationToken,
 ) {
     loop {
-        let wait = match schedule.until_next(&clock).await {
-            Ok(wait) => wait,
+        let (wait, slot) = match schedule.until_next(&clock).await {
+            Ok(next) => next,
             Err(e) => {
                 tracing::error!(error = %e, "housekeeping schedule failed; trying again in an hour");
-                Duration::from_secs(3600)
+                (Duration::from_secs(3600), clock.now_ms() + 3_600_000)
             }
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => return,
         }
+        let turn = match store.housekeeping_turn(slot, &instance).await {
+            Ok(Some(turn)) => turn,
+            Ok(None) => {
+                tracing::debug!(slot, "housekeeping run made by another daemon");
+                tokio::time::sleep(Duration::from_millis(1100)).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "housekeeping failed: cannot take the run");
+                tokio::time::sleep(Duration::from_millis(1100)).await;
+                continue;
+            }
+        };
         match run_once(&store, &cfg, clock.now_ms()).await {
             Ok(report) => tracing::info!(
                 done_deleted = report.done_deleted,
@@ -71,6 +96,9 @@ pub async fn run_on_schedule(
                 "housekeeping done"
             ),
             Err(e) => tracing::error!(error = %e, "housekeeping failed"),
+        }
+        if let Err(e) = turn.finish().await {
+            tracing::warn!(error = %e, "housekeeping run made, but not recorded as made");
         }
         // Never twice for the same scheduled second.
         tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -95,7 +123,7 @@ const MINUTES_KEPT: Duration = Duration::from_secs(86_400);
 
 /// Runs one pass with `now` (ms) as the current time.
 pub async fn run_once(
-    store: &Store,
+    store: &Database,
     cfg: &HousekeepingConfig,
     now: i64,
 ) -> Result<Report, StoreError> {
@@ -103,18 +131,22 @@ pub async fn run_once(
     let done_before = now - cfg.done_retention.as_millis() as i64;
     let failed_before = now - cfg.failed_retention.as_millis() as i64;
     for queue in QueueName::ALL {
-        report.done_deleted += prune(store, queue, &["done"], done_before, cfg.batch_size).await?;
+        let batch = |statuses: &'static [&'static str], finished_before| PruneParams {
+            queue,
+            statuses,
+            finished_before,
+            batch: cfg.batch_size,
+            now,
+        };
+        report.done_deleted += prune(store, batch(&["done"], done_before)).await?;
         report.failed_deleted += prune(
             store,
-            queue,
-            &["failed", "rejected", "cancelled"],
-            failed_before,
-            cfg.batch_size,
+            batch(&["failed", "rejected", "cancelled"], failed_before),
         )
         .await?;
     }
     loop {
-        let deleted = store.prune_alerts(done_before, cfg.batch_size).await?;
+        let deleted = store.prune_alerts(done_before, cfg.batch_size, now).await?;
         report.alerts_deleted += deleted;
         if deleted == 0 {
             break;
@@ -130,16 +162,10 @@ pub async fn run_once(
     Ok(report)
 }
 
-async fn prune(
-    store: &Store,
-    queue: QueueName,
-    statuses: &[&str],
-    before: i64,
-    batch: u32,
-) -> Result<u64, StoreError> {
+async fn prune(store: &Database, params: PruneParams<'_>) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
-        let deleted = store.prune_batch(queue, statuses, before, batch).await?;
+        let deleted = store.prune_batch(params).await?;
         total += deleted;
         if deleted == 0 {
             return Ok(total);
@@ -158,9 +184,9 @@ mod tests {
     async fn schedule_gives_the_time_to_the_next_run() {
         let mut every_second = Schedule::new("* * * * * *").await.expect("valid");
         let clock = Clock::system();
-        assert!(every_second.until_next(&clock).await.expect("next") <= Duration::from_secs(1));
+        assert!(every_second.until_next(&clock).await.expect("next").0 <= Duration::from_secs(1));
         let mut daily = Schedule::new("0 17 19 * * *").await.expect("valid");
-        let wait = daily.until_next(&clock).await.expect("next");
+        let (wait, _) = daily.until_next(&clock).await.expect("next");
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_secs(86_400),
             "{wait:?}"
@@ -179,9 +205,10 @@ mod tests {
         let schedule = Schedule::new("* * * * * *").await.expect("valid");
         let task = tokio::spawn(run_on_schedule(
             schedule,
-            store.clone(),
+            store.clone().into(),
             HousekeepingConfig::default(),
             Clock::system(),
+            "test".to_string(),
             stop.clone(),
         ));
         let started = std::time::Instant::now();
@@ -232,7 +259,9 @@ mod tests {
             batch_size: 1,
             ..HousekeepingConfig::default()
         };
-        let report = run_once(&store, &cfg, now).await.expect("housekeeping");
+        let report = run_once(&store.clone().into(), &cfg, now)
+            .await
+            .expect("housekeeping");
         assert_eq!(
             report,
             Report {

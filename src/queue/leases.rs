@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::maintenance_failed;
 use crate::clock::Clock;
+use crate::store::driver::QueueStore as _;
+use crate::store::driver::{HeldParams, RenewParams};
 use crate::store::rows::ClaimMeta;
-use crate::store::{QueueName, Store};
+use crate::store::{Database, QueueName};
 
 /// The rows a worker holds, by id: the claim token each was claimed under, and whether its
 /// lease was found lost. Cloning shares the same set.
@@ -136,7 +138,7 @@ pub fn count_lost(queue: QueueName) {
 
 /// Renews the leases of `held` rows every third of `lease` until `stop`.
 pub async fn keep_renewed(
-    store: Store,
+    store: Database,
     queue: QueueName,
     lease: Duration,
     clock: Clock,
@@ -158,9 +160,26 @@ pub async fn keep_renewed(
     }
 }
 
+/// `held`'s leases extended by `lease` from now.
+fn renewal<'a>(
+    queue: QueueName,
+    held: &'a [(i64, String)],
+    lease: Duration,
+    clock: &Clock,
+) -> RenewParams<'a> {
+    RenewParams {
+        rows: HeldParams {
+            queue,
+            held,
+            now: clock.now_ms(),
+        },
+        lease_until: clock.after(lease),
+    }
+}
+
 /// One renewal round: extends every held row's lease, and marks those whose lease is gone.
 pub async fn renew_once(
-    store: &Store,
+    store: &Database,
     queue: QueueName,
     lease: Duration,
     clock: &Clock,
@@ -169,7 +188,10 @@ pub async fn renew_once(
     // Only rows whose task is alive: a row whose task ended without a result is left to
     // its lease, and so to the rescue.
     let alive = held.alive();
-    match store.renew_leases(queue, &alive, clock.after(lease)).await {
+    match store
+        .renew_leases(renewal(queue, &alive, lease, clock))
+        .await
+    {
         Ok(renewed) => {
             for ((id, _), ok) in alive.iter().zip(renewed) {
                 // A row whose attempt ended meanwhile was written or let go, not lost.
@@ -190,7 +212,7 @@ pub async fn renew_once(
 /// Renews one claimed row's lease right before it is sent; false when the claim was lost
 /// (or cannot be confirmed), logged and counted. `waited` is how long it waited.
 pub async fn renew_before_sending(
-    store: &Store,
+    store: &Database,
     queue: QueueName,
     meta: &ClaimMeta,
     lease: Duration,
@@ -198,7 +220,7 @@ pub async fn renew_before_sending(
     waited: Duration,
 ) -> bool {
     let row = [(meta.id, meta.claim_token.clone())];
-    let why = match store.renew_leases(queue, &row, clock.after(lease)).await {
+    let why = match store.renew_leases(renewal(queue, &row, lease, clock)).await {
         Ok(renewed) if renewed.first() == Some(&true) => return true,
         Ok(_) => "its lease expired while it waited (this process was frozen or starved) and it belongs to another claim now",
         Err(_) => "its lease could not be confirmed (the database did not answer)",
@@ -275,9 +297,10 @@ mod tests {
             .map(|c| c.meta.id)
             .unwrap();
 
+        let db: Database = store.clone().into();
         // Twenty seconds on: both renewed, both still held.
         clock.advance(Duration::from_secs(20));
-        renew_once(&store, QueueName::Rebill, lease, &clock, &held).await;
+        renew_once(&db, QueueName::Rebill, lease, &clock, &held).await;
         assert_eq!(held.alive().len(), 2);
 
         // The LOST row's lease runs out (this process froze) and another daemon rescues it.
@@ -292,7 +315,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rescued, 1);
-        renew_once(&store, QueueName::Rebill, lease, &clock, &held).await;
+        renew_once(&db, QueueName::Rebill, lease, &clock, &held).await;
         let alive: Vec<i64> = held.alive().into_iter().map(|(id, _)| id).collect();
         assert_eq!(alive.len(), 1);
         assert!(!alive.contains(&lost_id));

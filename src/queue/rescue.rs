@@ -9,7 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::maintenance_failed;
 use crate::clock::Clock;
-use crate::store::{QueueName, Store};
+use crate::store::driver::QueueStore as _;
+use crate::store::driver::RescueParams;
+use crate::store::{Database, QueueName};
 
 /// Settings of one queue's rescuer.
 #[derive(Debug, Clone)]
@@ -22,7 +24,7 @@ pub struct RescueSettings {
 
 /// Rescues `queue`'s expired rows every `settings.every` until `stop`.
 pub async fn run(
-    store: Store,
+    store: Database,
     queue: QueueName,
     settings: RescueSettings,
     clock: Clock,
@@ -39,7 +41,7 @@ pub async fn run(
 
 /// One round at time `now`: unschedulable rows first, then expired leases; nothing but one
 /// read when there is neither.
-pub async fn rescue_once(store: &Store, queue: QueueName, settings: &RescueSettings, now: i64) {
+pub async fn rescue_once(store: &Database, queue: QueueName, settings: &RescueSettings, now: i64) {
     match store.rescue_needed(queue, now).await {
         Ok(true) => {}
         Ok(false) => return,
@@ -55,7 +57,11 @@ pub async fn rescue_once(store: &Store, queue: QueueName, settings: &RescueSetti
         Err(e) => maintenance_failed(queue, "checking for unschedulable rows", &e),
     }
     match store
-        .rescue_expired(queue, now, settings.max_attempts)
+        .rescue_expired(RescueParams {
+            queue,
+            now,
+            default_max_attempts: settings.max_attempts,
+        })
         .await
     {
         Ok(0) => {}
@@ -106,7 +112,7 @@ mod tests {
             "no lease has expired yet"
         );
         assert!(store.rescue_needed(QueueName::Rebill, now).await.unwrap());
-        rescue_once(&store, QueueName::Rebill, &settings, now).await;
+        rescue_once(&store.clone().into(), QueueName::Rebill, &settings, now).await;
         assert!(!store.rescue_needed(QueueName::Rebill, now).await.unwrap());
         let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
             "SELECT orderno, status, claim_token FROM rebill_orders ORDER BY orderno",

@@ -15,8 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::store::claim::ClaimParams;
+use crate::store::driver::HeldParams;
+use crate::store::driver::QueueStore as _;
 use crate::store::rows::QueueRow;
-use crate::store::{QueueName, Store, StoreError};
+use crate::store::{Database, QueueName, StoreError};
 
 pub use super::attempt::Handler;
 use super::attempt::{self, AttemptContext};
@@ -68,7 +70,7 @@ const SAFETY_LOOK: Duration = Duration::from_secs(30);
 
 /// One queue's worker.
 pub struct Worker<H: Handler> {
-    store: Store,
+    store: Database,
     handler: Arc<H>,
     settings: WorkerSettings,
     heartbeat: Heartbeat,
@@ -82,7 +84,7 @@ pub struct Worker<H: Handler> {
 impl<H: Handler> Worker<H> {
     /// A worker for `H`'s queue; `wake` ticks when another connection commits.
     pub fn new(
-        store: Store,
+        store: Database,
         handler: Arc<H>,
         settings: WorkerSettings,
         wake: watch::Receiver<u64>,
@@ -303,7 +305,11 @@ impl<H: Handler> Worker<H> {
         let leftover = held.take_alive();
         match tokio::time::timeout(
             STOP_WRITE_LIMIT,
-            self.store.release(queue, &leftover, clock.now_ms()),
+            self.store.release(HeldParams {
+                queue,
+                held: &leftover,
+                now: clock.now_ms(),
+            }),
         )
         .await
         {

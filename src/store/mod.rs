@@ -9,6 +9,8 @@ pub mod claim;
 pub mod complete;
 #[cfg(test)]
 mod conformance;
+pub mod database;
+pub use database::Database;
 pub mod driver;
 pub mod history;
 pub mod housekeeping;

@@ -67,7 +67,7 @@ pub struct RowPage {
 }
 
 /// `%`, `_` and `\` stand for themselves in the search text.
-fn like_pattern(text: &str) -> String {
+pub(crate) fn like_pattern(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('%');
     for c in text.chars() {
@@ -80,45 +80,58 @@ fn like_pattern(text: &str) -> String {
     out
 }
 
-impl Store {
-    /// A page of `queue`'s rows matching `filter`, newest first, at most `limit`, after
-    /// `after`. Without a status filter "newest" is by id (the primary key walks it);
-    /// within one status it is by `finished_at`, then id, in the [`Part`]s of the status
-    /// index: no page sorts more than the odd rows or skips any.
-    pub async fn rows_page(
+/// A backend's reading of one [`Part`] of a page (or, with no part, of every status by
+/// id); [`rows_page`] walks the parts.
+pub trait PageSource {
+    /// Up to `want` rows of `part` (`None`: no status filter, by id) after `from`.
+    fn page_part(
         &self,
         queue: QueueName,
         filter: &RowFilter,
-        after: Option<PageCursor>,
-        limit: u32,
-    ) -> Result<RowPage, StoreError> {
-        let want = limit as usize + 1;
-        let mut rows: Vec<RowSummary> = Vec::with_capacity(want);
-        if filter.status.is_none() {
-            rows = self.page_part(queue, filter, None, after, want).await?;
-        } else {
-            let first = after.map_or(Part::Odd, |c| c.part);
-            for part in [Part::Odd, Part::Number, Part::Null] {
-                if part < first || rows.len() >= want {
-                    continue;
-                }
-                let from = after.filter(|c| c.part == part);
-                let more = self
-                    .page_part(queue, filter, Some(part), from, want - rows.len())
-                    .await?;
-                rows.extend(more);
-            }
-        }
-        let next = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            rows.last().map(PageCursor::after)
-        } else {
-            None
-        };
-        Ok(RowPage { rows, next })
-    }
+        part: Option<Part>,
+        from: Option<PageCursor>,
+        want: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<RowSummary>, StoreError>> + Send;
+}
 
-    /// Up to `want` rows of one part (`None`: no status filter, by id) after `from`.
+/// A page of `queue`'s rows matching `filter`, newest first, at most `limit`, after
+/// `after`. Without a status filter "newest" is by id (the primary key walks it); within
+/// one status it is by `finished_at`, then id, in the [`Part`]s of the status index: no
+/// page sorts more than the odd rows or skips any.
+pub async fn rows_page(
+    store: &impl PageSource,
+    queue: QueueName,
+    filter: &RowFilter,
+    after: Option<PageCursor>,
+    limit: u32,
+) -> Result<RowPage, StoreError> {
+    let want = limit as usize + 1;
+    let mut rows: Vec<RowSummary> = Vec::with_capacity(want);
+    if filter.status.is_none() {
+        rows = store.page_part(queue, filter, None, after, want).await?;
+    } else {
+        let first = after.map_or(Part::Odd, |c| c.part);
+        for part in [Part::Odd, Part::Number, Part::Null] {
+            if part < first || rows.len() >= want {
+                continue;
+            }
+            let from = after.filter(|c| c.part == part);
+            let more = store
+                .page_part(queue, filter, Some(part), from, want - rows.len())
+                .await?;
+            rows.extend(more);
+        }
+    }
+    let next = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(PageCursor::after)
+    } else {
+        None
+    };
+    Ok(RowPage { rows, next })
+}
+
+impl PageSource for Store {
     async fn page_part(
         &self,
         queue: QueueName,
@@ -138,7 +151,9 @@ impl Store {
             .fetch_all(self.pool())
             .await?)
     }
+}
 
+impl Store {
     /// The statement of one page part: `?1` status, `?2`/`?3` the cursor's finished_at
     /// and id, `?4` seller, `?5` LIKE pattern, `?6` limit.
     fn page_sql(
@@ -259,8 +274,7 @@ mod tests {
         let mut ids = Vec::new();
         let mut after = None;
         loop {
-            let page = store
-                .rows_page(QueueName::Rebill, filter, after, limit)
+            let page = rows_page(store, QueueName::Rebill, filter, after, limit)
                 .await
                 .expect("page");
             assert!(page.rows.len() <= limit as usize);

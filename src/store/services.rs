@@ -20,6 +20,15 @@ pub struct StoreServices {
 }
 
 impl StoreServices {
+    /// The services of a backend whose only one is its commit watcher.
+    pub(crate) fn of_watch(watch: super::watch::CommitWatch) -> StoreServices {
+        StoreServices {
+            wake: watch.wake,
+            mode: watch.mode,
+            tasks: vec![watch.task],
+        }
+    }
+
     /// Waits for every service to end (after `stop`).
     pub async fn join(self) {
         for task in self.tasks {

@@ -76,7 +76,7 @@ impl World {
         let token = CancellationToken::new();
         let (config, store, stop) = (self.config.clone(), self.store.clone(), token.clone());
         let handle = tokio::spawn(async move {
-            invoice_worker::daemon::run_with_store(&config, store, stop).await
+            invoice_worker::daemon::run_with_store(&config, store.into(), stop).await
         });
         RunningDaemon {
             token,

@@ -168,7 +168,7 @@ async fn a_number_never_seen_ends_done_accepted_when_the_period_runs_out() {
             .expect("counts");
         let depths = invoice_worker::depths::Depths::new();
         depths
-            .refresh(&w.store, now_ms(), true)
+            .refresh(&w.store.clone().into(), now_ms(), true)
             .await
             .expect("count");
         let line = invoice_worker::depths::status_line(&depths.latest());

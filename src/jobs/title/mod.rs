@@ -12,8 +12,9 @@ use crate::queue::action::Attempted;
 use crate::queue::attempt::{AttemptRecord, Handler};
 use crate::queue::backoff::recent_attempts;
 use crate::queue::decide::Processed;
+use crate::store::driver::QueueStore as _;
 use crate::store::rows::{Claimed, QueueRow, TitleRow};
-use crate::store::Store;
+use crate::store::Database;
 use crate::validate::invisible::escape_for_log;
 use crate::validate::{self, Rejection};
 
@@ -35,7 +36,7 @@ pub struct TitleDefaults {
 
 /// Handles `title_submissions` rows.
 pub struct TitleJob {
-    store: Store,
+    store: Database,
     client: TitleClient,
     defaults: TitleDefaults,
     rules: Rules,
@@ -46,7 +47,7 @@ impl TitleJob {
     /// A handler sending through `client`, storing generated serials in `store` and
     /// classifying answers with `rules`; `clock` dates the serials.
     pub fn new(
-        store: Store,
+        store: Database,
         client: TitleClient,
         defaults: TitleDefaults,
         rules: Rules,

@@ -111,18 +111,9 @@ impl PgStore {
         status: Option<&str>,
         limit: u32,
     ) -> Result<Vec<RowSummary>, StoreError> {
-        let key = match queue {
-            QueueName::Rebill => "tax_num",
-            QueueName::Title => "ttqqlsh",
-        };
         Ok(sqlx::query_as(&format!(
-            "SELECT id, {order} AS \"order\", {key} AS key, status, outcome, attempts, next_attempt_at, \
-               last_code, last_message, invoice_no, invoice_down_url, updated_at, finished_at, \
-               CASE WHEN finished_at IS NULL THEN 'null' ELSE 'integer' END AS finished_type, \
-               finished_at::FLOAT8 AS finished_num, NULL::TEXT AS problem \
-             FROM {t} WHERE ($1::TEXT IS NULL OR status = $1) ORDER BY id DESC LIMIT $2",
-            order = queue.order_column(),
-            t = queue.table()
+            "{select} WHERE ($1::TEXT IS NULL OR status = $1) ORDER BY id DESC LIMIT $2",
+            select = super::page::list_select(queue)
         ))
         .bind(status)
         .bind(limit as i64)

@@ -17,12 +17,15 @@ mod history;
 pub mod housekeeping;
 pub mod listen;
 mod outbox;
+mod page;
 mod queue;
 mod sql;
 
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+pub use housekeeping::HousekeepingTurn;
 
 use super::StoreError;
 use crate::secret::Secret;
