@@ -466,9 +466,22 @@ fn check_config(config: &Config, path: &std::path::Path) -> Result<(), CliError>
     let rebill = config.rebill_credentials()?;
     let title = config.title_credentials()?;
     let alerts = config.alert_targets()?;
+    let database = config.database.location()?;
     warn_if_exposed(config, path);
     print!("{}", config.redacted_toml());
     println!();
+    match &database {
+        Location::Sqlite { path, .. } => println!("# database: SQLite file {}", path.display()),
+        Location::Postgres(connect) => println!(
+            "# database: PostgreSQL {} (password {})",
+            crate::store::postgres::scrub_url(&connect.url),
+            if connect.password.is_some() {
+                "from database.password_file or $INVOICE_WORKER_DATABASE_PASSWORD"
+            } else {
+                "in the URL, or none"
+            }
+        ),
+    }
     let mut missing = Vec::new();
     let rebill_state = if !config.rebill.enabled {
         "disabled by config"
@@ -537,8 +550,8 @@ async fn run_daemon(config: &Config, path: &std::path::Path) -> Result<(), CliEr
     config.rebill_credentials()?;
     config.title_credentials()?;
     config.alert_targets()?;
-    warn_if_exposed(config, path);
     let location = config.database.location()?;
+    warn_if_exposed(config, path);
     let store = Database::open(&location)
         .await
         .map_err(|e| opening(&location, e))?;

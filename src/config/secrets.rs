@@ -369,6 +369,107 @@ mod tests {
     use super::super::key_of;
     use super::*;
 
+    fn database(text: &str) -> Result<Location, ConfigError> {
+        Config::from_toml(&format!("[database]\n{text}\n"))?
+            .database
+            .location()
+    }
+
+    #[test]
+    fn the_database_is_a_sqlite_file_unless_a_url_says_otherwise() {
+        let Location::Sqlite { path, .. } = database("").expect("defaults") else {
+            panic!("the default is SQLite");
+        };
+        assert_eq!(path, PathBuf::from("invoice-worker.db"));
+        let Location::Sqlite { path, .. } =
+            database("url = \"sqlite:///var/lib/invoice-worker/q.db\"").expect("sqlite url")
+        else {
+            panic!("a sqlite:// URL is SQLite");
+        };
+        assert_eq!(path, PathBuf::from("/var/lib/invoice-worker/q.db"));
+        let Location::Postgres(pg) = database(
+            "url = \"postgres://worker@db.example:5432/invoices?sslmode=require\"\npool_size = 4\nstatement_timeout = \"5s\"",
+        )
+        .expect("postgres url") else {
+            panic!("a postgres:// URL is PostgreSQL");
+        };
+        assert_eq!(
+            pg.url,
+            "postgres://worker@db.example:5432/invoices?sslmode=require"
+        );
+        assert_eq!(pg.pool_size, 4);
+        assert_eq!(pg.statement_timeout, std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn path_and_url_together_and_stray_keys_are_errors_naming_them() {
+        let both = database("path = \"q.db\"\nurl = \"postgres://w@h/db\"").expect_err("both");
+        assert!(
+            both.to_string().contains("database.path or database.url"),
+            "{both}"
+        );
+        assert_eq!(key_of(both), "database.url");
+        let stray = database("password_file = \"/run/pw\"").expect_err("no url");
+        assert_eq!(key_of(stray), "database.password_file");
+        for (text, key) in [
+            ("url = \"mysql://u:hunter2@h/db\"", "database.url"),
+            ("url = \"postgres://u:hunter2@/db\"", "database.url"),
+            ("url = \"sqlite://\"", "database.url"),
+            (
+                "url = \"postgres://u@h/db\"\npool_size = 0",
+                "database.pool_size",
+            ),
+            (
+                "url = \"postgres://u@h/db\"\nconnect_timeout = \"0s\"",
+                "database.connect_timeout",
+            ),
+        ] {
+            let e = database(text).expect_err(text);
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+            assert_eq!(key_of(e), key, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_database_password_comes_from_its_file_and_is_never_shown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "file-pa55word\n").expect("write");
+        let text = format!(
+            "[database]\nurl = \"postgres://worker:url-pa55word@db:5432/q\"\npassword_file = \"{}\"\n",
+            file.display()
+        );
+        let c = Config::from_toml(&text).expect("valid");
+        let Location::Postgres(pg) = c.database.location().expect("resolves") else {
+            panic!("postgres");
+        };
+        assert_eq!(
+            pg.password.as_ref().map(Secret::expose),
+            Some("file-pa55word")
+        );
+        let shown = format!(
+            "{}{pg:?}{}",
+            c.redacted_toml(),
+            Location::Postgres(pg.clone()).describe()
+        );
+        for secret in ["file-pa55word", "url-pa55word"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("worker:***@db:5432/q"), "{shown}");
+        assert!(
+            c.has_inline_secret(),
+            "a password in the URL is an inline secret"
+        );
+        let missing = Config::from_toml(
+            "[database]\nurl = \"postgres://w@h/db\"\npassword_file = \"/nonexistent/pw\"\n",
+        )
+        .expect("loads: the file is read when the database is opened");
+        assert_eq!(
+            key_of(missing.database.location().expect_err("unreadable")),
+            "database.password_file"
+        );
+    }
+
     #[test]
     fn secrets_come_from_file_and_are_redacted() {
         let dir = tempfile::tempdir().expect("tempdir");
