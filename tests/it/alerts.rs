@@ -65,7 +65,7 @@ fn delivered(w: &World, key: &str) -> Vec<RobotMessage> {
 
 async fn outbox(w: &World) -> Vec<(String, String)> {
     sqlx::query_as("SELECT event, status FROM alert_outbox ORDER BY id")
-        .fetch_all(&w.sql)
+        .fetch_all(w.sql())
         .await
         .expect("outbox")
 }
@@ -158,7 +158,7 @@ async fn one_pause_is_one_alert_per_target_and_its_lift_another() {
     for order in orders {
         w.sim.script_rebill(order, vec![RebillBehavior::Accepted]);
     }
-    let operator = w.store.clone().with_alerts(true);
+    let operator = w.store().clone().with_alerts(true);
     assert!(operator
         .resume(QueueName::Rebill, TAX)
         .await
@@ -221,7 +221,7 @@ async fn a_refusing_robot_is_retried_until_it_takes_the_alert() {
         outbox(&w).await,
         [("seller_paused".to_string(), "delivered".to_string())]
     );
-    let report = w.store.alert_report().await.expect("report");
+    let report = w.store().alert_report().await.expect("report");
     assert_eq!((report.pending, report.given_up), (0, 0));
     let ops = &report.targets[0];
     assert_eq!(ops.name, "ops");
@@ -246,7 +246,7 @@ async fn failed_rows_come_as_one_digest_not_one_alert_each() {
         )
         .bind(order)
         .bind(TAX)
-        .execute(&w.sql)
+        .execute(w.sql())
         .await
         .expect("insert");
     }

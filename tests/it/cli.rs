@@ -90,7 +90,7 @@ async fn enqueue_title_from_flags_file_and_stdin() {
     let rows: Vec<TitleRow> = sqlx::query_as(
         "SELECT order_no, invoice_type, sqm, data_type, ttqqlsh FROM title_submissions ORDER BY id",
     )
-    .fetch_all(&w.sql)
+    .fetch_all(w.sql())
     .await
     .expect("rows");
     assert_eq!(rows.len(), 3);

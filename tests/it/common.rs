@@ -8,24 +8,65 @@ use std::time::{Duration, Instant};
 
 use invoice_worker::config::Config;
 use invoice_worker::sim::{SimOptions, Simulator};
+use invoice_worker::store::database::Location;
+use invoice_worker::store::postgres::{cluster, PgConnect};
 use invoice_worker::store::scratch::ScratchDatabase;
-use invoice_worker::store::Store;
+use invoice_worker::store::{Database, Store};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 use tokio_util::sync::CancellationToken;
 
 /// The seller tax number most tests use.
 pub const TAX: &str = "91310117568051222X";
 
+/// Defines `$name::sqlite` and `$name::postgres`, each running `async fn $name(Backend)`
+/// of the enclosing module on a multi-threaded runtime (the PostgreSQL one returns at
+/// once, after the cluster's loud line, where no server is installed outside CI).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::common::Backend::Sqlite).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::common::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
+/// Which database a test world runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file in the world's directory.
+    Sqlite,
+    /// A database of its own on the test binary's throwaway PostgreSQL server.
+    Postgres,
+}
+
 /// One test's world: a scratch database (closed before its directory goes), a simulator,
-/// the store and a config.
+/// the daemon's store and a config.
 pub struct World {
     pub sim: Simulator,
-    pub store: Store,
+    /// The store the daemon runs on (either backend).
+    pub database: Database,
     pub config: Config,
-    /// A pool of its own on the database file, as the other systems that insert rows have:
-    /// the tests write and read the tables through it, never through the daemon's pool.
-    pub sql: SqlitePool,
-    db: ScratchDatabase,
+    /// A pool of its own on the database, as the other systems that insert rows have: the
+    /// tests write and read the tables through it, never through the daemon's pool. Its
+    /// SQL numbers placeholders `$1, $2, …` in order, which both backends read alike.
+    pub writer: Writer,
+    pub backend: Backend,
+    scratch: Scratch,
+}
+
+/// What a world removes when it ends.
+enum Scratch {
+    Sqlite(ScratchDatabase),
+    /// The directory for configs and logs (the cluster's reaper removes the database).
+    Postgres(tempfile::TempDir),
 }
 
 /// In-process daemons share the process-global metrics recorder: a test that reads the
@@ -39,24 +80,86 @@ impl World {
     }
 
     pub async fn with_options(opts: SimOptions) -> World {
-        let db = ScratchDatabase::new(Duration::from_secs(5))
+        World::on_with_options(Backend::Sqlite, opts)
             .await
-            .expect("store");
+            .expect("SQLite is always there")
+    }
+
+    /// A world on `backend`; `None` (after the cluster's one loud line) when PostgreSQL
+    /// is not installed outside CI.
+    pub async fn on(backend: Backend) -> Option<World> {
+        World::on_with_options(backend, SimOptions::default()).await
+    }
+
+    /// [`World::on`] with simulator options.
+    pub async fn on_with_options(backend: Backend, opts: SimOptions) -> Option<World> {
         let sim = Simulator::start(opts.clone()).await.expect("simulator");
-        let config = fast_config(&sim, &opts, &db.path());
-        let sql = writer_pool(&db.path()).await;
-        World {
-            sim,
-            store: db.store().clone(),
-            config,
-            sql,
-            db,
+        Some(match backend {
+            Backend::Sqlite => {
+                let db = ScratchDatabase::new(Duration::from_secs(5))
+                    .await
+                    .expect("store");
+                let config = fast_config(&sim, &opts, &db.path());
+                let writer = Writer::Sqlite(writer_pool(&db.path()).await);
+                World {
+                    sim,
+                    database: db.store().clone().into(),
+                    config,
+                    writer,
+                    backend,
+                    scratch: Scratch::Sqlite(db),
+                }
+            }
+            Backend::Postgres => {
+                let cluster = cluster::shared()?;
+                let url = cluster.create_database().await.expect("a scratch database");
+                let dir = tempfile::Builder::new()
+                    .prefix("invoice-worker-pg-world-")
+                    .tempdir()
+                    .expect("tempdir");
+                let mut config = fast_config(&sim, &opts, &dir.path().join("unused.db"));
+                config.database.url = Some(url.clone());
+                let database = Database::open(&Location::Postgres(PgConnect::new(url.clone())))
+                    .await
+                    .expect("migrated PostgreSQL store");
+                let pool = PgPoolOptions::new()
+                    .max_connections(4)
+                    .connect(&url)
+                    .await
+                    .expect("a pool of another writer");
+                World {
+                    sim,
+                    database,
+                    config,
+                    writer: Writer::Postgres(pool),
+                    backend,
+                    scratch: Scratch::Postgres(dir),
+                }
+            }
+        })
+    }
+
+    /// The SQLite store, for tests of what only SQLite has (its file, WAL, query plans).
+    pub fn store(&self) -> &Store {
+        self.database
+            .as_sqlite()
+            .expect("a SQLite-only test on a PostgreSQL world")
+    }
+
+    /// The writer's SQLite pool, for tests of what only SQLite has.
+    pub fn sql(&self) -> &SqlitePool {
+        match &self.writer {
+            Writer::Sqlite(pool) => pool,
+            Writer::Postgres(_) => panic!("a SQLite-only test on a PostgreSQL world"),
         }
     }
 
-    /// The test's temporary directory (the database is `queue.db` in it).
+    /// The test's temporary directory (on SQLite the database is `queue.db` in it).
     pub fn dir(&self) -> &Path {
-        self.db.dir()
+        match &self.scratch {
+            Scratch::Sqlite(db) => db.dir(),
+            Scratch::Postgres(dir) => dir.path(),
+        }
     }
 
     /// Starts the daemon in this process; cancel the token (or call `stop`) to end it.
@@ -74,9 +177,9 @@ impl World {
 
     fn start_holding(&self, metrics: MetricsTurn) -> RunningDaemon {
         let token = CancellationToken::new();
-        let (config, store, stop) = (self.config.clone(), self.store.clone(), token.clone());
+        let (config, store, stop) = (self.config.clone(), self.database.clone(), token.clone());
         let handle = tokio::spawn(async move {
-            invoice_worker::daemon::run_with_store(&config, store.into(), stop).await
+            invoice_worker::daemon::run_with_store(&config, store, stop).await
         });
         RunningDaemon {
             token,
@@ -94,13 +197,14 @@ impl World {
     }
 
     pub async fn status_of(&self, table: &str, id: i64) -> String {
-        let (status,): (String,) =
-            sqlx::query_as(&format!("SELECT status FROM {table} WHERE id = ?1"))
-                .bind(id)
-                .fetch_one(&self.sql)
-                .await
-                .expect("row");
-        status
+        let rows: Vec<(String,)> = self
+            .writer
+            .rows(
+                &format!("SELECT status FROM {table} WHERE id = $1"),
+                &[Arg::Int(id)],
+            )
+            .await;
+        rows.into_iter().next().expect("row").0
     }
 
     /// Waits until none of `ids` in `table` is pending or running.
@@ -118,13 +222,12 @@ impl World {
     }
 
     pub async fn insert_rebill(&self, orderno: &str, tax_num: &str) -> i64 {
-        sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, ?2)")
-            .bind(orderno)
-            .bind(tax_num)
-            .execute(&self.sql)
+        self.writer
+            .insert_id(
+                "INSERT INTO rebill_orders (orderno, tax_num) VALUES ($1, $2) RETURNING id",
+                &[Arg::text(orderno), Arg::text(tax_num)],
+            )
             .await
-            .expect("insert")
-            .last_insert_rowid()
     }
 
     /// Claims up to 10 due rebill rows at `now` as daemon `daemon` would, under `token` with
@@ -143,7 +246,8 @@ impl World {
             claim_token: token,
             claimed_by: daemon,
         };
-        self.store
+        use invoice_worker::store::driver::QueueStore as _;
+        self.database
             .claim(&params, |_| {
                 invoice_worker::store::pauses::ClaimPlan::unpaused()
             })
@@ -162,11 +266,124 @@ impl World {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        let (n,): (i64,) = sqlx::query_as(sql)
-            .fetch_one(&self.sql)
-            .await
-            .expect("count");
-        n
+        self.writer.count(sql).await
+    }
+}
+
+/// A value bound to a writer's placeholder.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+impl Arg {
+    pub fn text(s: &str) -> Arg {
+        Arg::Text(s.to_string())
+    }
+}
+
+/// Another system's connection pool on the world's database.
+pub enum Writer {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// `query` with `args` bound in order, for either backend.
+fn bound<'q, DB: sqlx::Database>(
+    mut query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    args: &[Arg],
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    for arg in args {
+        query = match arg.clone() {
+            Arg::Text(text) => query.bind(text),
+            Arg::Int(n) => query.bind(n),
+        };
+    }
+    query
+}
+
+impl Writer {
+    /// Runs one statement; rows affected.
+    pub async fn execute(&self, sql: &str, args: &[Arg]) -> u64 {
+        match self {
+            Writer::Sqlite(pool) => bound(sqlx::query(sql), args)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+            Writer::Postgres(pool) => bound(sqlx::query(sql), args)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Runs an `INSERT … RETURNING id`; the id.
+    pub async fn insert_id(&self, sql: &str, args: &[Arg]) -> i64 {
+        let rows: Vec<(i64,)> = self.rows(sql, args).await;
+        rows.first().expect("RETURNING id").0
+    }
+
+    /// The rows of a query.
+    pub async fn rows<T>(&self, sql: &str, args: &[Arg]) -> Vec<T>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + Send
+            + Unpin,
+    {
+        match self {
+            Writer::Sqlite(pool) => {
+                let mut query = sqlx::query_as::<_, T>(sql);
+                for arg in args {
+                    query = match arg.clone() {
+                        Arg::Text(text) => query.bind(text),
+                        Arg::Int(n) => query.bind(n),
+                    };
+                }
+                query.fetch_all(pool).await
+            }
+            Writer::Postgres(pool) => {
+                let mut query = sqlx::query_as::<_, T>(sql);
+                for arg in args {
+                    query = match arg.clone() {
+                        Arg::Text(text) => query.bind(text),
+                        Arg::Int(n) => query.bind(n),
+                    };
+                }
+                query.fetch_all(pool).await
+            }
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// A single count.
+    pub async fn count(&self, sql: &str) -> i64 {
+        let rows: Vec<(i64,)> = self.rows(sql, &[]).await;
+        rows.first().expect("a count").0
+    }
+
+    /// Inserts rebill rows of `tax_num`, a few hundred per statement (a bulk writer).
+    pub async fn insert_rebills(&self, ordernos: &[String], tax_num: &str) {
+        for chunk in ordernos.chunks(400) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                .collect();
+            let args: Vec<Arg> = chunk
+                .iter()
+                .flat_map(|o| [Arg::text(o), Arg::text(tax_num)])
+                .collect();
+            let sql = format!(
+                "INSERT INTO rebill_orders (orderno, tax_num) VALUES {}",
+                values.join(", ")
+            );
+            self.execute(&sql, &args).await;
+        }
     }
 }
 
@@ -215,7 +432,7 @@ pub fn config_toml(c: &Config, opts: &SimOptions) -> String {
     let base = c.title.base_url.clone().unwrap_or_default();
     format!(
         r#"[database]
-path = "{db}"
+{db}
 
 [worker]
 lease = "{lease}ms"
@@ -244,7 +461,10 @@ rate_per_second = 1000
 [housekeeping]
 enabled = false
 "#,
-        db = c.database.path.display(),
+        db = match &c.database.url {
+            Some(url) => format!("url = \"{url}\""),
+            None => format!("path = \"{}\"", c.database.path.display()),
+        },
         lease = c.worker.lease.as_millis(),
         grace = c.worker.shutdown_grace.as_millis(),
         base = c.retry.base_delay.as_millis(),

@@ -24,7 +24,7 @@ async fn row(w: &World, id: i64) -> Row {
          FROM rebill_orders WHERE id = ?1",
     )
     .bind(id)
-    .fetch_one(&w.sql)
+    .fetch_one(w.sql())
     .await
     .expect("row")
 }
@@ -32,7 +32,7 @@ async fn row(w: &World, id: i64) -> Row {
 async fn updated_at(w: &World, id: i64) -> i64 {
     let (at,): (i64,) = sqlx::query_as("SELECT updated_at FROM rebill_orders WHERE id = ?1")
         .bind(id)
-        .fetch_one(&w.sql)
+        .fetch_one(w.sql())
         .await
         .expect("row");
     at
@@ -162,13 +162,13 @@ async fn a_number_never_seen_ends_done_accepted_when_the_period_runs_out() {
     loop {
         let before = updated_at(&w, id).await;
         let counts = w
-            .store
+            .store()
             .counts(QueueName::Rebill, now_ms())
             .await
             .expect("counts");
         let depths = invoice_worker::depths::Depths::new();
         depths
-            .refresh(&w.store.clone().into(), now_ms(), true)
+            .refresh(&w.store().clone().into(), now_ms(), true)
             .await
             .expect("count");
         let line = invoice_worker::depths::status_line(&depths.latest());
@@ -182,7 +182,7 @@ async fn a_number_never_seen_ends_done_accepted_when_the_period_runs_out() {
     }
     w.wait_finished("rebill_orders", &[id]).await;
     let counts = w
-        .store
+        .store()
         .counts(QueueName::Rebill, now_ms())
         .await
         .expect("counts");

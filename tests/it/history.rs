@@ -97,7 +97,7 @@ async fn show_masks_the_buyers_phone_and_account_and_shows_hostile_text_as_text(
          VALUES ('T-SHOW', 1, 'A1', ?1, '13800138000', '招商银行 6225880112345678')",
     )
     .bind("<script>alert(1)</script>\u{202E}evil")
-    .execute(&w.sql)
+    .execute(w.sql())
     .await
     .expect("insert")
     .last_insert_rowid();

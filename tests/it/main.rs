@@ -4,9 +4,11 @@
 //! One module per concern; `common` holds the shared helpers (a simulator on port 0, a
 //! scratch database, configs, the binary started as a child process).
 
+// First: its macros are used by the modules after it.
+#[macro_use]
+mod common;
 mod alerts;
 mod cli;
-mod common;
 mod confirm;
 mod console;
 mod history;

@@ -31,7 +31,7 @@ async fn row(w: &World, id: i64) -> Row {
          FROM rebill_orders WHERE id = ?1",
     )
     .bind(id)
-    .fetch_one(&w.sql)
+    .fetch_one(w.sql())
     .await
     .expect("row")
 }
@@ -180,14 +180,14 @@ async fn sms_login_pauses_the_seller_then_one_row_probes() {
     let unrelated = w.insert_rebill("UNRELATED", TAX).await;
     // SMS-1 goes first, so its answer pauses the seller before the others are due.
     sqlx::query("UPDATE rebill_orders SET next_attempt_at = next_attempt_at + 300 WHERE orderno LIKE 'SMS-OTHER-%'")
-        .execute(&w.sql)
+        .execute(w.sql())
         .await
         .expect("update");
 
     let daemon = w.start().await;
     wait_final(&w, &[unrelated]).await;
     // The seller is paused: its rows wait without using attempts.
-    let pauses = w.store.pauses().await.expect("pauses");
+    let pauses = w.store().pauses().await.expect("pauses");
     assert!(pauses.iter().any(|p| p.scope == OTHER_SELLER), "{pauses:?}");
     assert_eq!(row(&w, others[0]).await.attempts, 0);
     assert_eq!(
@@ -226,7 +226,7 @@ async fn sms_login_pauses_the_seller_then_one_row_probes() {
         );
     }
     assert!(
-        w.store.pauses().await.expect("pauses").is_empty(),
+        w.store().pauses().await.expect("pauses").is_empty(),
         "the successful probe lifted the pause"
     );
     for id in all {
@@ -245,7 +245,7 @@ async fn wrong_secret_pauses_the_queue_without_burning_attempts() {
     }
     let daemon = w.start().await;
     wait_until(Duration::from_secs(10), "queue pause", || async {
-        w.store
+        w.store()
             .pauses()
             .await
             .expect("pauses")
@@ -276,7 +276,7 @@ async fn wrong_secret_pauses_the_queue_without_burning_attempts() {
         invoice_worker::sim::SimOptions::default().rebill_secret,
     ));
     assert!(w
-        .store
+        .store()
         .resume(QueueName::Rebill, "*")
         .await
         .expect("resume"));
@@ -299,7 +299,7 @@ async fn attempts_run_out_and_the_row_fails() {
         "INSERT INTO rebill_orders (orderno, tax_num, max_attempts) VALUES ('DOOMED', ?1, 3)",
     )
     .bind(TAX)
-    .execute(&w.sql)
+    .execute(w.sql())
     .await
     .expect("insert")
     .last_insert_rowid();
@@ -356,7 +356,7 @@ async fn daily_cap_pushes_the_next_attempt_a_day_out() {
     daemon.stop().await;
     let (next,): (i64,) = sqlx::query_as("SELECT next_attempt_at FROM rebill_orders WHERE id = ?1")
         .bind(id)
-        .fetch_one(&w.sql)
+        .fetch_one(w.sql())
         .await
         .expect("row");
     let wait = next - now_ms();
@@ -375,7 +375,7 @@ async fn a_lost_claim_is_never_overwritten() {
     // The lease runs out, another daemon rescues and re-claims the row.
     let later = now + 10;
     assert_eq!(
-        w.store
+        w.store()
             .rescue_expired(QueueName::Rebill, later, 50)
             .await
             .expect("rescue"),
@@ -408,7 +408,7 @@ async fn a_lost_claim_is_never_overwritten() {
         now: later,
     };
     let applied = w
-        .store
+        .store()
         .complete(QueueName::Rebill, &[done_by("old-holder")])
         .await
         .expect("complete");
@@ -419,7 +419,7 @@ async fn a_lost_claim_is_never_overwritten() {
     );
     assert_eq!(w.status_of("rebill_orders", id).await, "running");
     let applied = w
-        .store
+        .store()
         .complete(QueueName::Rebill, &[done_by("new-holder")])
         .await
         .expect("complete");
@@ -435,7 +435,7 @@ async fn a_lost_claim_is_never_overwritten() {
 async fn the_claim_query_uses_its_index() {
     let w = World::new().await;
     for queue in [QueueName::Rebill, QueueName::Title] {
-        let plan = w.store.explain_claim(queue).await.expect("plan");
+        let plan = w.store().explain_claim(queue).await.expect("plan");
         let text: Vec<&str> = plan.iter().map(String::as_str).collect();
         let due_index = format!("{}_due", queue.table());
         assert!(
@@ -495,7 +495,7 @@ async fn operator_rules_come_before_the_built_in_ones() {
 async fn an_unreadable_row_is_rejected_and_does_not_stop_the_queue() {
     let w = World::new().await;
     // Written around the CHECK constraints, as an old schema or a careless tool might.
-    let mut conn = w.sql.acquire().await.expect("conn");
+    let mut conn = w.sql().acquire().await.expect("conn");
     sqlx::query("PRAGMA ignore_check_constraints = ON")
         .execute(&mut *conn)
         .await
@@ -539,14 +539,14 @@ async fn the_wal_stays_small_while_draining_and_shrinks_when_idle() {
     )
     .bind(ROWS)
     .bind(TAX)
-    .execute(&w.sql)
+    .execute(w.sql())
     .await
     .expect("insert");
     let daemon = w.start().await;
     let mut largest = 0u64;
     let started = std::time::Instant::now();
     loop {
-        largest = largest.max(w.store.wal_size());
+        largest = largest.max(w.store().wal_size());
         let open = w
             .count("SELECT COUNT(*) FROM rebill_orders WHERE status IN ('pending', 'running')")
             .await;
@@ -563,18 +563,18 @@ async fn the_wal_stays_small_while_draining_and_shrinks_when_idle() {
     wait_until(
         Duration::from_secs(10),
         "the WAL given back once quiet",
-        || async { w.store.wal_size() == 0 },
+        || async { w.store().wal_size() == 0 },
     )
     .await;
     daemon.stop().await;
     eprintln!(
         "{ROWS} rows drained in {drained:?}; largest -wal file {:.2} MiB (limit {} MiB); 0 bytes once quiet",
         largest as f64 / 1048576.0,
-        w.store.wal_limit() / 1048576
+        w.store().wal_limit() / 1048576
     );
     // Half the limit, for margin: the growth the fix removed would be 140–240 MB here.
     assert!(
-        largest < w.store.wal_limit() / 2,
+        largest < w.store().wal_limit() / 2,
         "largest -wal file {largest} bytes"
     );
 }

@@ -22,7 +22,7 @@ struct Row {
 async fn row(w: &World, id: i64) -> Row {
     sqlx::query_as("SELECT status, outcome, attempts, ttqqlsh, last_code, last_message FROM title_submissions WHERE id = ?1")
         .bind(id)
-        .fetch_one(&w.sql)
+        .fetch_one(w.sql())
         .await
         .expect("row")
 }
@@ -59,9 +59,9 @@ async fn titles_are_sent_in_json_and_xml_with_escaping_intact() {
     special.fields.gmf_nsrsbh = Some("9144030071526726XG".into());
     special.sqm = Some("ROW-SQM".into());
     let ids = vec![
-        w.store.enqueue_title(&json).await.expect("insert"),
-        w.store.enqueue_title(&xml).await.expect("insert"),
-        w.store.enqueue_title(&special).await.expect("insert"),
+        w.store().enqueue_title(&json).await.expect("insert"),
+        w.store().enqueue_title(&xml).await.expect("insert"),
+        w.store().enqueue_title(&special).await.expect("insert"),
     ];
     let daemon = w.start().await;
     wait_final(&w, &ids).await;
@@ -109,7 +109,7 @@ async fn config_default_format_applies_to_rows_without_one() {
     let mut w = World::new().await;
     w.config.title.data_type = DataType::Xml;
     let id = w
-        .store
+        .store()
         .enqueue_title(&title("T-DEFAULT", "默认格式公司"))
         .await
         .expect("insert");
@@ -128,7 +128,7 @@ async fn token_expiry_mid_run_renews_once_and_resends() {
     .await;
     let daemon = w.start().await;
     let first = w
-        .store
+        .store()
         .enqueue_title(&title("T-BEFORE", "之前公司"))
         .await
         .expect("insert");
@@ -138,7 +138,7 @@ async fn token_expiry_mid_run_renews_once_and_resends() {
     let mut ids = Vec::new();
     for i in 0..10 {
         ids.push(
-            w.store
+            w.store()
                 .enqueue_title(&title(&format!("T-AFTER-{i}"), "之后公司"))
                 .await
                 .expect("insert"),
@@ -169,7 +169,7 @@ async fn a_timed_out_send_that_arrived_counts_as_sent_on_retry() {
         ],
     );
     let id = w
-        .store
+        .store()
         .enqueue_title(&title("T-LATE", "超时公司"))
         .await
         .expect("insert");
@@ -213,19 +213,19 @@ async fn a_duplicate_serial_on_the_first_attempt_fails() {
     let w = World::new().await;
     let mut a = title("T-A", "甲公司");
     a.fields.ttqqlsh = Some("IWDUP0000000000001".into());
-    let id_a = w.store.enqueue_title(&a).await.expect("insert");
+    let id_a = w.store().enqueue_title(&a).await.expect("insert");
     let daemon = w.start().await;
     wait_final(&w, &[id_a]).await;
     // Another system reuses the serial under a different order (the unique column lets a
     // finished row's serial be deleted and reused): the server says it is a duplicate.
     sqlx::query("DELETE FROM title_submissions WHERE id = ?1")
         .bind(id_a)
-        .execute(&w.sql)
+        .execute(w.sql())
         .await
         .expect("delete");
     let mut b = title("T-B", "乙公司");
     b.fields.ttqqlsh = Some("IWDUP0000000000001".into());
-    let id_b = w.store.enqueue_title(&b).await.expect("insert");
+    let id_b = w.store().enqueue_title(&b).await.expect("insert");
     wait_final(&w, &[id_b]).await;
     daemon.stop().await;
     let r = row(&w, id_b).await;
@@ -272,7 +272,7 @@ async fn every_invalid_title_is_rejected_with_its_reason() {
     cases.push((t, "ATTACH"));
     let mut ids = Vec::new();
     for (t, _) in &cases {
-        ids.push(w.store.enqueue_title(t).await.expect("insert"));
+        ids.push(w.store().enqueue_title(t).await.expect("insert"));
     }
     let daemon = w.start().await;
     wait_final(&w, &ids).await;
@@ -299,7 +299,7 @@ async fn lenient_tax_id_accepts_sandbox_codes() {
     w.config.title.lenient_tax_id = true;
     let mut t = title("V-LENIENT", "公司");
     t.fields.gmf_nsrsbh = Some("91110000600037341N".into());
-    let id = w.store.enqueue_title(&t).await.expect("insert");
+    let id = w.store().enqueue_title(&t).await.expect("insert");
     let daemon = w.start().await;
     wait_final(&w, &[id]).await;
     daemon.stop().await;
@@ -320,11 +320,11 @@ async fn transient_failures_retry_with_the_same_serial() {
     );
     w.sim.script_title("T-ALT", vec![TitleBehavior::AltShape]);
     let ids = vec![
-        w.store
+        w.store()
             .enqueue_title(&title("T-FLAKY", "重试公司"))
             .await
             .expect("insert"),
-        w.store
+        w.store()
             .enqueue_title(&title("T-ALT", "另一种格式公司"))
             .await
             .expect("insert"),
@@ -353,7 +353,7 @@ async fn refused_client_credentials_pause_the_title_queue() {
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(
-            w.store
+            w.store()
                 .enqueue_title(&title(&format!("T-CRED-{i}"), "公司"))
                 .await
                 .expect("insert"),
@@ -361,7 +361,7 @@ async fn refused_client_credentials_pause_the_title_queue() {
     }
     let daemon = w.start().await;
     wait_until(Duration::from_secs(10), "title queue pause", || async {
-        w.store
+        w.store()
             .pauses()
             .await
             .expect("pauses")
@@ -389,7 +389,7 @@ async fn refused_client_credentials_pause_the_title_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_queues_drain_at_once() {
     let w = World::new().await;
-    let mut tx = w.sql.begin().await.expect("tx");
+    let mut tx = w.sql().begin().await.expect("tx");
     for i in 0..200 {
         sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, ?2)")
             .bind(format!("BOTH-R-{i}"))

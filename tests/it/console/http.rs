@@ -164,7 +164,7 @@ async fn a_read_only_console_shows_but_refuses_every_action() {
         .await
         .expect("POST pause");
     assert_eq!(pause.status(), StatusCode::FORBIDDEN);
-    assert!(w.store.pauses().await.expect("pauses").is_empty());
+    assert!(w.store().pauses().await.expect("pauses").is_empty());
     assert_eq!(w.status_of("rebill_orders", id).await, "failed");
     daemon.stop().await;
 }

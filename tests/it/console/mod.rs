@@ -40,7 +40,7 @@ pub async fn failed_row(w: &World, orderno: &str) -> i64 {
     )
     .bind(orderno)
     .bind(TAX)
-    .execute(&w.sql)
+    .execute(w.sql())
     .await
     .expect("insert")
     .last_insert_rowid();
@@ -75,7 +75,7 @@ pub async fn hostile_title(w: &World) -> i64 {
          VALUES (?1, 1, 'A1', ?1, '13800138000', '招商银行 6225880112345678', 'cancelled')",
     )
     .bind(HOSTILE_NAME)
-    .execute(&w.sql)
+    .execute(w.sql())
     .await
     .expect("insert")
     .last_insert_rowid()

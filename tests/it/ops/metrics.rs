@@ -119,7 +119,7 @@ async fn metrics_and_health_move_with_the_queues() {
 
     // A paused seller: the gauge says so, and its due row waits and ages.
     let until = now_ms() + 60_000;
-    w.store
+    w.store()
         .pause(QueueName::Rebill, OTHER_SELLER, until, "test pause")
         .await
         .expect("pause seller");
@@ -141,7 +141,7 @@ async fn metrics_and_health_move_with_the_queues() {
     )
     .await;
     // The whole queue paused.
-    w.store
+    w.store()
         .pause(QueueName::Rebill, "*", until, "test pause")
         .await
         .expect("pause queue");
@@ -152,12 +152,12 @@ async fn metrics_and_health_move_with_the_queues() {
     .await;
     // Resumed: gauges back to 0 and the waiting row goes through.
     assert!(w
-        .store
+        .store()
         .resume(QueueName::Rebill, "*")
         .await
         .expect("resume queue"));
     assert!(w
-        .store
+        .store()
         .resume(QueueName::Rebill, OTHER_SELLER)
         .await
         .expect("resume seller"));
@@ -180,7 +180,7 @@ async fn metrics_and_health_move_with_the_queues() {
     assert_eq!(status, 404);
 
     // The database goes away: /healthz says 503 and why.
-    w.store.close().await;
+    w.store().close().await;
     let (status, body) = get(&client, &format!("{base}/healthz"))
         .await
         .expect("healthz");

@@ -121,7 +121,7 @@ async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
         .bind(format!("STUCK-{i}"))
         .bind(TAX)
         .bind(due_at)
-        .execute(&w.sql)
+        .execute(w.sql())
         .await
         .expect("insert");
     }
@@ -174,7 +174,7 @@ async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
     });
     let ids: Vec<i64> =
         sqlx::query_as::<_, (i64,)>("SELECT id FROM rebill_orders WHERE orderno LIKE 'STUCK-%'")
-            .fetch_all(&w.sql)
+            .fetch_all(w.sql())
             .await
             .expect("ids")
             .into_iter()

@@ -24,13 +24,13 @@ async fn operator_rows(world: &World, cfg: &str) -> OperatorRows {
     let pending = world.insert_rebill("LIST-PEND-1", TAX).await;
     sqlx::query("UPDATE rebill_orders SET status = 'done', outcome = 'accepted', attempts = 1, finished_at = updated_at WHERE id = ?1")
         .bind(done)
-        .execute(&world.sql)
+        .execute(world.sql())
         .await
         .expect("mark done");
     sqlx::query("UPDATE rebill_orders SET status = 'failed', attempts = 50, finished_at = updated_at WHERE id IN (?1, ?2)")
         .bind(failed)
         .bind(failed2)
-        .execute(&world.sql)
+        .execute(world.sql())
         .await
         .expect("mark failed");
     OperatorRows {

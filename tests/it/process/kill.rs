@@ -3,11 +3,14 @@
 
 use super::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_while_draining_loses_nothing_and_marks_nothing_unaccepted() {
+on_both_backends!(kill_9_while_draining_loses_nothing_and_marks_nothing_unaccepted);
+
+async fn kill_9_while_draining_loses_nothing_and_marks_nothing_unaccepted(backend: Backend) {
     const ROWS: usize = 300;
     const CYCLES: usize = 5;
-    let world = world_with_latency(Duration::from_millis(80)).await;
+    let Some(world) = world_on(backend, Duration::from_millis(80)).await else {
+        return;
+    };
     let ordernos: Vec<String> = (0..ROWS).map(|i| format!("K9-{i:04}")).collect();
     insert_many(&world, &ordernos, TAX).await;
     // Short lease so the killed daemons' rows are reclaimed quickly; a rate limit so that the
@@ -67,7 +70,7 @@ async fn kill_9_while_draining_loses_nothing_and_marks_nothing_unaccepted() {
         "rows of the killed daemon took {recovery:?} to be done (SPEC: sent again within 60 s)"
     );
     eprintln!(
-        "kill -9: {CYCLES} kills, {running_at_kill} rows left running in total, {resent} orders sent more than once, \
+        "kill -9 ({backend:?}): {CYCLES} kills, {running_at_kill} rows left running in total, {resent} orders sent more than once, \
          {retried} rows with attempts > 1; all {ROWS} done {recovery:?} after the last kill"
     );
 }

@@ -136,7 +136,7 @@ async fn insert_title(world: &World, order_no: &str, data_type: i64) -> i64 {
     )
     .bind(order_no)
     .bind(data_type)
-    .execute(&world.sql)
+    .execute(world.sql())
     .await
     .expect("insert title")
     .last_insert_rowid()

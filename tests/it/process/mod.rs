@@ -9,7 +9,7 @@ use std::process::{Child, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{config_toml, scrubbed_binary, wait_until, Daemon, World, TAX};
+use crate::common::{config_toml, scrubbed_binary, wait_until, Arg, Backend, Daemon, World, TAX};
 use invoice_worker::sim::{RebillBehavior, SimOptions, TitleBehavior};
 use nix::sys::signal::Signal;
 
@@ -36,10 +36,21 @@ fn write_toml(world: &World, name: &str, edits: &[(&str, &str)], extra: &str) ->
 
 /// A world whose simulator takes `latency` to answer.
 async fn world_with_latency(latency: Duration) -> World {
-    World::with_options(SimOptions {
-        latency,
-        ..Default::default()
-    })
+    world_on(Backend::Sqlite, latency)
+        .await
+        .expect("SQLite is always there")
+}
+
+/// A world on `backend` whose simulator takes `latency` to answer (`None`: no
+/// PostgreSQL here, said loudly once).
+async fn world_on(backend: Backend, latency: Duration) -> Option<World> {
+    World::on_with_options(
+        backend,
+        SimOptions {
+            latency,
+            ..Default::default()
+        },
+    )
     .await
 }
 
@@ -136,18 +147,9 @@ fn assert_log_has(log: &str, lines: &[&str]) {
     }
 }
 
-/// Inserts rebill rows in one transaction (a bulk writer).
+/// Inserts rebill rows, a few hundred per statement (a bulk writer).
 async fn insert_many(world: &World, ordernos: &[String], tax_num: &str) {
-    let mut tx = world.sql.begin().await.expect("begin");
-    for o in ordernos {
-        sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, ?2)")
-            .bind(o)
-            .bind(tax_num)
-            .execute(&mut *tx)
-            .await
-            .expect("insert");
-    }
-    tx.commit().await.expect("commit");
+    world.writer.insert_rebills(ordernos, tax_num).await;
 }
 
 /// Scripts every one of `ordernos` to be answered after `delay`.
@@ -165,10 +167,13 @@ fn script_delay<'a>(
 
 /// (orderno, status, attempts) of every rebill row.
 async fn rebill_rows(world: &World) -> Vec<(String, String, i64)> {
-    sqlx::query_as("SELECT orderno, status, attempts FROM rebill_orders ORDER BY id")
-        .fetch_all(&world.sql)
+    world
+        .writer
+        .rows(
+            "SELECT orderno, status, attempts FROM rebill_orders ORDER BY id",
+            &[],
+        )
         .await
-        .expect("rows")
 }
 
 /// How many rebill rows have `status`.

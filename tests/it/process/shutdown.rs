@@ -31,7 +31,7 @@ async fn sigterm_lets_calls_in_flight_finish_within_grace() {
 
     let rows: Vec<(String, String, Option<String>, i64)> =
         sqlx::query_as("SELECT orderno, status, outcome, attempts FROM rebill_orders WHERE orderno LIKE 'GRACE-_' ORDER BY id")
-            .fetch_all(&world.sql)
+            .fetch_all(world.sql())
             .await
             .expect("rows");
     assert_eq!(rows.len(), 3);
@@ -104,7 +104,7 @@ async fn sigterm_past_grace_returns_rows_to_pending_with_attempt_refunded() {
     let rows: Vec<(String, String, i64, Option<String>)> = sqlx::query_as(
         "SELECT orderno, status, attempts, claim_token FROM rebill_orders ORDER BY id",
     )
-    .fetch_all(&world.sql)
+    .fetch_all(world.sql())
     .await
     .expect("rows");
     for (orderno, status, attempts, token) in &rows {

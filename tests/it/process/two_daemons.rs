@@ -3,10 +3,17 @@
 
 use super::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_daemons_on_one_file_never_send_a_row_twice() {
+on_both_backends!(
+    two_daemons_on_one_database_never_send_a_row_twice,
+    two_daemons_keep_leases_of_calls_longer_than_the_lease,
+    surviving_daemon_resends_the_rows_of_a_killed_peer,
+);
+
+async fn two_daemons_on_one_database_never_send_a_row_twice(backend: Backend) {
     const ROWS: usize = 500;
-    let world = world_with_latency(Duration::from_millis(5)).await;
+    let Some(world) = world_on(backend, Duration::from_millis(5)).await else {
+        return;
+    };
     let config = world.write_config();
     let (mut a, mut b) = start_pair(&world, &config, "daemon").await;
 
@@ -46,25 +53,26 @@ async fn two_daemons_on_one_file_never_send_a_row_twice() {
         attempts_a > 0 && attempts_b > 0,
         "one daemon did all the work ({attempts_a}/{attempts_b}); no contention was tested"
     );
-    eprintln!("two daemons: {ROWS} rows drained in {drained:?}, split {attempts_a}/{attempts_b}, 0 overlapping sends");
+    eprintln!("two daemons ({backend:?}): {ROWS} rows drained in {drained:?}, split {attempts_a}/{attempts_b}, 0 overlapping sends");
 }
 
 /// Running rows whose claim names this process (instance = `host:pid:random`).
 async fn running_claimed_by_pid(world: &World, pid: u32) -> i64 {
-    let (n,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM rebill_orders WHERE status = 'running' AND claimed_by LIKE ?1",
-    )
-    .bind(format!("%:{pid}:%"))
-    .fetch_one(&world.sql)
-    .await
-    .expect("count");
-    n
+    let counts: Vec<(i64,)> = world
+        .writer
+        .rows(
+            "SELECT COUNT(*) FROM rebill_orders WHERE status = 'running' AND claimed_by LIKE $1",
+            &[Arg::Text(format!("%:{pid}:%"))],
+        )
+        .await;
+    counts[0].0
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_daemons_keep_leases_of_calls_longer_than_the_lease() {
+async fn two_daemons_keep_leases_of_calls_longer_than_the_lease(backend: Backend) {
     const ROWS: usize = 6;
-    let world = World::new().await;
+    let Some(world) = World::on(backend).await else {
+        return;
+    };
     // Calls of 2.5 s under a 1 s lease: only renewal keeps the other daemon off these rows.
     let config = write_toml(
         &world,
@@ -91,10 +99,11 @@ async fn two_daemons_keep_leases_of_calls_longer_than_the_lease() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn surviving_daemon_resends_the_rows_of_a_killed_peer() {
+async fn surviving_daemon_resends_the_rows_of_a_killed_peer(backend: Backend) {
     const ROWS: usize = 300;
-    let world = world_with_latency(Duration::from_millis(30)).await;
+    let Some(world) = world_on(backend, Duration::from_millis(30)).await else {
+        return;
+    };
     let config = write_toml(
         &world,
         "peer.toml",
@@ -124,12 +133,13 @@ async fn surviving_daemon_resends_the_rows_of_a_killed_peer() {
     let killed = Instant::now();
     a.kill_9("daemon A");
     let orphaned = running_claimed_by_pid(&world, pid_a).await;
-    let holders: Vec<(Option<String>, i64)> = sqlx::query_as(
-        "SELECT claimed_by, COUNT(*) FROM rebill_orders WHERE status = 'running' GROUP BY 1",
-    )
-    .fetch_all(&world.sql)
-    .await
-    .expect("holders");
+    let holders: Vec<(Option<String>, i64)> = world
+        .writer
+        .rows(
+            "SELECT claimed_by, COUNT(*) FROM rebill_orders WHERE status = 'running' GROUP BY 1",
+            &[],
+        )
+        .await;
     let done_at_kill = rebill_count(&world, "done").await;
     wait_done(&world, ROWS, 30, "the survivor finished every row").await;
     let recovered = killed.elapsed();
@@ -148,5 +158,5 @@ async fn surviving_daemon_resends_the_rows_of_a_killed_peer() {
         recovered < Duration::from_secs(60),
         "peer's rows took {recovered:?} to be resent (SPEC: within 60 s)"
     );
-    eprintln!("killed peer: {orphaned} rows orphaned; the survivor finished all {ROWS} rows {recovered:?} after the kill (lease 1s)");
+    eprintln!("killed peer ({backend:?}): {orphaned} rows orphaned; the survivor finished all {ROWS} rows {recovered:?} after the kill (lease 1s)");
 }

@@ -69,7 +69,7 @@ async fn other_processes_insert_while_it_drains() {
     insert_many(&world, &bulk, TAX).await;
 
     // Direct inserts from this process, one transaction each, in the background.
-    let pool = world.sql.clone();
+    let pool = world.sql().clone();
     let direct = tokio::spawn(async move {
         let mut errors = Vec::new();
         for i in 0..DIRECT {
