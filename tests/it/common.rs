@@ -58,7 +58,6 @@ pub struct World {
     /// tests write and read the tables through it, never through the daemon's pool. Its
     /// SQL numbers placeholders `$1, $2, …` in order, which both backends read alike.
     pub writer: Writer,
-    pub backend: Backend,
     scratch: Scratch,
 }
 
@@ -106,7 +105,6 @@ impl World {
                     database: db.store().clone().into(),
                     config,
                     writer,
-                    backend,
                     scratch: Scratch::Sqlite(db),
                 }
             }
@@ -132,7 +130,6 @@ impl World {
                     database,
                     config,
                     writer: Writer::Postgres(pool),
-                    backend,
                     scratch: Scratch::Postgres(dir),
                 }
             }
@@ -284,6 +281,7 @@ impl Arg {
 }
 
 /// Another system's connection pool on the world's database.
+#[derive(Clone)]
 pub enum Writer {
     Sqlite(SqlitePool),
     Postgres(PgPool),
@@ -310,6 +308,13 @@ where
 impl Writer {
     /// Runs one statement; rows affected.
     pub async fn execute(&self, sql: &str, args: &[Arg]) -> u64 {
+        self.try_execute(sql, args)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Runs one statement; rows affected, or the database's error.
+    pub async fn try_execute(&self, sql: &str, args: &[Arg]) -> Result<u64, sqlx::Error> {
         match self {
             Writer::Sqlite(pool) => bound(sqlx::query(sql), args)
                 .execute(pool)
@@ -320,7 +325,6 @@ impl Writer {
                 .await
                 .map(|r| r.rows_affected()),
         }
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     /// Runs an `INSERT … RETURNING id`; the id.

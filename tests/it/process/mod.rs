@@ -34,13 +34,6 @@ fn write_toml(world: &World, name: &str, edits: &[(&str, &str)], extra: &str) ->
     path
 }
 
-/// A world whose simulator takes `latency` to answer.
-async fn world_with_latency(latency: Duration) -> World {
-    world_on(Backend::Sqlite, latency)
-        .await
-        .expect("SQLite is always there")
-}
-
 /// A world on `backend` whose simulator takes `latency` to answer (`None`: no
 /// PostgreSQL here, said loudly once).
 async fn world_on(backend: Backend, latency: Duration) -> Option<World> {
