@@ -50,7 +50,10 @@ pub async fn run(
                     health.failed();
                     tracing::error!(queue = queue.as_str(), rows = batch.len(), error = %e, "cannot write results; retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    // At most a second: once the database is back, these results must be
+                    // written before the rescuer hands their rows (whose leases ran out
+                    // meanwhile) to another attempt, which would send them again.
+                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
         }

@@ -92,48 +92,54 @@ impl World {
 
     /// [`World::on`] with simulator options.
     pub async fn on_with_options(backend: Backend, opts: SimOptions) -> Option<World> {
+        match backend {
+            Backend::Sqlite => Some(World::on_sqlite(opts).await),
+            Backend::Postgres => Some(World::on_cluster(cluster::shared()?, opts).await),
+        }
+    }
+
+    async fn on_sqlite(opts: SimOptions) -> World {
         let sim = Simulator::start(opts.clone()).await.expect("simulator");
-        Some(match backend {
-            Backend::Sqlite => {
-                let db = ScratchDatabase::new(Duration::from_secs(5))
-                    .await
-                    .expect("store");
-                let config = fast_config(&sim, &opts, &db.path());
-                let writer = Writer::Sqlite(writer_pool(&db.path()).await);
-                World {
-                    sim,
-                    database: db.store().clone().into(),
-                    config,
-                    writer,
-                    scratch: Scratch::Sqlite(db),
-                }
-            }
-            Backend::Postgres => {
-                let cluster = cluster::shared()?;
-                let url = cluster.create_database().await.expect("a scratch database");
-                let dir = tempfile::Builder::new()
-                    .prefix("invoice-worker-pg-world-")
-                    .tempdir()
-                    .expect("tempdir");
-                let mut config = fast_config(&sim, &opts, &dir.path().join("unused.db"));
-                config.database.url = Some(url.clone());
-                let database = Database::open(&Location::Postgres(PgConnect::new(url.clone())))
-                    .await
-                    .expect("migrated PostgreSQL store");
-                let pool = PgPoolOptions::new()
-                    .max_connections(4)
-                    .connect(&url)
-                    .await
-                    .expect("a pool of another writer");
-                World {
-                    sim,
-                    database,
-                    config,
-                    writer: Writer::Postgres(pool),
-                    scratch: Scratch::Postgres(dir),
-                }
-            }
-        })
+        let db = ScratchDatabase::new(Duration::from_secs(5))
+            .await
+            .expect("store");
+        let config = fast_config(&sim, &opts, &db.path());
+        let writer = Writer::Sqlite(writer_pool(&db.path()).await);
+        World {
+            sim,
+            database: db.store().clone().into(),
+            config,
+            writer,
+            scratch: Scratch::Sqlite(db),
+        }
+    }
+
+    /// A world on a new database of `cluster` (a test that restarts or stops its server
+    /// brings a cluster of its own).
+    pub async fn on_cluster(cluster: &cluster::ScratchCluster, opts: SimOptions) -> World {
+        let sim = Simulator::start(opts.clone()).await.expect("simulator");
+        let url = cluster.create_database().await.expect("a scratch database");
+        let dir = tempfile::Builder::new()
+            .prefix("invoice-worker-pg-world-")
+            .tempdir()
+            .expect("tempdir");
+        let mut config = fast_config(&sim, &opts, &dir.path().join("unused.db"));
+        config.database.url = Some(url.clone());
+        let database = Database::open(&Location::Postgres(PgConnect::new(url.clone())))
+            .await
+            .expect("migrated PostgreSQL store");
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await
+            .expect("a pool of another writer");
+        World {
+            sim,
+            database,
+            config,
+            writer: Writer::Postgres(pool),
+            scratch: Scratch::Postgres(dir),
+        }
     }
 
     /// The SQLite store, for tests of what only SQLite has (its file, WAL, query plans).
@@ -552,7 +558,7 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
 
 /// Environment variables that would change what the binary reads (config, secrets, log
 /// level, the systemd notify socket and watchdog).
-pub const SCRUBBED_ENV: [&str; 7] = [
+pub const SCRUBBED_ENV: [&str; 8] = [
     "RUST_LOG",
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
@@ -560,6 +566,7 @@ pub const SCRUBBED_ENV: [&str; 7] = [
     "INVOICE_WORKER_CONFIG",
     "INVOICE_WORKER_REBILL_APP_SECRET",
     "INVOICE_WORKER_TITLE_CLIENT_SECRET",
+    "INVOICE_WORKER_DATABASE_PASSWORD",
 ];
 
 /// The binary with every variable of [`SCRUBBED_ENV`] removed and stdin closed.

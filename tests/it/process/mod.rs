@@ -323,6 +323,7 @@ mod command_line;
 mod frozen;
 mod kill;
 mod logs;
+mod postgres;
 mod shutdown;
 mod two_daemons;
 mod writers;

@@ -196,13 +196,20 @@ async fn three_daemons_drain_one_database_while_others_insert(backend: Backend) 
         .iter()
         .map(|log| log.lines().filter(|l| l.contains("orderno=THREE-")).count())
         .collect();
-    assert_eq!(shares.iter().sum::<usize>(), rows, "attempt lines in the logs");
+    assert_eq!(
+        shares.iter().sum::<usize>(),
+        rows,
+        "attempt lines in the logs"
+    );
     assert!(
         shares.iter().all(|n| *n > 0),
         "a daemon did none of the work ({shares:?}); no contention was tested"
     );
     for log in &logs {
-        assert!(!log.contains("claim failed"), "a daemon's claims failed:\n{log}");
+        assert!(
+            !log.contains("claim failed"),
+            "a daemon's claims failed:\n{log}"
+        );
     }
     eprintln!("three daemons ({backend:?}): {rows} rows inserted in {WAVES} waves, drained in {drained:?}, split {shares:?}, 0 sent twice");
 }
