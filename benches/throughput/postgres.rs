@@ -7,18 +7,23 @@
 //!   (what several daemons' stores do; contention must not make it slower), checking that
 //!   every row is completed exactly once.
 //! - Claim cost with 1 000 vs 1 000 000 finished rows in the table.
+//! - End to end: 1, 2 and 4 daemons (in this process, each with a pool of its own) draining
+//!   one database through the zero-latency simulator, every row sent exactly once.
 //!
 //! Skipped, with one line saying so, where no PostgreSQL server binaries are installed.
 
 use std::time::Instant;
 
+use invoice_worker::sim::{SimOptions, Simulator};
+use invoice_worker::store::database::Location;
 use invoice_worker::store::driver::{HeldParams, QueueStore};
 use invoice_worker::store::postgres::{cluster, PgConnect, PgStore};
-use invoice_worker::store::{now_ms, QueueName};
+use invoice_worker::store::{now_ms, Database, QueueName};
 use sqlx::{Connection, PgConnection};
 
 use crate::diagnostics::claim_and_complete;
-use crate::support::{claim_rebill, BenchResult, TAX};
+use crate::e2e::{E2E_CLAIM_BATCH, E2E_MAX_IN_FLIGHT, E2E_RATE};
+use crate::support::{bench_config, claim_rebill, start_daemon_on, BenchResult, TAX};
 use crate::{verdict, Knobs, Summary};
 
 /// A migrated database on the cluster, with a setup connection of its own (as a writer's).
@@ -100,6 +105,69 @@ async fn drain(cluster: &cluster::ScratchCluster, n: u64, claimers: usize) -> Be
         .into());
     }
     Ok(rate)
+}
+
+/// `daemons` daemons draining one table of `n` rows through the zero-latency simulator:
+/// rows/s, from their start to the last row done.
+async fn e2e(cluster: &cluster::ScratchCluster, n: u64, daemons: usize) -> BenchResult<f64> {
+    let (url, store, mut conn) = database(cluster).await?;
+    store.close().await;
+    insert_pending(&mut conn, "E2E-", n).await?;
+    sqlx::query("ANALYZE rebill_orders")
+        .execute(&mut conn)
+        .await?;
+    let opts = SimOptions::default();
+    let sim = Simulator::start(opts.clone()).await?;
+    let unused = std::path::Path::new("unused.db");
+    let mut config = bench_config(
+        &sim,
+        &opts,
+        unused,
+        E2E_MAX_IN_FLIGHT,
+        E2E_RATE,
+        E2E_CLAIM_BATCH,
+    )?;
+    config.database.url = Some(url.clone());
+    let location = Location::Postgres(PgConnect::new(url));
+    let mut stores = Vec::with_capacity(daemons);
+    for _ in 0..daemons {
+        stores.push(Database::open(&location).await?);
+    }
+    let t0 = Instant::now();
+    let running: Vec<_> = stores
+        .into_iter()
+        .map(|store| start_daemon_on(&config, store))
+        .collect();
+    let deadline = t0 + std::time::Duration::from_secs(300);
+    let elapsed = loop {
+        let (left,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM rebill_orders WHERE status <> 'done'")
+                .fetch_one(&mut conn)
+                .await?;
+        if left == 0 {
+            break t0.elapsed();
+        }
+        if Instant::now() > deadline {
+            return Err(
+                format!("{daemons} daemons left {left} of {n} rows undone after 300 s").into(),
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    for daemon in running {
+        daemon.stop().await?;
+    }
+    let (not_done, twice) = completion_check(&mut conn).await?;
+    let sent = sim.rebill_requests().len() as u64;
+    sim.shutdown();
+    conn.close().await?;
+    if not_done != 0 || twice != 0 || sent != n {
+        return Err(format!(
+            "{daemons} daemons: {not_done} rows not done, {twice} attempted more than once, {sent} requests for {n} rows"
+        )
+        .into());
+    }
+    Ok(n as f64 / elapsed.as_secs_f64())
 }
 
 /// The median time of a 64-row claim on a table with `finished` done rows, interleaved
@@ -238,6 +306,31 @@ pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
             7,
             format!("PostgreSQL {claimers} claimers on one table vs 1"),
             format!("{ratio:.2}×"),
+            format!(">= 1.0× ({})", verdict(ratio >= 1.0)),
+        );
+    }
+    let e2e_rows = knobs.rows(20_000);
+    let mut e2e_rates = Vec::new();
+    for daemons in [1usize, 2, 4] {
+        let rate = e2e(cluster, e2e_rows, daemons).await?;
+        println!(
+            "  end to end, {daemons} daemon(s) on one database, zero-latency simulator: {rate:.0} rows/s over {e2e_rows} rows; every row sent and completed exactly once"
+        );
+        e2e_rates.push((daemons, rate));
+    }
+    let single = e2e_rates[0].1;
+    summary.add(
+        7,
+        "PostgreSQL e2e 1 daemon, share of the claim/complete limit",
+        format!("{single:.0} rows/s = {:.0} %", single / one * 100.0),
+        format!(">= 50 % ({})", verdict(single >= one * 0.5)),
+    );
+    for (daemons, rate) in e2e_rates.iter().skip(1) {
+        let ratio = rate / single;
+        summary.add(
+            7,
+            format!("PostgreSQL e2e {daemons} daemons vs 1"),
+            format!("{rate:.0} rows/s = {ratio:.2}×"),
             format!(">= 1.0× ({})", verdict(ratio >= 1.0)),
         );
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use invoice_worker::config::Config;
 use invoice_worker::sim::{SimOptions, Simulator};
-use invoice_worker::store::Store;
+use invoice_worker::store::{Database, Store};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
 use tokio_util::sync::CancellationToken;
@@ -125,11 +125,17 @@ pub struct RunningDaemon {
 }
 
 pub fn start_daemon(config: &Config, store: &Store) -> RunningDaemon {
+    start_daemon_on(config, store.clone().into())
+}
+
+/// The daemon in this process on `store`, either backend.
+pub fn start_daemon_on(config: &Config, store: Database) -> RunningDaemon {
     let token = CancellationToken::new();
-    let (config, store, stop) = (config.clone(), store.clone(), token.clone());
-    let handle = tokio::spawn(async move {
-        invoice_worker::daemon::run_with_store(&config, store.into(), stop).await
-    });
+    let (config, stop) = (config.clone(), token.clone());
+    let handle =
+        tokio::spawn(
+            async move { invoice_worker::daemon::run_with_store(&config, store, stop).await },
+        );
     RunningDaemon { token, handle }
 }
 
