@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
-use crate::common::{binary, config_toml, wait_until, Daemon, World, TAX};
+use crate::common::{binary, config_toml, wait_until, Arg, Backend, Daemon, World, TAX};
 use invoice_worker::config::{AlertKind, AlertTargetConfig};
 use invoice_worker::secret::Secret;
 use invoice_worker::sim::{RebillBehavior, RobotBehavior, RobotMessage, SimOptions};
+use invoice_worker::store::driver::{AlertStore as _, QueueStore as _};
 use invoice_worker::store::QueueName;
 
 const SMS: &str = "本次操作需登录电子发票服务平台,请先使用短信验证码登录";
@@ -27,13 +28,14 @@ fn target(kind: AlertKind, name: &str, url: String, secret: Option<&str>) -> Ale
     }
 }
 
-/// A world alerting through one WeCom robot keyed `key`, retrying after 100 ms.
-async fn alerting_world(key: &str) -> World {
-    let mut w = World::new().await;
+/// A world on `backend` alerting through one WeCom robot keyed `key`, retrying after
+/// 100 ms (`None`: no PostgreSQL here).
+async fn alerting_world(backend: Backend, key: &str) -> Option<World> {
+    let mut w = World::on(backend).await?;
     w.config.alert = vec![target(AlertKind::Wecom, "ops", w.sim.wecom_url(key), None)];
     w.config.alerting.retry_delay = Duration::from_millis(100);
     w.config.validate().expect("valid");
-    w
+    Some(w)
 }
 
 fn sms_rows(w: &World, orders: &[&str]) {
@@ -63,16 +65,26 @@ fn delivered(w: &World, key: &str) -> Vec<RobotMessage> {
         .collect()
 }
 
+on_both_backends!(
+    one_pause_is_one_alert_per_target_and_its_lift_another,
+    a_refusing_robot_is_retried_until_it_takes_the_alert,
+    failed_rows_come_as_one_digest_not_one_alert_each,
+    a_queue_that_stops_moving_is_reported_and_so_is_its_recovery,
+    an_undelivered_alert_survives_kill_9_and_is_delivered_once,
+    alert_test_reaches_every_target_and_reports_refusals,
+    a_queue_paused_by_refused_credentials_is_one_alert,
+);
+
 async fn outbox(w: &World) -> Vec<(String, String)> {
-    sqlx::query_as("SELECT event, status FROM alert_outbox ORDER BY id")
-        .fetch_all(w.sql())
+    w.writer
+        .rows("SELECT event, status FROM alert_outbox ORDER BY id", &[])
         .await
-        .expect("outbox")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_pause_is_one_alert_per_target_and_its_lift_another() {
-    let mut w = World::new().await;
+async fn one_pause_is_one_alert_per_target_and_its_lift_another(backend: Backend) {
+    let Some(mut w) = World::on(backend).await else {
+        return;
+    };
     let secret = SimOptions::default().robot_secret;
     w.sim.require_robot_signature(true);
     let mut webhook = target(
@@ -158,9 +170,9 @@ async fn one_pause_is_one_alert_per_target_and_its_lift_another() {
     for order in orders {
         w.sim.script_rebill(order, vec![RebillBehavior::Accepted]);
     }
-    let operator = w.store().clone().with_alerts(true);
+    let operator = w.database.clone().with_alerts(true);
     assert!(operator
-        .resume(QueueName::Rebill, TAX)
+        .resume(QueueName::Rebill, TAX, invoice_worker::store::now_ms())
         .await
         .expect("resume"));
     wait_until(Duration::from_secs(10), "the lift alert", || async {
@@ -192,9 +204,10 @@ async fn one_pause_is_one_alert_per_target_and_its_lift_another() {
     assert_eq!(events, ["seller_paused", "pause_lifted"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusing_robot_is_retried_until_it_takes_the_alert() {
-    let w = alerting_world("retry-key").await;
+async fn a_refusing_robot_is_retried_until_it_takes_the_alert(backend: Backend) {
+    let Some(w) = alerting_world(backend, "retry-key").await else {
+        return;
+    };
     w.sim.script_robot(
         "retry-key",
         vec![
@@ -221,7 +234,11 @@ async fn a_refusing_robot_is_retried_until_it_takes_the_alert() {
         outbox(&w).await,
         [("seller_paused".to_string(), "delivered".to_string())]
     );
-    let report = w.store().alert_report().await.expect("report");
+    let report = w
+        .database
+        .alert_report(invoice_worker::store::now_ms())
+        .await
+        .expect("report");
     assert_eq!((report.pending, report.given_up), (0, 0));
     let ops = &report.targets[0];
     assert_eq!(ops.name, "ops");
@@ -231,9 +248,10 @@ async fn a_refusing_robot_is_retried_until_it_takes_the_alert() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_rows_come_as_one_digest_not_one_alert_each() {
-    let mut w = alerting_world("digest-key").await;
+async fn failed_rows_come_as_one_digest_not_one_alert_each(backend: Backend) {
+    let Some(mut w) = alerting_world(backend, "digest-key").await else {
+        return;
+    };
     // The first look starts the window when the daemon starts; all three rows fail well
     // inside it (they are claimed together at once), so they make one digest.
     w.config.alerting.digest_every = Duration::from_secs(3);
@@ -241,14 +259,12 @@ async fn failed_rows_come_as_one_digest_not_one_alert_each() {
     for order in orders {
         w.sim
             .script_rebill(order, vec![RebillBehavior::Status(500)]);
-        sqlx::query(
-            "INSERT INTO rebill_orders (orderno, tax_num, max_attempts) VALUES (?1, ?2, 1)",
-        )
-        .bind(order)
-        .bind(TAX)
-        .execute(w.sql())
-        .await
-        .expect("insert");
+        w.writer
+            .execute(
+                "INSERT INTO rebill_orders (orderno, tax_num, max_attempts) VALUES ($1, $2, 1)",
+                &[Arg::text(order), Arg::text(TAX)],
+            )
+            .await;
     }
     let daemon = w.start().await;
     wait_until(Duration::from_secs(10), "the digest", || async {
@@ -267,9 +283,10 @@ async fn failed_rows_come_as_one_digest_not_one_alert_each() {
     assert!(text.contains("invoice-worker retry"), "{text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queue_that_stops_moving_is_reported_and_so_is_its_recovery() {
-    let mut w = alerting_world("stuck-key").await;
+async fn a_queue_that_stops_moving_is_reported_and_so_is_its_recovery(backend: Backend) {
+    let Some(mut w) = alerting_world(backend, "stuck-key").await else {
+        return;
+    };
     w.config.alerting.stuck_after = Duration::from_secs(1);
     w.config.rebill.limits.max_in_flight = 1;
     for order in ["S-1", "S-2", "S-3"] {
@@ -298,10 +315,11 @@ async fn a_queue_that_stops_moving_is_reported_and_so_is_its_recovery() {
 /// The alert outlives a daemon killed while its robot answers 404: the next daemon
 /// delivers it once the robot works again. Meanwhile the failing target is in the log and
 /// in `status`, and the robot's key (the secret in its URL) in neither.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_undelivered_alert_survives_kill_9_and_is_delivered_once() {
+async fn an_undelivered_alert_survives_kill_9_and_is_delivered_once(backend: Backend) {
     let key = "ROBOTKEY-5ac1d2e3f4b5";
-    let w = World::new().await;
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
     w.sim.script_robot(key, vec![RobotBehavior::Status(404)]);
     sms_rows(&w, &["K-1"]);
     w.insert_rebill("K-1", TAX).await;
@@ -350,9 +368,10 @@ async fn an_undelivered_alert_survives_kill_9_and_is_delivered_once() {
 
 /// `alert test` posts one message to every target at once, outside the outbox, and says
 /// which took it; a refusal makes it exit 1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn alert_test_reaches_every_target_and_reports_refusals() {
-    let w = World::new().await;
+async fn alert_test_reaches_every_target_and_reports_refusals(backend: Backend) {
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
     let secret = SimOptions::default().robot_secret;
     w.sim.require_robot_signature(true);
     w.sim.script_robot(
@@ -413,9 +432,10 @@ async fn alert_test_reaches_every_target_and_reports_refusals() {
 }
 
 /// Refused credentials stop the whole queue: one alert naming the command that resumes it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queue_paused_by_refused_credentials_is_one_alert() {
-    let mut w = alerting_world("queue-key").await;
+async fn a_queue_paused_by_refused_credentials_is_one_alert(backend: Backend) {
+    let Some(mut w) = alerting_world(backend, "queue-key").await else {
+        return;
+    };
     w.config.rebill.app_secret = Some(Secret::new("not-the-gateway-secret"));
     for order in ["Q-1", "Q-2", "Q-3"] {
         w.insert_rebill(order, TAX).await;

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use crate::common::{World, TAX};
+use crate::common::{Arg, Backend, World, TAX};
 use invoice_worker::sim::{issued_invoice, RebillBehavior};
+use invoice_worker::store::driver::QueueStore as _;
 use invoice_worker::store::{now_ms, QueueName};
 
 #[derive(Debug, sqlx::FromRow)]
@@ -19,24 +20,33 @@ struct Row {
 }
 
 async fn row(w: &World, id: i64) -> Row {
-    sqlx::query_as(
-        "SELECT status, outcome, attempts, last_message, invoice_no, invoice_down_url, confirm_since \
-         FROM rebill_orders WHERE id = ?1",
-    )
-    .bind(id)
-    .fetch_one(w.sql())
-    .await
-    .expect("row")
+    let rows: Vec<Row> = w
+        .writer
+        .rows(
+            "SELECT status, outcome, attempts, last_message, invoice_no, invoice_down_url, confirm_since \
+             FROM rebill_orders WHERE id = $1",
+            &[Arg::Int(id)],
+        )
+        .await;
+    rows.into_iter().next().expect("row")
 }
 
 async fn updated_at(w: &World, id: i64) -> i64 {
-    let (at,): (i64,) = sqlx::query_as("SELECT updated_at FROM rebill_orders WHERE id = ?1")
-        .bind(id)
-        .fetch_one(w.sql())
-        .await
-        .expect("row");
-    at
+    let rows: Vec<(i64,)> = w
+        .writer
+        .rows(
+            "SELECT updated_at FROM rebill_orders WHERE id = $1",
+            &[Arg::Int(id)],
+        )
+        .await;
+    rows[0].0
 }
+
+on_both_backends!(
+    accepted_rows_are_followed_to_their_invoice_number,
+    a_number_never_seen_ends_done_accepted_when_the_period_runs_out,
+    without_confirm_an_acceptance_is_done_at_once,
+);
 
 fn fail(message: &str) -> RebillBehavior {
     RebillBehavior::Fail {
@@ -45,19 +55,20 @@ fn fail(message: &str) -> RebillBehavior {
     }
 }
 
-/// A world whose rebill queue confirms on a fast schedule for `period`.
-async fn confirming_world(period: Duration) -> World {
-    let mut w = World::new().await;
+/// A world on `backend` whose rebill queue confirms on a fast schedule for `period`.
+async fn confirming_world(backend: Backend, period: Duration) -> Option<World> {
+    let mut w = World::on(backend).await?;
     w.config.rebill.confirm = true;
     w.config.rebill.confirm_schedule = vec![Duration::from_millis(150).into()];
     w.config.rebill.confirm_for = period;
     w.config.validate().expect("valid");
-    w
+    Some(w)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn accepted_rows_are_followed_to_their_invoice_number() {
-    let w = confirming_world(Duration::from_secs(60)).await;
+async fn accepted_rows_are_followed_to_their_invoice_number(backend: Backend) {
+    let Some(w) = confirming_world(backend, Duration::from_secs(60)).await else {
+        return;
+    };
     let in_progress = "开票中(重试中),请耐心等待开票结果";
     let scripts: [(&str, Vec<RebillBehavior>, usize); 3] = [
         // accepted → in progress → issued
@@ -129,9 +140,10 @@ async fn accepted_rows_are_followed_to_their_invoice_number() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_number_never_seen_ends_done_accepted_when_the_period_runs_out() {
-    let w = confirming_world(Duration::from_millis(1200)).await;
+async fn a_number_never_seen_ends_done_accepted_when_the_period_runs_out(backend: Backend) {
+    let Some(w) = confirming_world(backend, Duration::from_millis(1200)).await else {
+        return;
+    };
     w.sim
         .script_rebill("C-NEVER", vec![RebillBehavior::Accepted]);
     let id = w.insert_rebill("C-NEVER", TAX).await;
@@ -162,13 +174,13 @@ async fn a_number_never_seen_ends_done_accepted_when_the_period_runs_out() {
     loop {
         let before = updated_at(&w, id).await;
         let counts = w
-            .store()
+            .database
             .counts(QueueName::Rebill, now_ms())
             .await
             .expect("counts");
         let depths = invoice_worker::depths::Depths::new();
         depths
-            .refresh(&w.store().clone().into(), now_ms(), true)
+            .refresh(&w.database, now_ms(), true)
             .await
             .expect("count");
         let line = invoice_worker::depths::status_line(&depths.latest());
@@ -182,7 +194,7 @@ async fn a_number_never_seen_ends_done_accepted_when_the_period_runs_out() {
     }
     w.wait_finished("rebill_orders", &[id]).await;
     let counts = w
-        .store()
+        .database
         .counts(QueueName::Rebill, now_ms())
         .await
         .expect("counts");
@@ -209,9 +221,10 @@ async fn a_number_never_seen_ends_done_accepted_when_the_period_runs_out() {
     assert_eq!(r.attempts, 1, "{r:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_confirm_an_acceptance_is_done_at_once() {
-    let w = World::new().await;
+async fn without_confirm_an_acceptance_is_done_at_once(backend: Backend) {
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
     let id = w.insert_rebill("C-OFF", TAX).await;
     let daemon = w.start().await;
     w.wait_finished("rebill_orders", &[id]).await;

@@ -1,12 +1,13 @@
-//! End-to-end tests of the title queue: the daemon in-process, a real SQLite file and the
-//! simulated 开票精灵 platform (TokenAction, OpenAction, thirdApi) over loopback HTTP.
+//! End-to-end tests of the title queue: the daemon in-process, a real database (a SQLite
+//! file, then PostgreSQL) and the simulated 开票精灵 platform (TokenAction, OpenAction, thirdApi) over loopback HTTP.
 
 use std::time::Duration;
 
-use crate::common::{wait_until, World, TAX};
+use crate::common::{wait_until, Arg, Backend, World, TAX};
 use invoice_worker::config::DataType;
 use invoice_worker::sim::{RebillBehavior, SimOptions, TitleBehavior};
 use invoice_worker::store::admin::NewTitle;
+use invoice_worker::store::driver::QueueStore as _;
 use invoice_worker::title_fields::TitleFields;
 
 #[derive(Debug, sqlx::FromRow)]
@@ -20,11 +21,14 @@ struct Row {
 }
 
 async fn row(w: &World, id: i64) -> Row {
-    sqlx::query_as("SELECT status, outcome, attempts, ttqqlsh, last_code, last_message FROM title_submissions WHERE id = ?1")
-        .bind(id)
-        .fetch_one(w.sql())
-        .await
-        .expect("row")
+    let rows: Vec<Row> = w
+        .writer
+        .rows(
+            "SELECT status, outcome, attempts, ttqqlsh, last_code, last_message FROM title_submissions WHERE id = $1",
+            &[Arg::Int(id)],
+        )
+        .await;
+    rows.into_iter().next().expect("row")
 }
 
 fn title(order_no: &str, gmf_mc: &str) -> NewTitle {
@@ -46,9 +50,23 @@ async fn wait_final(w: &World, ids: &[i64]) {
     w.wait_finished("title_submissions", ids).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn titles_are_sent_in_json_and_xml_with_escaping_intact() {
-    let w = World::new().await;
+on_both_backends!(
+    titles_are_sent_in_json_and_xml_with_escaping_intact,
+    config_default_format_applies_to_rows_without_one,
+    a_timed_out_send_that_arrived_counts_as_sent_on_retry,
+    a_duplicate_serial_on_the_first_attempt_fails,
+    every_invalid_title_is_rejected_with_its_reason,
+    lenient_tax_id_accepts_sandbox_codes,
+    transient_failures_retry_with_the_same_serial,
+    refused_client_credentials_pause_the_title_queue,
+    both_queues_drain_at_once,
+    token_expiry_mid_run_renews_once_and_resends,
+);
+
+async fn titles_are_sent_in_json_and_xml_with_escaping_intact(backend: Backend) {
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
     let tricky = "A&B <贸易> \"引号\" 'x' +/= 公司";
     let mut json = title("T-JSON", tricky);
     json.data_type = Some(0);
@@ -59,9 +77,9 @@ async fn titles_are_sent_in_json_and_xml_with_escaping_intact() {
     special.fields.gmf_nsrsbh = Some("9144030071526726XG".into());
     special.sqm = Some("ROW-SQM".into());
     let ids = vec![
-        w.store().enqueue_title(&json).await.expect("insert"),
-        w.store().enqueue_title(&xml).await.expect("insert"),
-        w.store().enqueue_title(&special).await.expect("insert"),
+        w.database.enqueue_title(&json).await.expect("insert"),
+        w.database.enqueue_title(&xml).await.expect("insert"),
+        w.database.enqueue_title(&special).await.expect("insert"),
     ];
     let daemon = w.start().await;
     wait_final(&w, &ids).await;
@@ -104,12 +122,13 @@ async fn titles_are_sent_in_json_and_xml_with_escaping_intact() {
     assert_eq!(w.sim.token_requests(), 1, "one token for all sends");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn config_default_format_applies_to_rows_without_one() {
-    let mut w = World::new().await;
+async fn config_default_format_applies_to_rows_without_one(backend: Backend) {
+    let Some(mut w) = World::on(backend).await else {
+        return;
+    };
     w.config.title.data_type = DataType::Xml;
     let id = w
-        .store()
+        .database
         .enqueue_title(&title("T-DEFAULT", "默认格式公司"))
         .await
         .expect("insert");
@@ -119,16 +138,17 @@ async fn config_default_format_applies_to_rows_without_one() {
     assert_eq!(w.sim.title_requests()[0].data_type, "1");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_expiry_mid_run_renews_once_and_resends() {
-    let w = World::with_options(SimOptions {
+async fn token_expiry_mid_run_renews_once_and_resends(backend: Backend) {
+    let options = SimOptions {
         token_reply_401: true,
         ..SimOptions::default()
-    })
-    .await;
+    };
+    let Some(w) = World::on_with_options(backend, options).await else {
+        return;
+    };
     let daemon = w.start().await;
     let first = w
-        .store()
+        .database
         .enqueue_title(&title("T-BEFORE", "之前公司"))
         .await
         .expect("insert");
@@ -138,7 +158,7 @@ async fn token_expiry_mid_run_renews_once_and_resends() {
     let mut ids = Vec::new();
     for i in 0..10 {
         ids.push(
-            w.store()
+            w.database
                 .enqueue_title(&title(&format!("T-AFTER-{i}"), "之后公司"))
                 .await
                 .expect("insert"),
@@ -157,9 +177,10 @@ async fn token_expiry_mid_run_renews_once_and_resends() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timed_out_send_that_arrived_counts_as_sent_on_retry() {
-    let mut w = World::new().await;
+async fn a_timed_out_send_that_arrived_counts_as_sent_on_retry(backend: Backend) {
+    let Some(mut w) = World::on(backend).await else {
+        return;
+    };
     w.config.title.limits.timeout = Duration::from_millis(500);
     w.sim.script_title(
         "T-LATE",
@@ -169,7 +190,7 @@ async fn a_timed_out_send_that_arrived_counts_as_sent_on_retry() {
         ],
     );
     let id = w
-        .store()
+        .database
         .enqueue_title(&title("T-LATE", "超时公司"))
         .await
         .expect("insert");
@@ -208,33 +229,36 @@ async fn a_timed_out_send_that_arrived_counts_as_sent_on_retry() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_duplicate_serial_on_the_first_attempt_fails() {
-    let w = World::new().await;
+async fn a_duplicate_serial_on_the_first_attempt_fails(backend: Backend) {
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
     let mut a = title("T-A", "甲公司");
     a.fields.ttqqlsh = Some("IWDUP0000000000001".into());
-    let id_a = w.store().enqueue_title(&a).await.expect("insert");
+    let id_a = w.database.enqueue_title(&a).await.expect("insert");
     let daemon = w.start().await;
     wait_final(&w, &[id_a]).await;
     // Another system reuses the serial under a different order (the unique column lets a
     // finished row's serial be deleted and reused): the server says it is a duplicate.
-    sqlx::query("DELETE FROM title_submissions WHERE id = ?1")
-        .bind(id_a)
-        .execute(w.sql())
-        .await
-        .expect("delete");
+    w.writer
+        .execute(
+            "DELETE FROM title_submissions WHERE id = $1",
+            &[Arg::Int(id_a)],
+        )
+        .await;
     let mut b = title("T-B", "乙公司");
     b.fields.ttqqlsh = Some("IWDUP0000000000001".into());
-    let id_b = w.store().enqueue_title(&b).await.expect("insert");
+    let id_b = w.database.enqueue_title(&b).await.expect("insert");
     wait_final(&w, &[id_b]).await;
     daemon.stop().await;
     let r = row(&w, id_b).await;
     assert_eq!((r.status.as_str(), r.attempts), ("failed", 1), "{r:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_invalid_title_is_rejected_with_its_reason() {
-    let w = World::new().await;
+async fn every_invalid_title_is_rejected_with_its_reason(backend: Backend) {
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
     let long = |n: usize| "长".repeat(n);
     let mut cases: Vec<(NewTitle, &str)> = Vec::new();
     let mut t = title("V-1", "x");
@@ -272,7 +296,7 @@ async fn every_invalid_title_is_rejected_with_its_reason() {
     cases.push((t, "ATTACH"));
     let mut ids = Vec::new();
     for (t, _) in &cases {
-        ids.push(w.store().enqueue_title(t).await.expect("insert"));
+        ids.push(w.database.enqueue_title(t).await.expect("insert"));
     }
     let daemon = w.start().await;
     wait_final(&w, &ids).await;
@@ -293,22 +317,24 @@ async fn every_invalid_title_is_rejected_with_its_reason() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lenient_tax_id_accepts_sandbox_codes() {
-    let mut w = World::new().await;
+async fn lenient_tax_id_accepts_sandbox_codes(backend: Backend) {
+    let Some(mut w) = World::on(backend).await else {
+        return;
+    };
     w.config.title.lenient_tax_id = true;
     let mut t = title("V-LENIENT", "公司");
     t.fields.gmf_nsrsbh = Some("91110000600037341N".into());
-    let id = w.store().enqueue_title(&t).await.expect("insert");
+    let id = w.database.enqueue_title(&t).await.expect("insert");
     let daemon = w.start().await;
     wait_final(&w, &[id]).await;
     daemon.stop().await;
     assert_eq!(row(&w, id).await.status, "done");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transient_failures_retry_with_the_same_serial() {
-    let w = World::new().await;
+async fn transient_failures_retry_with_the_same_serial(backend: Backend) {
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
     w.sim.script_title(
         "T-FLAKY",
         vec![
@@ -320,11 +346,11 @@ async fn transient_failures_retry_with_the_same_serial() {
     );
     w.sim.script_title("T-ALT", vec![TitleBehavior::AltShape]);
     let ids = vec![
-        w.store()
+        w.database
             .enqueue_title(&title("T-FLAKY", "重试公司"))
             .await
             .expect("insert"),
-        w.store()
+        w.database
             .enqueue_title(&title("T-ALT", "另一种格式公司"))
             .await
             .expect("insert"),
@@ -346,14 +372,15 @@ async fn transient_failures_retry_with_the_same_serial() {
     assert_eq!(row(&w, ids[1]).await.status, "done");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_client_credentials_pause_the_title_queue() {
-    let mut w = World::new().await;
+async fn refused_client_credentials_pause_the_title_queue(backend: Backend) {
+    let Some(mut w) = World::on(backend).await else {
+        return;
+    };
     w.config.title.client_secret = Some(invoice_worker::secret::Secret::new("wrong-client-secret"));
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(
-            w.store()
+            w.database
                 .enqueue_title(&title(&format!("T-CRED-{i}"), "公司"))
                 .await
                 .expect("insert"),
@@ -361,8 +388,8 @@ async fn refused_client_credentials_pause_the_title_queue() {
     }
     let daemon = w.start().await;
     wait_until(Duration::from_secs(10), "title queue pause", || async {
-        w.store()
-            .pauses()
+        w.database
+            .pauses(invoice_worker::store::now_ms())
             .await
             .expect("pauses")
             .iter()
@@ -375,7 +402,7 @@ async fn refused_client_credentials_pause_the_title_queue() {
         "nothing sent without a token"
     );
     assert_eq!(
-        w.count("SELECT COALESCE(SUM(attempts), 0) FROM title_submissions")
+        w.count("SELECT CAST(COALESCE(SUM(attempts), 0) AS BIGINT) FROM title_submissions")
             .await,
         0
     );
@@ -386,26 +413,20 @@ async fn refused_client_credentials_pause_the_title_queue() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_queues_drain_at_once() {
-    let w = World::new().await;
-    let mut tx = w.sql().begin().await.expect("tx");
+async fn both_queues_drain_at_once(backend: Backend) {
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
+    let rebills: Vec<String> = (0..200).map(|i| format!("BOTH-R-{i}")).collect();
+    w.writer.insert_rebills(&rebills, TAX).await;
     for i in 0..200 {
-        sqlx::query("INSERT INTO rebill_orders (orderno, tax_num) VALUES (?1, ?2)")
-            .bind(format!("BOTH-R-{i}"))
-            .bind(TAX)
-            .execute(&mut *tx)
-            .await
-            .expect("insert");
-        sqlx::query("INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc, data_type) VALUES (?1, 1, 'A1', ?2, ?3)")
-            .bind(format!("BOTH-T-{i}"))
-            .bind(format!("公司{i}"))
-            .bind(i % 2)
-            .execute(&mut *tx)
-            .await
-            .expect("insert");
+        w.writer
+            .execute(
+                "INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc, data_type) VALUES ($1, '1', 'A1', $2, $3)",
+                &[Arg::Text(format!("BOTH-T-{i}")), Arg::Text(format!("公司{i}")), Arg::Int(i % 2)],
+            )
+            .await;
     }
-    tx.commit().await.expect("commit");
     w.sim.script_rebill(
         "BOTH-R-7",
         vec![RebillBehavior::Status(500), RebillBehavior::Accepted],

@@ -6,7 +6,8 @@ use reqwest::redirect::Policy;
 use reqwest::StatusCode;
 
 use super::{failed_row, hostile_title, wait_served, with_console, TOKEN};
-use crate::common::{wait_until, World};
+use crate::common::{wait_until, Backend, World};
+use invoice_worker::store::driver::QueueStore as _;
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -22,6 +23,12 @@ fn csrf_of(page: &str) -> Option<String> {
     let end = page[start..].find('"')?;
     Some(page[start..start + end].to_string())
 }
+
+on_both_backends!(
+    only_a_logged_in_form_with_its_csrf_token_can_retry_a_row,
+    a_read_only_console_shows_but_refuses_every_action,
+    every_page_escapes_hostile_text_and_masks_private_fields,
+);
 
 /// Logs in with `token`; the session cookie (`name=value`) on success, else the status.
 async fn login(client: &reqwest::Client, base: &str, token: &str) -> Result<String, StatusCode> {
@@ -71,9 +78,10 @@ async fn post_retry(
     request.send().await.expect("POST retry").status()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_a_logged_in_form_with_its_csrf_token_can_retry_a_row() {
-    let mut w = World::new().await;
+async fn only_a_logged_in_form_with_its_csrf_token_can_retry_a_row(backend: Backend) {
+    let Some(mut w) = World::on(backend).await else {
+        return;
+    };
     let base = with_console(&mut w, Some(TOKEN));
     let daemon = w.start().await;
     wait_served(&base).await;
@@ -133,9 +141,10 @@ async fn only_a_logged_in_form_with_its_csrf_token_can_retry_a_row() {
     daemon.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_only_console_shows_but_refuses_every_action() {
-    let mut w = World::new().await;
+async fn a_read_only_console_shows_but_refuses_every_action(backend: Backend) {
+    let Some(mut w) = World::on(backend).await else {
+        return;
+    };
     let base = with_console(&mut w, None);
     let daemon = w.start().await;
     wait_served(&base).await;
@@ -164,14 +173,20 @@ async fn a_read_only_console_shows_but_refuses_every_action() {
         .await
         .expect("POST pause");
     assert_eq!(pause.status(), StatusCode::FORBIDDEN);
-    assert!(w.store().pauses().await.expect("pauses").is_empty());
+    assert!(w
+        .database
+        .pauses(invoice_worker::store::now_ms())
+        .await
+        .expect("pauses")
+        .is_empty());
     assert_eq!(w.status_of("rebill_orders", id).await, "failed");
     daemon.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_page_escapes_hostile_text_and_masks_private_fields() {
-    let mut w = World::new().await;
+async fn every_page_escapes_hostile_text_and_masks_private_fields(backend: Backend) {
+    let Some(mut w) = World::on(backend).await else {
+        return;
+    };
     let base = with_console(&mut w, Some(TOKEN));
     let hostile = "<script>alert(1)</script>";
     let id = hostile_title(&w).await;

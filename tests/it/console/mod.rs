@@ -6,7 +6,7 @@ mod http;
 
 use std::time::Duration;
 
-use crate::common::{free_port, wait_until, World, TAX};
+use crate::common::{free_port, wait_until, Arg, World, TAX};
 use invoice_worker::secret::Secret;
 use invoice_worker::sim::RebillBehavior;
 
@@ -35,15 +35,13 @@ pub async fn failed_row(w: &World, orderno: &str) -> i64 {
             RebillBehavior::Accepted,
         ],
     );
-    let id = sqlx::query(
-        "INSERT INTO rebill_orders (orderno, tax_num, max_attempts) VALUES (?1, ?2, 1)",
-    )
-    .bind(orderno)
-    .bind(TAX)
-    .execute(w.sql())
-    .await
-    .expect("insert")
-    .last_insert_rowid();
+    let id = w
+        .writer
+        .insert_id(
+            "INSERT INTO rebill_orders (orderno, tax_num, max_attempts) VALUES ($1, $2, 1) RETURNING id",
+            &[Arg::text(orderno), Arg::text(TAX)],
+        )
+        .await;
     wait_until(Duration::from_secs(20), "the row to fail", || async {
         w.status_of("rebill_orders", id).await == "failed"
     })
@@ -70,13 +68,11 @@ pub const HOSTILE_NAME: &str = "<script>alert(1)</script>开票公司";
 
 /// Inserts the [`HOSTILE_NAME`] title; its id.
 pub async fn hostile_title(w: &World) -> i64 {
-    sqlx::query(
-        "INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc, gmf_dh, gmf_yhzh, status) \
-         VALUES (?1, 1, 'A1', ?1, '13800138000', '招商银行 6225880112345678', 'cancelled')",
-    )
-    .bind(HOSTILE_NAME)
-    .execute(w.sql())
-    .await
-    .expect("insert")
-    .last_insert_rowid()
+    w.writer
+        .insert_id(
+            "INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc, gmf_dh, gmf_yhzh, status) \
+             VALUES ($1, '1', 'A1', $1, '13800138000', '招商银行 6225880112345678', 'cancelled') RETURNING id",
+            &[Arg::text(HOSTILE_NAME)],
+        )
+        .await
 }
