@@ -107,9 +107,27 @@ async fn drain(cluster: &cluster::ScratchCluster, n: u64, claimers: usize) -> Be
     Ok(rate)
 }
 
-/// `daemons` daemons draining one table of `n` rows through the zero-latency simulator:
-/// rows/s, from their start to the last row done.
-async fn e2e(cluster: &cluster::ScratchCluster, n: u64, daemons: usize) -> BenchResult<f64> {
+/// Transactions committed in this connection's database so far (the server's statistics,
+/// flushed within a second or so).
+async fn commits(conn: &mut PgConnection) -> BenchResult<i64> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(n)
+}
+
+/// What an end-to-end drain measured.
+struct EndToEnd {
+    /// Rows per second, from the daemons' start to the last row done.
+    rate: f64,
+    /// Transactions the server committed per row.
+    commits_per_row: f64,
+}
+
+/// `daemons` daemons draining one table of `n` rows through the zero-latency simulator.
+async fn e2e(cluster: &cluster::ScratchCluster, n: u64, daemons: usize) -> BenchResult<EndToEnd> {
     let (url, store, mut conn) = database(cluster).await?;
     store.close().await;
     insert_pending(&mut conn, "E2E-", n).await?;
@@ -133,6 +151,7 @@ async fn e2e(cluster: &cluster::ScratchCluster, n: u64, daemons: usize) -> Bench
     for _ in 0..daemons {
         stores.push(Database::open(&location).await?);
     }
+    let commits_before = commits(&mut conn).await?;
     let t0 = Instant::now();
     let running: Vec<_> = stores
         .into_iter()
@@ -157,6 +176,9 @@ async fn e2e(cluster: &cluster::ScratchCluster, n: u64, daemons: usize) -> Bench
     for daemon in running {
         daemon.stop().await?;
     }
+    // The statistics reach the view a moment after the transactions.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let committed = commits(&mut conn).await? - commits_before;
     let (not_done, twice) = completion_check(&mut conn).await?;
     let sent = sim.rebill_requests().len() as u64;
     sim.shutdown();
@@ -167,7 +189,10 @@ async fn e2e(cluster: &cluster::ScratchCluster, n: u64, daemons: usize) -> Bench
         )
         .into());
     }
-    Ok(n as f64 / elapsed.as_secs_f64())
+    Ok(EndToEnd {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        commits_per_row: committed as f64 / n as f64,
+    })
 }
 
 /// The median time of a 64-row claim on a table with `finished` done rows, interleaved
@@ -312,9 +337,11 @@ pub async fn run(knobs: &Knobs, summary: &mut Summary) -> BenchResult<()> {
     let e2e_rows = knobs.rows(20_000);
     let mut e2e_rates = Vec::new();
     for daemons in [1usize, 2, 4] {
-        let rate = e2e(cluster, e2e_rows, daemons).await?;
+        let run = e2e(cluster, e2e_rows, daemons).await?;
+        let rate = run.rate;
         println!(
-            "  end to end, {daemons} daemon(s) on one database, zero-latency simulator: {rate:.0} rows/s over {e2e_rows} rows; every row sent and completed exactly once"
+            "  end to end, {daemons} daemon(s) on one database, zero-latency simulator: {rate:.0} rows/s over {e2e_rows} rows, {:.2} server transactions per row; every row sent and completed exactly once",
+            run.commits_per_row
         );
         e2e_rates.push((daemons, rate));
     }

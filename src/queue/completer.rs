@@ -28,8 +28,15 @@ pub async fn run(
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let mut delay = Duration::from_millis(50);
         loop {
+            let started = std::time::Instant::now();
             match store.complete(queue, &batch).await {
                 Ok(applied) => {
+                    tracing::debug!(
+                        queue = queue.as_str(),
+                        rows = batch.len(),
+                        took_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "results written"
+                    );
                     health.ok();
                     report_lost(queue, &batch, &applied);
                     break;

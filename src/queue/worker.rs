@@ -125,8 +125,6 @@ impl<H: Handler> Worker<H> {
         // see a store that cannot take the work (a full disk, say) instead of a loop that
         // merely goes round.
         let mut claims_failing = false;
-        // Whether the last claim found as many rows as it asked for (more are likely due).
-        let mut backlog = false;
         // Since when claims meet a busy database (and whether the last one did).
         let (mut busy_since, mut claim_was_busy) = (Instant::now(), false);
         let clock = s.clock.clone();
@@ -196,23 +194,6 @@ impl<H: Handler> Worker<H> {
                     Err(_) => break,
                 }
             }
-            // With a backlog, on a store whose claim costs round trips, a claim for every
-            // slot that frees would spend the drain claiming one row at a time: wait a
-            // moment for half the batch instead (an idle queue's first row never waits).
-            let coalesce = self.store.claim_coalescing();
-            let half = (s.claim_batch.min(s.max_in_flight) as usize / 2).max(1);
-            if backlog && !coalesce.is_zero() && permits.len() < half {
-                let until = tokio::time::Instant::now() + coalesce;
-                while permits.len() < half {
-                    tokio::select! {
-                        permit = slots.clone().acquire_owned() => match permit {
-                            Ok(p) => permits.push(p),
-                            Err(_) => break,
-                        },
-                        _ = tokio::time::sleep_until(until) => break,
-                    }
-                }
-            }
             let token = uuid::Uuid::new_v4().simple().to_string();
             let params = ClaimParams {
                 now: clock.now_ms(),
@@ -232,7 +213,12 @@ impl<H: Handler> Worker<H> {
             claim_was_busy = matches!(&claimed, Err(e) if e.is_busy());
             let batch = match claimed {
                 Ok(batch) => {
-                    backlog = batch.rows.len() == params.limit as usize;
+                    tracing::debug!(
+                        queue = queue.as_str(),
+                        asked = params.limit,
+                        claimed = batch.rows.len(),
+                        "claimed"
+                    );
                     if claims_failing {
                         tracing::info!(queue = queue.as_str(), "claims work again");
                     }

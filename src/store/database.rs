@@ -186,17 +186,6 @@ impl Database {
         }
     }
 
-    /// How long a worker with a backlog may wait for more free slots before it claims:
-    /// none on SQLite (a claim is a local call), a few milliseconds on PostgreSQL, where a
-    /// claim is several round trips and claiming a row at a time would cap a drain at a few
-    /// hundred rows a second.
-    pub fn claim_coalescing(&self) -> Duration {
-        match self {
-            Database::Sqlite(_) => Duration::ZERO,
-            Database::Postgres(_) => Duration::from_millis(5),
-        }
-    }
-
     /// Rejects rows whose scheduling columns a writer filled with values of the wrong type
     /// (SQLite stores what it is given); how many. PostgreSQL's typed columns refuse such
     /// values at insert, so there it has nothing to do.

@@ -218,8 +218,9 @@ impl PgStore {
 
     /// Applies a batch of completions, each only while its claim token still matches: one
     /// `unnest` statement for the whole batch. The result says, per item, whether it was
-    /// applied (`false` = the claim was lost). Completions that start or lift a pause are
-    /// applied one by one, each with its pause change, in the same transaction.
+    /// applied (`false` = the claim was lost). The pauses the batch lifts (every success
+    /// lifts the pause it probed, if any) go in one more statement, and the pauses it
+    /// starts one by one, all in the same transaction.
     pub async fn complete(
         &self,
         queue: QueueName,
@@ -231,55 +232,63 @@ impl PgStore {
         let sql = self.sql(queue);
         let mut tx = self.pool.begin().await?;
         let clock = ClockBoundary::read(&mut tx, items[0].now).await?;
-        let plain = items
-            .iter()
-            .all(|c| matches!(c.pause, PauseChange::Nothing));
-        let applied = if plain {
-            complete_rows(&mut tx, sql, items, clock).await?
-        } else {
-            let mut applied = Vec::with_capacity(items.len());
-            for c in items {
-                let ok = complete_rows(&mut tx, sql, std::slice::from_ref(c), clock).await?[0];
-                applied.push(ok);
-                if ok {
-                    self.change_pause(&mut tx, queue, c, clock).await?;
+        let applied = complete_rows(&mut tx, sql, items, clock).await?;
+        let completed = || {
+            items
+                .iter()
+                .zip(&applied)
+                .filter(|(_, ok)| **ok)
+                .map(|(c, _)| c)
+        };
+        let probes: Vec<&Completion> = completed()
+            .filter(|c| matches!(c.pause, PauseChange::LiftProbed))
+            .collect();
+        self.lift_probed(&mut tx, queue, &probes, clock).await?;
+        // After the lifts: a pause this batch starts stands, whatever order its rows
+        // finished in (a start clears the probe a lift would match).
+        for c in completed() {
+            if let PauseChange::Start(pause) = &c.pause {
+                if start_pause(&mut tx, queue, pause, clock).await? && self.alerts {
+                    raise(&mut tx, &pauses::paused_event(queue, pause, c.now), clock).await?;
                 }
             }
-            applied
-        };
+        }
         self.record_history(&mut tx, sql, queue, items, &applied, clock)
             .await?;
         tx.commit().await?;
         Ok(applied)
     }
 
-    async fn change_pause(
+    /// Lifts the pauses whose probe is among `probes` (rows that went through), with an
+    /// alert for each when alerts are on.
+    async fn lift_probed(
         &self,
         tx: &mut PgConnection,
         queue: QueueName,
-        c: &Completion,
+        probes: &[&Completion],
         clock: ClockBoundary,
     ) -> Result<(), StoreError> {
-        match &c.pause {
-            PauseChange::Start(pause) => {
-                if start_pause(tx, queue, pause, clock).await? && self.alerts {
-                    raise(tx, &pauses::paused_event(queue, pause, c.now), clock).await?;
-                }
-            }
-            PauseChange::LiftProbed => {
-                let lifted: Option<(String,)> = sqlx::query_as(
-                    "DELETE FROM pauses WHERE queue = $1 AND probe_row_id = $2 RETURNING scope",
-                )
-                .bind(queue.as_str())
-                .bind(c.id)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some((scope,)) = lifted.filter(|_| self.alerts) {
-                    let how = format!("row {} went through", c.id);
-                    raise(tx, &pauses::lifted_event(queue, &scope, &how, c.now), clock).await?;
-                }
-            }
-            PauseChange::Nothing => {}
+        if probes.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = probes.iter().map(|c| c.id).collect();
+        let lifted: Vec<(String, i64)> = sqlx::query_as(
+            "DELETE FROM pauses WHERE queue = $1 AND probe_row_id = ANY($2) \
+             RETURNING scope, probe_row_id",
+        )
+        .bind(queue.as_str())
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !self.alerts {
+            return Ok(());
+        }
+        for (scope, id) in lifted {
+            let Some(c) = probes.iter().find(|c| c.id == id) else {
+                continue;
+            };
+            let how = format!("row {id} went through");
+            raise(tx, &pauses::lifted_event(queue, &scope, &how, c.now), clock).await?;
         }
         Ok(())
     }
@@ -363,16 +372,16 @@ impl PgStore {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool.begin().await?;
-        let clock = ClockBoundary::read(&mut tx, now).await?;
+        // One statement, the lease's length added to the database's now inside it: a
+        // renewal precedes every send, so a transaction with a clock read of its own would
+        // be four round trips per row.
         let (ids, tokens): (Vec<i64>, Vec<String>) = held.iter().cloned().unzip();
         let renewed: Vec<(i64,)> = sqlx::query_as(&self.sql(queue).renew)
             .bind(&ids)
             .bind(&tokens)
-            .bind(clock.inbound(lease_until))
-            .fetch_all(&mut *tx)
+            .bind(lease_until - now)
+            .fetch_all(&self.pool)
             .await?;
-        tx.commit().await?;
         let renewed: std::collections::HashSet<i64> = renewed.into_iter().map(|(id,)| id).collect();
         Ok(ids.iter().map(|id| renewed.contains(id)).collect())
     }

@@ -30,8 +30,8 @@ pub(super) struct QueueSql {
     pub mark_probe: String,
     /// `$1` queue, `$2` seller, `$3` now: ends an ended seller pause with no pending row.
     pub lift_idle_seller_pause: String,
-    /// `$1` ids, `$2` tokens, `$3` lease until: extends held rows' leases, returning those
-    /// renewed.
+    /// `$1` ids, `$2` tokens, `$3` the lease's length (ms): extends held rows' leases to the
+    /// database's now plus it, returning those renewed.
     pub renew: String,
     /// `$1` now, `$2` default max attempts: ends attempts whose lease expired.
     pub rescue: String,
@@ -142,7 +142,7 @@ impl QueueSql {
                  AND NOT EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND {seller} = $2)"
             ),
             renew: format!(
-                "UPDATE {t} AS r SET lease_expires_at = $3 \
+                "UPDATE {t} AS r SET lease_expires_at = invoice_worker_now_ms() + $3 \
                  FROM unnest($1::BIGINT[], $2::TEXT[]) AS h(id, token) \
                  WHERE r.id = h.id AND r.claim_token = h.token AND r.status = 'running' RETURNING r.id"
             ),
