@@ -3,9 +3,15 @@
 
 use super::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_are_one_object_per_line_with_the_attempt_fields() {
-    let w = World::new().await;
+on_both_backends!(
+    json_logs_are_one_object_per_line_with_the_attempt_fields,
+    text_logs_have_no_colour_and_rust_log_overrides_the_configured_level,
+);
+
+async fn json_logs_are_one_object_per_line_with_the_attempt_fields(backend: Backend) {
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
     let id = w.insert_rebill("JSON-1", TAX).await;
     let config = write_toml(
         &w,
@@ -58,9 +64,10 @@ async fn json_logs_are_one_object_per_line_with_the_attempt_fields() {
     assert!(attempt["duration_ms"].is_u64(), "{attempt}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn text_logs_have_no_colour_and_rust_log_overrides_the_configured_level() {
-    let w = World::new().await;
+async fn text_logs_have_no_colour_and_rust_log_overrides_the_configured_level(backend: Backend) {
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
     let config = write_toml(&w, "worker.toml", |t| t, "\n[log]\nlevel = \"warn\"\n");
 
     // [log] level = "warn": no info lines, so no attempt lines.

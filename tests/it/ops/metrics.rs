@@ -1,10 +1,14 @@
 //! `/metrics` and `/healthz` moving with the queues, pauses and a database that goes away.
 
 use super::*;
+use invoice_worker::store::driver::{PauseParams, QueueStore as _};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_and_health_move_with_the_queues() {
-    let mut w = World::new().await;
+on_both_backends!(metrics_and_health_move_with_the_queues);
+
+async fn metrics_and_health_move_with_the_queues(backend: Backend) {
+    let Some(mut w) = World::on(backend).await else {
+        return;
+    };
     let port = free_port();
     w.config.http.listen = Some(format!("127.0.0.1:{port}").parse().expect("socket address"));
     let daemon = w.start_alone_with_metrics().await;
@@ -119,8 +123,14 @@ async fn metrics_and_health_move_with_the_queues() {
 
     // A paused seller: the gauge says so, and its due row waits and ages.
     let until = now_ms() + 60_000;
-    w.store()
-        .pause(QueueName::Rebill, OTHER_SELLER, until, "test pause")
+    w.database
+        .pause(PauseParams {
+            queue: QueueName::Rebill,
+            scope: OTHER_SELLER,
+            until,
+            reason: "test pause",
+            now: now_ms(),
+        })
         .await
         .expect("pause seller");
     let waiting = w.insert_rebill("METRICS-PAUSED", OTHER_SELLER).await;
@@ -141,8 +151,14 @@ async fn metrics_and_health_move_with_the_queues() {
     )
     .await;
     // The whole queue paused.
-    w.store()
-        .pause(QueueName::Rebill, "*", until, "test pause")
+    w.database
+        .pause(PauseParams {
+            queue: QueueName::Rebill,
+            scope: "*",
+            until,
+            reason: "test pause",
+            now: now_ms(),
+        })
         .await
         .expect("pause queue");
     scrape_until(&client, &base, "the queue paused", |s| {
@@ -152,13 +168,13 @@ async fn metrics_and_health_move_with_the_queues() {
     .await;
     // Resumed: gauges back to 0 and the waiting row goes through.
     assert!(w
-        .store()
-        .resume(QueueName::Rebill, "*")
+        .database
+        .resume(QueueName::Rebill, "*", now_ms())
         .await
         .expect("resume queue"));
     assert!(w
-        .store()
-        .resume(QueueName::Rebill, OTHER_SELLER)
+        .database
+        .resume(QueueName::Rebill, OTHER_SELLER, now_ms())
         .await
         .expect("resume seller"));
     wait_done(&w, &[waiting], Duration::from_secs(20)).await;
@@ -180,7 +196,7 @@ async fn metrics_and_health_move_with_the_queues() {
     assert_eq!(status, 404);
 
     // The database goes away: /healthz says 503 and why.
-    w.store().close().await;
+    w.database.close().await;
     let (status, body) = get(&client, &format!("{base}/healthz"))
         .await
         .expect("healthz");

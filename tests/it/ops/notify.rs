@@ -3,9 +3,12 @@
 
 use super::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_speaks_the_systemd_notify_protocol() {
-    let w = World::new().await;
+on_both_backends!(binary_speaks_the_systemd_notify_protocol,);
+
+async fn binary_speaks_the_systemd_notify_protocol(backend: Backend) {
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
     let ids = insert_rebills(&w, "NOTIFY-", 3, TAX).await;
     let config = write_toml(&w, "worker.toml", |t| t, "");
     let mut manager = Manager::bind(w.dir());

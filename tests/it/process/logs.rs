@@ -130,16 +130,15 @@ async fn proxy_request(
 
 /// Inserts a valid title row with a phone number and bank account that must be masked.
 async fn insert_title(world: &World, order_no: &str, data_type: i64) -> i64 {
-    sqlx::query(
-        "INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc, gmf_dh, gmf_yhzh, gmf_yhmc, data_type) \
-         VALUES (?1, '1', '661234567890', '上海某某科技有限公司', '13812345678', '6222020200112233445', '招商银行上海分行', ?2)",
-    )
-    .bind(order_no)
-    .bind(data_type)
-    .execute(world.sql())
-    .await
-    .expect("insert title")
-    .last_insert_rowid()
+    world
+        .writer
+        .insert_id(
+            "INSERT INTO title_submissions (order_no, invoice_type, attach, gmf_mc, gmf_dh, gmf_yhzh, gmf_yhmc, data_type) \
+             VALUES ($1, '1', '661234567890', '上海某某科技有限公司', '13812345678', '6222020200112233445', '招商银行上海分行', $2) \
+             RETURNING id",
+            &[Arg::text(order_no), Arg::Int(data_type)],
+        )
+        .await
 }
 
 const WRONG_APP_SECRET: &str = "WRONG-app-secret-7731";
@@ -157,17 +156,18 @@ struct SecretsWorld {
 }
 
 impl SecretsWorld {
-    async fn new() -> SecretsWorld {
-        let world = World::new().await;
+    /// On `backend` (`None`: no PostgreSQL here).
+    async fn new(backend: Backend) -> Option<SecretsWorld> {
+        let world = World::on(backend).await?;
         let proxy = TokenProxy::start(world.sim.addr()).await;
         let sim_base = world.sim.title_base_url();
         let proxy_base = format!("http://{}/Entoauth", proxy.addr);
-        SecretsWorld {
+        Some(SecretsWorld {
             world,
             proxy,
             sim_base,
             proxy_base,
-        }
+        })
     }
 
     /// A config (title through the proxy, `log` appended) with extra `edits`.
@@ -217,6 +217,11 @@ impl SecretsWorld {
             ("buyer phone", "13812345678".to_string()),
             ("buyer bank account", "6222020200112233445".to_string()),
         ];
+        // The database's password, on PostgreSQL (the URL carries it).
+        if self.world.config.database.url.is_some() {
+            let password = invoice_worker::store::postgres::cluster::SUPERUSER_PASSWORD;
+            forbidden.push(("database password", password.to_string()));
+        }
         forbidden.extend(tokens.iter().map(|t| ("access_token", t.clone())));
         forbidden.extend(signs.iter().map(|s| ("sign", s.clone())));
         let leaks: Vec<String> = logs
@@ -229,10 +234,11 @@ impl SecretsWorld {
             leaks.join("\n")
         );
         eprintln!(
-            "log scan: {} log lines, {} tokens, {} signatures and 6 secret values checked; none found",
+            "log scan: {} log lines, {} tokens, {} signatures and {} secret values checked; none found",
             logs.iter().map(|(_, l)| l.lines().count()).sum::<usize>(),
             tokens.len(),
-            signs.len()
+            signs.len(),
+            forbidden.len() - tokens.len() - signs.len()
         );
     }
 }
@@ -278,11 +284,17 @@ fn leaks_in(phase: &str, log: &str, forbidden: &[(&str, String)]) -> Vec<String>
     leaks
 }
 
+on_both_backends!(
+    a_mixed_drain_logs_no_secret,
+    wrong_credentials_and_their_fix_log_no_secret,
+);
+
 /// Successes, an issued invoice, retried failures, a seller pause and titles in JSON and
 /// XML (one forcing a token renewal), logged at debug in text: no secret in the log.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mixed_drain_logs_no_secret() {
-    let s = SecretsWorld::new().await;
+async fn a_mixed_drain_logs_no_secret(backend: Backend) {
+    let Some(s) = SecretsWorld::new(backend).await else {
+        return;
+    };
     let world = &s.world;
     let good_text = s.config("good-text.toml", &[], DEBUG_TEXT);
     world
@@ -354,10 +366,11 @@ async fn a_mixed_drain_logs_no_secret() {
 /// Wrong app_secret and client_secret pause both queues (JSON logs at debug); the operator
 /// resumes them with the CLI and the fixed config drains everything: no secret, right or
 /// wrong, in either log.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_credentials_and_their_fix_log_no_secret() {
+async fn wrong_credentials_and_their_fix_log_no_secret(backend: Backend) {
     let opts = SimOptions::default();
-    let s = SecretsWorld::new().await;
+    let Some(s) = SecretsWorld::new(backend).await else {
+        return;
+    };
     let world = &s.world;
     let w = world;
     let dir = world.dir().to_path_buf();
