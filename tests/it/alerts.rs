@@ -252,9 +252,22 @@ async fn failed_rows_come_as_one_digest_not_one_alert_each(backend: Backend) {
     let Some(mut w) = alerting_world(backend, "digest-key").await else {
         return;
     };
-    // The first look starts the window when the daemon starts; all three rows fail well
-    // inside it (they are claimed together at once), so they make one digest.
+    // The monitor's first look starts the window (what failed before it is not news). The
+    // rows go in once it has looked, so all three fail inside that window and make one
+    // digest. (Inserted before the start, a row could fail before the first look: the
+    // workers and the monitor start together.)
     w.config.alerting.digest_every = Duration::from_secs(3);
+    let daemon = w.start().await;
+    wait_until(
+        Duration::from_secs(10),
+        "the monitor's first look",
+        || async {
+            w.count("SELECT COUNT(*) FROM alert_state WHERE key = 'rows_failed:rebill'")
+                .await
+                == 1
+        },
+    )
+    .await;
     let orders = ["F-1", "F-2", "F-3"];
     for order in orders {
         w.sim
@@ -266,7 +279,6 @@ async fn failed_rows_come_as_one_digest_not_one_alert_each(backend: Backend) {
             )
             .await;
     }
-    let daemon = w.start().await;
     wait_until(Duration::from_secs(10), "the digest", || async {
         !delivered(&w, "digest-key").is_empty()
     })
