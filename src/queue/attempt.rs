@@ -16,11 +16,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::action::{Action, Attempted};
 use super::backoff::Backoff;
+use super::completer::Finished;
 use super::decide::{plan, Processed};
 use super::leases::{self, HeldRows};
+use super::pause_gate::PauseGate;
 use crate::clock::Clock;
 use crate::store::complete::Completion;
 use crate::store::history::AttemptFacts;
+use crate::store::pauses::PauseChange;
 use crate::store::rows::{ClaimMeta, Claimed, QueueRow};
 use crate::store::{Database, QueueName};
 use crate::validate::invisible::escape_for_log;
@@ -200,7 +203,9 @@ pub(super) struct AttemptContext<H: Handler> {
     /// A 429/503 with Retry-After holds the whole queue until then (ms).
     pub hold_until: Arc<AtomicI64>,
     pub held: HeldRows,
-    pub tx: mpsc::Sender<Completion>,
+    pub tx: mpsc::Sender<Finished>,
+    /// Closed while a pause-starting result is on its way to the database.
+    pub pause_gate: PauseGate,
     pub queue: QueueName,
     pub shutdown: CancellationToken,
     /// This daemon instance, as its claims record it (for the history).
@@ -326,14 +331,20 @@ pub(super) async fn run<H: Handler>(
         hold.done();
         return;
     }
-    if ctx.tx.send(completion).await.is_err() {
+    // Closed before the slot is freed, so that the worker's next claim waits for the pause.
+    let pause = matches!(completion.pause, PauseChange::Start(_)).then(|| ctx.pause_gate.close());
+    let finished = Finished {
+        completion,
+        row: Some(hold.until_written()),
+        pause,
+    };
+    if ctx.tx.send(finished).await.is_err() {
         tracing::error!(
             queue = ctx.queue.as_str(),
             row_id = id,
             "completer stopped; result left to the lease"
         );
     }
-    hold.done();
 }
 
 #[cfg(test)]
@@ -345,7 +356,7 @@ mod tests {
     use super::*;
     use crate::config::RetryConfig;
     use crate::store::rows::RebillRow;
-    use crate::store::test_support::temp_store;
+    use crate::store::test_support::{claim_rebill, insert_due, temp_store};
 
     /// A handler the turn-taking never reaches.
     struct Unused;
@@ -358,10 +369,28 @@ mod tests {
         fn log_attempt(&self, _: &RebillRow, _: &AttemptRecord) {}
     }
 
-    fn context(store: Database, clock: Clock, hold_until: i64) -> AttemptContext<Unused> {
-        let (tx, _rx) = mpsc::channel(1);
-        AttemptContext {
-            handler: Arc::new(Unused),
+    /// A handler whose every answer is an SMS-login demand: pause the seller.
+    struct PausesTheSeller;
+
+    impl Handler for PausesTheSeller {
+        type Row = RebillRow;
+        async fn process(&self, _: &Claimed<RebillRow>) -> Processed {
+            let mut answer = Attempted::transient(Some(200), "log in by SMS first");
+            answer.action = Action::PauseSeller(Duration::from_secs(60));
+            Processed::Attempted(answer)
+        }
+        fn log_attempt(&self, _: &RebillRow, _: &AttemptRecord) {}
+    }
+
+    fn context<H: Handler>(
+        handler: H,
+        store: Database,
+        clock: Clock,
+        hold_until: i64,
+    ) -> (AttemptContext<H>, mpsc::Receiver<Finished>) {
+        let (tx, rx) = mpsc::channel(1);
+        let ctx = AttemptContext {
+            handler: Arc::new(handler),
             store,
             backoff: Backoff::from(&RetryConfig::default()),
             lease: Duration::from_secs(30),
@@ -371,10 +400,46 @@ mod tests {
             hold_until: Arc::new(AtomicI64::new(hold_until)),
             held: HeldRows::default(),
             tx,
+            pause_gate: PauseGate::default(),
             queue: QueueName::Rebill,
             shutdown: CancellationToken::new(),
             instance: "test".into(),
-        }
+        };
+        (ctx, rx)
+    }
+
+    /// The worker's next claim must not run before a pause this attempt's answer starts is
+    /// written: the gate is closed before the slot is freed, and the row stays held (its
+    /// lease renewed) until the completer is done with the result.
+    #[tokio::test]
+    async fn a_pausing_result_closes_the_gate_and_keeps_the_row_until_written() {
+        let (_db, store) = temp_store().await;
+        insert_due(&store, &["SMS"]).await;
+        let now = crate::store::now_ms();
+        let mut batch = claim_rebill(&store, now, 1, Duration::from_secs(30), "tok").await;
+        let claimed = batch.rows.pop().expect("claimed");
+        let id = claimed.meta.id;
+        let (ctx, mut rx) = context(PausesTheSeller, store.into(), Clock::system(), 0);
+        let (gate, held) = (ctx.pause_gate.clone(), ctx.held.clone());
+        held.hold(id, "tok");
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let permit = slots.clone().acquire_owned().await.expect("permit");
+        run(ctx, claimed, permit).await;
+
+        assert_eq!(slots.available_permits(), 1, "the slot is free");
+        assert!(
+            !gate.is_open(),
+            "but claims wait for the pause to be written"
+        );
+        assert_eq!(held.alive(), vec![(id, "tok".to_string())]);
+        let finished = rx.recv().await.expect("the result reached the completer");
+        assert!(matches!(
+            finished.completion.pause,
+            PauseChange::Start(ref p) if p.scope == "T"
+        ));
+        drop(finished);
+        assert!(gate.is_open(), "written: claims go on");
+        assert!(held.alive().is_empty(), "written: the row is let go");
     }
 
     /// A Retry-After of an hour holds the next send for exactly that hour of the clock the
@@ -384,7 +449,8 @@ mod tests {
         let (_db, store) = temp_store().await;
         tokio::time::pause();
         let clock = Clock::following_tokio();
-        let ctx = context(
+        let (ctx, _rx) = context(
+            Unused,
             store.into(),
             clock.clone(),
             clock.after(Duration::from_secs(3600)),

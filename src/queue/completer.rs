@@ -6,6 +6,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::heartbeat::WriteHealth;
+use super::leases::Unwritten;
+use super::pause_gate::Closed;
 use crate::store::complete::{Completion, FinalStatus};
 use crate::store::driver::QueueStore as _;
 use crate::store::pauses::PauseChange;
@@ -14,6 +16,31 @@ use crate::store::{Database, QueueName, StoreError};
 /// Most completions written in one transaction.
 const MAX_BATCH: usize = 512;
 
+/// A finished attempt's result on its way to the database, with what must last until it
+/// is written: the row's hold (so that its lease is still renewed) and, for a result that
+/// starts a pause, the closed [`PauseGate`](super::pause_gate::PauseGate). Both are let go
+/// once the result is written, or given up on.
+#[derive(Debug)]
+pub struct Finished {
+    /// The result.
+    pub completion: Completion,
+    /// The row, still held.
+    pub row: Option<Unwritten>,
+    /// The pause gate, closed while a pause-starting result is unwritten.
+    pub pause: Option<Closed>,
+}
+
+impl From<Completion> for Finished {
+    /// A result with nothing held for it (one that is not an attempt's).
+    fn from(completion: Completion) -> Self {
+        Finished {
+            completion,
+            row: None,
+            pause: None,
+        }
+    }
+}
+
 /// Runs until every sender is dropped and the channel is drained. A batch that cannot be
 /// written is retried (the rows stay `running` under their lease meanwhile); a single
 /// result the database refuses is recorded as `failed` with the reason, so one bad value
@@ -21,11 +48,16 @@ const MAX_BATCH: usize = 512;
 pub async fn run(
     store: Database,
     queue: QueueName,
-    mut rx: mpsc::Receiver<Completion>,
+    mut rx: mpsc::Receiver<Finished>,
     health: WriteHealth,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut finished = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut finished, MAX_BATCH).await > 0 {
+        // Dropped at the end of this round, once the batch is written.
+        let (batch, _kept): (Vec<Completion>, Vec<_>) = finished
+            .drain(..)
+            .map(|f| (f.completion, (f.row, f.pause)))
+            .unzip();
         let mut delay = Duration::from_millis(50);
         loop {
             let started = std::time::Instant::now();
@@ -64,7 +96,6 @@ pub async fn run(
                 }
             }
         }
-        batch.clear();
     }
 }
 
@@ -138,7 +169,7 @@ mod tests {
                 // "sent" is not an outcome the rebill table accepts.
                 result.outcome = Some("sent");
             }
-            tx.send(result).await.unwrap();
+            tx.send(result.into()).await.unwrap();
         }
         drop(tx);
         run(

@@ -32,6 +32,9 @@ pub struct HeldRows {
 struct Hold {
     token: String,
     lost: bool,
+    /// The call is over and its result is with the completer, which reports a lost claim
+    /// itself when the write finds the row gone.
+    awaiting_write: bool,
 }
 
 impl HeldRows {
@@ -45,7 +48,12 @@ impl HeldRows {
     /// Records a row claimed under `token`.
     pub fn hold(&self, id: i64, token: &str) {
         let token = token.to_string();
-        self.lock().insert(id, Hold { token, lost: false });
+        let hold = Hold {
+            token,
+            lost: false,
+            awaiting_write: false,
+        };
+        self.lock().insert(id, hold);
         self.held.notify_one();
     }
 
@@ -86,22 +94,25 @@ impl HeldRows {
             .collect()
     }
 
-    /// Empties the set, returning the rows still held (to be put back at shutdown).
+    /// Empties the set, returning the rows still held whose call never ended (to be put
+    /// back at shutdown). A row whose result is still unwritten is not among them: its
+    /// call was made, so it is not put back as if it had not been.
     pub fn take_alive(&self) -> Vec<(i64, String)> {
         self.lock()
             .drain()
-            .filter(|(_, h)| !h.lost)
+            .filter(|(_, h)| !h.lost && !h.awaiting_write)
             .map(|(id, h)| (id, h.token))
             .collect()
     }
 
-    /// Marks row `id`'s lease lost; false when the row is no longer held (its attempt
-    /// ended while the renewal ran, so nothing was lost).
+    /// Marks row `id`'s lease lost; true when that is news to report: false when the row
+    /// is no longer held (its attempt ended while the renewal ran, so nothing was lost) or
+    /// when its result is with the completer (whose write reports the loss).
     fn mark_lost(&self, id: i64) -> bool {
         match self.lock().get_mut(&id) {
             Some(h) => {
                 h.lost = true;
-                true
+                !h.awaiting_write
             }
             None => false,
         }
@@ -119,6 +130,35 @@ impl HoldGuard {
     /// The attempt ended: the row is no longer held.
     pub fn done(self) {
         // Drop does the work when panicking only; here the attempt ended normally.
+        self.held.let_go(self.id);
+    }
+
+    /// The attempt ended and its result goes to the completer: the row stays held (its
+    /// lease renewed, and so out of every rescuer's reach) until the returned guard is
+    /// dropped, once the result is written or given up on.
+    pub fn until_written(self) -> Unwritten {
+        if let Some(h) = self.held.lock().get_mut(&self.id) {
+            h.awaiting_write = true;
+        }
+        Unwritten {
+            held: self.held.clone(),
+            id: self.id,
+        }
+    }
+}
+
+/// A finished attempt's row whose result is not written yet (see
+/// [`HoldGuard::until_written`]). After a database outage longer than the lease, this is
+/// what keeps the daemon's own rescuer from handing the row to another attempt, which would
+/// send it again, before the completer gets its result in.
+#[derive(Debug)]
+pub struct Unwritten {
+    held: HeldRows,
+    id: i64,
+}
+
+impl Drop for Unwritten {
+    fn drop(&mut self) {
         self.held.let_go(self.id);
     }
 }
@@ -274,6 +314,35 @@ mod tests {
             "a cancelled attempt's row is kept, to be put back"
         );
         held.until_done(5).done();
+        assert!(held.alive().is_empty());
+    }
+
+    #[test]
+    fn a_row_stays_held_until_its_result_is_written() {
+        let held = HeldRows::default();
+        held.hold(1, "a");
+        held.hold(2, "b");
+        let unwritten = held.until_done(1).until_written();
+        let mut alive = held.alive();
+        alive.sort();
+        assert_eq!(
+            alive,
+            vec![(1, "a".to_string()), (2, "b".to_string())],
+            "an unwritten result's lease is still renewed"
+        );
+        assert!(
+            !held.mark_lost(1),
+            "the completer, not the renewal, reports a lost unwritten row"
+        );
+        assert!(held.is_lost(1));
+        drop(unwritten);
+        assert!(!held.is_lost(1), "written (or given up on): let go");
+        let unwritten = held.until_done(2).until_written();
+        assert!(
+            held.take_alive().is_empty(),
+            "a row whose call was made is never put back as unsent"
+        );
+        drop(unwritten);
         assert!(held.alive().is_empty());
     }
 

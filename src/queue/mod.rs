@@ -15,6 +15,7 @@ pub mod decide;
 pub mod heartbeat;
 pub mod housekeeping;
 pub mod leases;
+pub mod pause_gate;
 pub mod pauses;
 pub mod rescue;
 pub mod rules;

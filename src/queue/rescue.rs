@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::leases::{self, HeldRows};
 use super::maintenance_failed;
 use crate::clock::Clock;
 use crate::store::driver::QueueStore as _;
@@ -20,6 +21,23 @@ pub struct RescueSettings {
     pub every: Duration,
     /// The attempt limit of rows that set none.
     pub max_attempts: u32,
+    /// This daemon's own rows, renewed before each rescue.
+    pub own: Option<OwnLeases>,
+}
+
+/// The rows this daemon's worker holds, and how to renew them. A lease of its own can run
+/// out while the daemon is alive: the database was away longer than the lease, and the
+/// results of calls made meanwhile are still waiting to be written. Renewing them before a
+/// rescue keeps its own rescuer from handing them to another attempt, which would send them
+/// again; what another daemon rescued first is found lost by that renewal.
+#[derive(Debug, Clone)]
+pub struct OwnLeases {
+    /// The worker's held rows.
+    pub held: HeldRows,
+    /// The lease length.
+    pub lease: Duration,
+    /// The worker's clock.
+    pub clock: Clock,
 }
 
 /// Rescues `queue`'s expired rows every `settings.every` until `stop`.
@@ -46,6 +64,11 @@ pub async fn rescue_once(store: &Database, queue: QueueName, settings: &RescueSe
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => return maintenance_failed(queue, "looking for rows to rescue", &e),
+    }
+    if let Some(own) = &settings.own {
+        if !own.held.alive().is_empty() {
+            leases::renew_once(store, queue, own.lease, &own.clock, &own.held).await;
+        }
     }
     match store.reject_unschedulable(queue, now).await {
         Ok(0) => {}
@@ -103,6 +126,7 @@ mod tests {
         let settings = RescueSettings {
             every: Duration::from_secs(1),
             max_attempts: 3,
+            own: None,
         };
         assert!(
             !store
@@ -128,5 +152,54 @@ mod tests {
                 ("LIVE".into(), "running".into(), Some("tok".into())),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn rows_this_daemon_still_holds_are_renewed_not_rescued() {
+        let (_db, store) = temp_store().await;
+        let now = crate::store::now_ms();
+        for orderno in ["MINE", "DEAD-PEERS"] {
+            sqlx::query(
+                "INSERT INTO rebill_orders (orderno, tax_num, status, attempts, claim_token, lease_expires_at) \
+                 VALUES (?1, 'T', 'running', 1, ?1, ?2)",
+            )
+            .bind(orderno)
+            .bind(now - 1)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        }
+        let mine: i64 = sqlx::query_scalar("SELECT id FROM rebill_orders WHERE orderno = 'MINE'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        let held = HeldRows::default();
+        held.hold(mine, "MINE");
+        let settings = RescueSettings {
+            every: Duration::from_secs(1),
+            max_attempts: 3,
+            own: Some(OwnLeases {
+                held: held.clone(),
+                lease: Duration::from_secs(30),
+                clock: Clock::system(),
+            }),
+        };
+        rescue_once(&store.clone().into(), QueueName::Rebill, &settings, now).await;
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT orderno, status, COALESCE(lease_expires_at, 0) FROM rebill_orders ORDER BY orderno",
+        )
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            (rows[0].0.as_str(), rows[0].1.as_str()),
+            ("DEAD-PEERS", "pending")
+        );
+        assert_eq!(
+            (rows[1].0.as_str(), rows[1].1.as_str()),
+            ("MINE", "running")
+        );
+        assert!(rows[1].2 >= now + 29_000, "renewed: {rows:?}");
+        assert!(!held.is_lost(mine));
     }
 }

@@ -25,7 +25,8 @@ use super::attempt::{self, AttemptContext};
 use super::backoff::Backoff;
 use super::heartbeat::{Heartbeat, WriteHealth};
 use super::leases::{self, HeldRows};
-use super::rescue::{self, RescueSettings};
+use super::pause_gate::PauseGate;
+use super::rescue::{self, OwnLeases, RescueSettings};
 
 /// Settings of one queue's worker, with named defaults in `config`.
 #[derive(Debug, Clone)]
@@ -130,6 +131,7 @@ impl<H: Handler> Worker<H> {
         let clock = s.clock.clone();
         let services_stop = CancellationToken::new();
         let held = HeldRows::default();
+        let pause_gate = PauseGate::default();
         let renewal = tokio::spawn(leases::keep_renewed(
             self.store.clone(),
             queue,
@@ -144,6 +146,11 @@ impl<H: Handler> Worker<H> {
             RescueSettings {
                 every: (s.lease / 3).max(Duration::from_millis(200)),
                 max_attempts: s.backoff.max_attempts,
+                own: Some(OwnLeases {
+                    held: held.clone(),
+                    lease: s.lease,
+                    clock: clock.clone(),
+                }),
             },
             clock.clone(),
             services_stop.clone(),
@@ -193,6 +200,16 @@ impl<H: Handler> Worker<H> {
                     Ok(p) => permits.push(p),
                     Err(_) => break,
                 }
+            }
+            // After the slot: the attempt that freed it closed the gate before it did.
+            if !pause_gate.is_open() {
+                drop(permits);
+                tokio::select! {
+                    _ = pause_gate.opened() => {}
+                    _ = tokio::time::sleep(IDLE_TICK) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
             }
             let token = uuid::Uuid::new_v4().simple().to_string();
             let params = ClaimParams {
@@ -268,6 +285,7 @@ impl<H: Handler> Worker<H> {
                         hold_until: hold_until.clone(),
                         held: held.clone(),
                         tx: tx.clone(),
+                        pause_gate: pause_gate.clone(),
                         queue,
                         shutdown: shutdown.clone(),
                         instance: instance.clone(),
