@@ -292,13 +292,7 @@ impl Runs {
     }
 
     fn median_rate(&self) -> f64 {
-        let mut r: Vec<f64> = self.runs.iter().map(|d| d.rate).collect();
-        r.sort_by(f64::total_cmp);
-        if r.len() % 2 == 1 {
-            r[r.len() / 2]
-        } else {
-            (r[r.len() / 2 - 1] + r[r.len() / 2]) / 2.0
-        }
+        crate::support::median(self.runs.iter().map(|d| d.rate).collect())
     }
 
     fn describe(&self) -> String {

@@ -404,3 +404,17 @@ pub async fn claim_rebill<S: QueueStore>(
     };
     Ok(QueueStore::claim(store, &params, |_| ClaimPlan::unpaused()).await?)
 }
+
+/// The median of `values` (the mean of the middle two for an even count); 0 for none.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}

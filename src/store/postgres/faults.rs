@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use super::cluster::{self, ScratchCluster};
-use super::{PgConnect, PgStore};
+use super::{PgConnect, PgStore, PING_IF_IDLE_FOR};
 use crate::store::claim::ClaimParams;
 use crate::store::pauses::ClaimPlan;
 use crate::store::rows::RebillRow;
@@ -129,15 +129,8 @@ async fn a_server_that_is_down_is_a_clear_error_until_it_is_back() {
     store.close().await;
 }
 
-#[tokio::test]
-async fn connections_the_server_kills_are_replaced() {
-    let Some(cluster) = cluster::shared() else {
-        return;
-    };
-    let store = cluster.scratch_store().await.expect("store");
-    insert(&store, 4).await;
-    // Warm the pool, then have the server end every connection of this database.
-    assert_eq!(claim(&store, 2, "a").await.expect("claim").len(), 2);
+/// Has the server end every connection of `store`'s database but the caller's.
+async fn kill_connections(cluster: &ScratchCluster, store: &PgStore) {
     let admin = PgStore::connect(&PgConnect::new(cluster.url("postgres")))
         .await
         .expect("admin");
@@ -154,6 +147,24 @@ async fn connections_the_server_kills_are_replaced() {
     .await
     .expect("terminate");
     assert!(killed >= 1, "no connection was killed");
+    admin.close().await;
+}
+
+/// Connections the server ended while they sat idle in the pool (a restart while the
+/// daemon had nothing to do, a middlebox's idle timeout) are replaced before use: the
+/// next statement does not fail.
+#[tokio::test]
+async fn connections_the_server_kills_are_replaced() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    let store = cluster.scratch_store().await.expect("store");
+    insert(&store, 4).await;
+    // Warm the pool, then have the server end every connection of this database.
+    assert_eq!(claim(&store, 2, "a").await.expect("claim").len(), 2);
+    kill_connections(cluster, &store).await;
+    // Idle past the threshold at which a pooled connection is checked before use.
+    tokio::time::sleep(PING_IF_IDLE_FOR * 2).await;
     assert_eq!(
         claim(&store, 2, "b")
             .await
@@ -161,6 +172,37 @@ async fn connections_the_server_kills_are_replaced() {
             .len(),
         2
     );
-    admin.close().await;
+    store.close().await;
+}
+
+/// A connection ended right after its last use (not idle long enough to be checked) fails
+/// the one statement given to it, a clear error, and is then replaced: the next claim works
+/// and nothing was claimed by the failed one.
+#[tokio::test]
+async fn a_connection_killed_right_after_use_fails_one_statement_then_is_replaced() {
+    let Some(cluster) = cluster::shared() else {
+        return;
+    };
+    let store = cluster.scratch_store().await.expect("store");
+    insert(&store, 4).await;
+    assert_eq!(claim(&store, 2, "a").await.expect("claim").len(), 2);
+    let pooled = store.pool().size();
+    kill_connections(cluster, &store).await;
+    let mut failures = 0;
+    let claimed = loop {
+        match claim(&store, 2, "b").await {
+            Ok(ids) => break ids,
+            Err(e) => {
+                // At most once per connection the pool held when they were killed.
+                failures += 1;
+                assert!(failures <= pooled, "the pool did not recover: {e}");
+            }
+        }
+    };
+    assert_eq!(
+        claimed.len(),
+        2,
+        "the rows a failed claim touched are still there"
+    );
     store.close().await;
 }

@@ -165,6 +165,9 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+/// A pooled connection idle at least this long is pinged before it is handed out.
+const PING_IF_IDLE_FOR: Duration = Duration::from_millis(100);
+
 impl PgStore {
     /// Connects (one connection is opened at once, so that a wrong password or an
     /// unreachable server is an error here, not at the first claim). Does not migrate.
@@ -173,9 +176,20 @@ impl PgStore {
             .max_connections(connect.pool_size.max(1))
             .min_connections(1)
             .acquire_timeout(connect.connect_timeout)
-            // A connection the server dropped (a restart, a reset) is found out before use
-            // and replaced, instead of failing the statement given to it.
-            .test_before_acquire(true)
+            // A connection the server dropped while it sat idle (a restart, a reset, a
+            // middlebox's idle timeout) is found out before use and replaced, instead of
+            // failing the statement given to it. Only one idle for a while is pinged: sqlx
+            // already pings every connection as it is returned, and a ping per acquire
+            // under load costs a fifth of the end-to-end rate.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(connect.options()?)
             .await
             .map_err(|e| connect.connect_error(e))?;

@@ -26,6 +26,10 @@ impl StoreError {
     }
 }
 
+/// One row of the claim's first look: the database's now, whether a row is due, and one
+/// pause (scope, end, probe in flight), or NULLs when there is none.
+type ClaimLook = (i64, bool, Option<String>, Option<i64>, Option<bool>);
+
 impl PgStore {
     /// Inserts a rebilling job unless an active row for the same order exists (`ON
     /// CONFLICT DO NOTHING` on the partial unique index). `not_before` is in the caller's
@@ -110,30 +114,35 @@ impl PgStore {
     ) -> Result<ClaimBatch<R>, StoreError> {
         let queue = R::QUEUE;
         let sql = self.sql(queue);
-        let mut tx = self.pool.begin().await?;
-        let clock = ClockBoundary::read(&mut tx, p.now).await?;
-        let now = clock.database_now;
-        let (any_due,): (bool,) = sqlx::query_as(&sql.any_due)
-            .bind(now)
-            .fetch_one(&mut *tx)
+        let mut conn = self.pool.acquire().await?;
+        // One statement: the database's now, whether anything is due, the pauses.
+        let look: Vec<ClaimLook> = sqlx::query_as(&sql.claim_look)
+            .bind(queue.as_str())
+            .fetch_all(&mut *conn)
             .await?;
+        // The statement always returns a row: none means something is badly wrong.
+        let Some(&(database_now, any_due, ..)) = look.first() else {
+            return Err(StoreError::Sqlx(sqlx::Error::RowNotFound));
+        };
+        let clock = ClockBoundary {
+            database_now,
+            caller_now: p.now,
+        };
+        let now = database_now;
         if !any_due {
-            tx.commit().await?;
             return Ok(ClaimBatch {
                 rows: Vec::new(),
                 held_by_pause: false,
             });
         }
-        let views: Vec<PauseView> = sqlx::query_as::<_, (String, i64, bool)>(&sql.pauses_for_claim)
-            .bind(queue.as_str())
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await?
+        let views: Vec<PauseView> = look
             .into_iter()
-            .map(|(scope, until, probing)| PauseView {
-                scope,
-                until: clock.outbound(until),
-                probing,
+            .filter_map(|(_, _, scope, until, probing)| {
+                Some(PauseView {
+                    scope: scope?,
+                    until: clock.outbound(until?),
+                    probing: probing?,
+                })
             })
             .collect();
         let plan = plan(&views);
@@ -144,70 +153,89 @@ impl PgStore {
             history: self.history,
         };
         let mut rows = Vec::new();
-        if !plan.hold {
-            for step in &plan.probes {
-                let locked: Option<(String,)> = sqlx::query_as(&sql.lock_pause)
-                    .bind(queue.as_str())
-                    .bind(&step.scope)
-                    .bind(now)
-                    .fetch_optional(&mut *tx)
+        if plan.hold {
+            return Ok(ClaimBatch {
+                rows,
+                held_by_pause: true,
+            });
+        }
+        if plan.probes.is_empty() {
+            // The steady state: one statement, atomic by itself, which leaves out the
+            // paused sellers on its own. A transaction would add two round trips.
+            if plan.claim_rest && p.limit > 0 {
+                rows = claim
+                    .rows::<R>(&mut conn, &sql.claim, p.limit, queue.as_str())
                     .await?;
-                if locked.is_none() {
-                    // Another daemon's claim holds the pause: it sends the probe.
-                    continue;
-                }
-                let (statement, key) = if step.scope == WHOLE_QUEUE {
-                    (&sql.claim, queue.as_str())
-                } else {
-                    (&sql.claim_seller, step.scope.as_str())
-                };
-                match claim.rows::<R>(&mut tx, statement, 1, key).await?.pop() {
-                    Some(row) => {
-                        let marked = sqlx::query(&sql.mark_probe)
-                            .bind(queue.as_str())
-                            .bind(&step.scope)
+            }
+            return Ok(ClaimBatch {
+                held_by_pause: !plan.claim_rest || rows.is_empty(),
+                rows,
+            });
+        }
+        // Probes: locking the pause, claiming its probe and marking it go together.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        for step in &plan.probes {
+            let locked: Option<(String,)> = sqlx::query_as(&sql.lock_pause)
+                .bind(queue.as_str())
+                .bind(&step.scope)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if locked.is_none() {
+                // Another daemon's claim holds the pause: it sends the probe.
+                continue;
+            }
+            let (statement, key) = if step.scope == WHOLE_QUEUE {
+                (&sql.claim, queue.as_str())
+            } else {
+                (&sql.claim_seller, step.scope.as_str())
+            };
+            match claim.rows::<R>(&mut tx, statement, 1, key).await?.pop() {
+                Some(row) => {
+                    let marked = sqlx::query(&sql.mark_probe)
+                        .bind(queue.as_str())
+                        .bind(&step.scope)
+                        .bind(row.meta.id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1;
+                    if marked {
+                        rows.push(row);
+                    } else {
+                        sqlx::query(&sql.unclaim)
                             .bind(row.meta.id)
-                            .bind(now)
+                            .bind(&row.meta.claim_token)
                             .execute(&mut *tx)
-                            .await?
-                            .rows_affected()
-                            == 1;
-                        if marked {
-                            rows.push(row);
-                        } else {
-                            sqlx::query(&sql.unclaim)
-                                .bind(row.meta.id)
-                                .bind(&row.meta.claim_token)
-                                .execute(&mut *tx)
-                                .await?;
-                        }
+                            .await?;
                     }
-                    None if step.lift_when_idle => {
-                        let lifted = sqlx::query(&sql.lift_idle_seller_pause)
-                            .bind(queue.as_str())
-                            .bind(&step.scope)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?
-                            .rows_affected()
-                            > 0;
-                        if lifted && self.alerts {
-                            let how = "ended with no row left to send";
-                            let event = pauses::lifted_event(queue, &step.scope, how, p.now);
-                            raise(&mut tx, &event, clock).await?;
-                        }
-                    }
-                    None => {}
                 }
+                None if step.lift_when_idle => {
+                    let lifted = sqlx::query(&sql.lift_idle_seller_pause)
+                        .bind(queue.as_str())
+                        .bind(&step.scope)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        > 0;
+                    if lifted && self.alerts {
+                        let how = "ended with no row left to send";
+                        let event = pauses::lifted_event(queue, &step.scope, how, p.now);
+                        raise(&mut tx, &event, clock).await?;
+                    }
+                }
+                None => {}
             }
-            let room = p.limit.saturating_sub(rows.len() as u32);
-            if plan.claim_rest && room > 0 {
-                rows.extend(
-                    claim
-                        .rows::<R>(&mut tx, &sql.claim, room, queue.as_str())
-                        .await?,
-                );
-            }
+        }
+        let room = p.limit.saturating_sub(rows.len() as u32);
+        if plan.claim_rest && room > 0 {
+            rows.extend(
+                claim
+                    .rows::<R>(&mut tx, &sql.claim, room, queue.as_str())
+                    .await?,
+            );
         }
         tx.commit().await?;
         Ok(ClaimBatch {

@@ -7,8 +7,10 @@ use crate::store::QueueName;
 /// One queue's statements. Placeholders are documented where each is used.
 #[derive(Debug)]
 pub(super) struct QueueSql {
-    /// `$1` now: is any row due?
-    pub any_due: String,
+    /// `$1` queue: what a claim looks at first, in one statement: the database's now,
+    /// whether any row is due by it, and the whole-queue pause and the ended seller pauses
+    /// with no probe in flight (at most 16), one row each (or one row of NULLs for none).
+    pub claim_look: String,
     /// Steady-state claim of due rows of sellers that are not paused. `$1` token,
     /// `$2` claimed_by, `$3` lease until, `$4` now, `$5` limit, `$6` queue name.
     pub claim: String,
@@ -20,9 +22,6 @@ pub(super) struct QueueSql {
     pub reject_unreadable: String,
     /// `$1` id, `$2` reason, `$3` now: records that rejection in the history.
     pub history_of_unreadable: String,
-    /// `$1` queue, `$2` now: the whole-queue pause and ended seller pauses with no probe
-    /// in flight (at most 16).
-    pub pauses_for_claim: String,
     /// `$1` queue, `$2` scope, `$3` now: locks an ended pause whose probe is not in flight;
     /// no row when another daemon's claim holds it (that claim probes it).
     pub lock_pause: String,
@@ -98,9 +97,6 @@ impl QueueSql {
             QueueName::Title => "",
         };
         QueueSql {
-            any_due: format!(
-                "SELECT EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND next_attempt_at <= $1)"
-            ),
             claim: claim_update(
                 queue,
                 &format!(
@@ -123,11 +119,15 @@ impl QueueSql {
                 "{HISTORY_INSERT} SELECT '{q}', id, attempts, $3, NULL, -1, NULL, $2, 'rejected', 'rejected', \
                    claimed_by, $3 FROM {t} WHERE id = $1"
             ),
-            pauses_for_claim: format!(
-                "(SELECT p.scope, p.until_at, {probing_p} FROM pauses p WHERE p.queue = $1 AND p.scope = '*') \
-                 UNION ALL \
-                 (SELECT p.scope, p.until_at, false FROM pauses p \
-                   WHERE p.queue = $1 AND p.scope <> '*' AND p.until_at <= $2 AND NOT {probing_p} LIMIT 16)"
+            claim_look: format!(
+                "WITH d AS (SELECT c.now, EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND next_attempt_at <= c.now) AS any_due \
+                   FROM (SELECT invoice_worker_now_ms() AS now) c) \
+                 SELECT d.now, d.any_due, v.scope, v.until_at, v.probing FROM d LEFT JOIN LATERAL ( \
+                   (SELECT p.scope, p.until_at, {probing_p} AS probing FROM pauses p WHERE p.queue = $1 AND p.scope = '*') \
+                   UNION ALL \
+                   (SELECT p.scope, p.until_at, false FROM pauses p \
+                     WHERE p.queue = $1 AND p.scope <> '*' AND p.until_at <= d.now AND NOT {probing_p} LIMIT 16) \
+                 ) v ON d.any_due"
             ),
             lock_pause: format!(
                 "SELECT p.scope FROM pauses p WHERE p.queue = $1 AND p.scope = $2 AND p.until_at <= $3 \
