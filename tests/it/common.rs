@@ -438,6 +438,14 @@ pub fn fast_config(sim: &Simulator, opts: &SimOptions, db: &Path) -> Config {
 }
 
 /// The config as a TOML file the binary reads, secrets inline.
+/// The `[database]` key that points a config at `c`'s database, either backend.
+pub fn database_line(c: &Config) -> String {
+    match &c.database.url {
+        Some(url) => format!("url = \"{url}\""),
+        None => format!("path = \"{}\"", c.database.path.display()),
+    }
+}
+
 pub fn config_toml(c: &Config, opts: &SimOptions) -> String {
     let base = c.title.base_url.clone().unwrap_or_default();
     format!(
@@ -471,10 +479,7 @@ rate_per_second = 1000
 [housekeeping]
 enabled = false
 "#,
-        db = match &c.database.url {
-            Some(url) => format!("url = \"{url}\""),
-            None => format!("path = \"{}\"", c.database.path.display()),
-        },
+        db = database_line(c),
         lease = c.worker.lease.as_millis(),
         grace = c.worker.shutdown_grace.as_millis(),
         base = c.retry.base_delay.as_millis(),
@@ -488,6 +493,63 @@ enabled = false
         client_id = opts.title_client_id,
         client_secret = opts.title_client_secret,
     )
+}
+
+/// Another process's transaction that keeps the daemon's claims of the rebill queue
+/// waiting until [`WriteLock::release`]: SQLite's write lock (`BEGIN EXCLUSIVE`), or on
+/// PostgreSQL an `ACCESS EXCLUSIVE` lock on `rebill_orders`, which even reads wait for.
+pub enum WriteLock {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl WriteLock {
+    /// Takes the lock on `w`'s database.
+    pub async fn take(w: &World) -> WriteLock {
+        use sqlx::Connection;
+        match &w.config.database.url {
+            None => {
+                let mut conn = other_connection(&w.config.database.path).await;
+                sqlx::query("BEGIN EXCLUSIVE")
+                    .execute(&mut conn)
+                    .await
+                    .expect("BEGIN EXCLUSIVE");
+                WriteLock::Sqlite(conn)
+            }
+            Some(url) => {
+                let mut conn = sqlx::PgConnection::connect(url)
+                    .await
+                    .expect("a connection of its own");
+                sqlx::query("BEGIN")
+                    .execute(&mut conn)
+                    .await
+                    .expect("BEGIN");
+                sqlx::query("LOCK TABLE rebill_orders IN ACCESS EXCLUSIVE MODE")
+                    .execute(&mut conn)
+                    .await
+                    .expect("LOCK TABLE");
+                WriteLock::Postgres(conn)
+            }
+        }
+    }
+
+    /// Ends the transaction: the daemon's claims go on.
+    pub async fn release(self) {
+        match self {
+            WriteLock::Sqlite(mut conn) => {
+                sqlx::query("COMMIT")
+                    .execute(&mut conn)
+                    .await
+                    .expect("COMMIT");
+            }
+            WriteLock::Postgres(mut conn) => {
+                sqlx::query("COMMIT")
+                    .execute(&mut conn)
+                    .await
+                    .expect("COMMIT");
+            }
+        }
+    }
 }
 
 /// A connection of its own to the database at `db`, as another process's writer has (a

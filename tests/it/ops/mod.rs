@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use crate::common::{config_toml, free_port, wait_until, Backend, Daemon, World, TAX};
+use crate::common::{
+    config_toml, free_port, wait_until, Arg, Backend, Daemon, World, WriteLock, TAX,
+};
 use invoice_worker::sim::SimOptions;
 use invoice_worker::store::{now_ms, QueueName};
-use sqlx::ConnectOptions;
 
 const OTHER_SELLER: &str = "91440300715267260A";
 

@@ -3,7 +3,10 @@
 
 use super::*;
 
-on_both_backends!(binary_speaks_the_systemd_notify_protocol,);
+on_both_backends!(
+    binary_speaks_the_systemd_notify_protocol,
+    watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after,
+);
 
 async fn binary_speaks_the_systemd_notify_protocol(backend: Backend) {
     let Some(w) = World::on(backend).await else {
@@ -81,14 +84,20 @@ async fn binary_speaks_the_systemd_notify_protocol(backend: Backend) {
     assert!(log.contains("systemd watchdog enabled"), "{log}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
-    let w = World::new().await;
-    // Claims wait up to a minute for the write lock instead of failing after 5 s.
+async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after(backend: Backend) {
+    let Some(w) = World::on(backend).await else {
+        return;
+    };
+    // Claims wait up to a minute for SQLite's write lock instead of failing after 5 s (on
+    // PostgreSQL a statement waits for a lock up to its 30 s statement timeout).
+    let sqlite = w.config.database.url.is_none();
     let config = write_toml(
         &w,
         "worker.toml",
-        |t| t.replacen("[database]\n", "[database]\nbusy_timeout = \"60s\"\n", 1),
+        |t| match sqlite {
+            true => t.replacen("[database]\n", "[database]\nbusy_timeout = \"60s\"\n", 1),
+            false => t,
+        },
         "",
     );
     let mut manager = Manager::bind(w.dir());
@@ -113,31 +122,23 @@ async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
         |l| l == "WATCHDOG=1",
     );
 
-    // Rows become due in 2 s; meanwhile another process takes the write lock and holds it.
-    // The claim loop reads that rows are due (WAL readers are not blocked) and then waits
-    // for the lock in BEGIN IMMEDIATE: it is stuck.
+    // Rows become due in 2 s; meanwhile another process takes a lock and holds it. The
+    // claim loop reads that rows are due (WAL readers are not blocked) and then waits for
+    // SQLite's lock in BEGIN IMMEDIATE, or waits in its first read on PostgreSQL: stuck.
     let due_at = invoice_worker::store::now_ms() + 2_000;
     for i in 0..3 {
-        sqlx::query(
-            "INSERT INTO rebill_orders (orderno, tax_num, next_attempt_at) VALUES (?1, ?2, ?3)",
-        )
-        .bind(format!("STUCK-{i}"))
-        .bind(TAX)
-        .bind(due_at)
-        .execute(w.sql())
-        .await
-        .expect("insert");
+        w.writer
+            .execute(
+                "INSERT INTO rebill_orders (orderno, tax_num, next_attempt_at) VALUES ($1, $2, $3)",
+                &[
+                    Arg::Text(format!("STUCK-{i}")),
+                    Arg::Text(TAX.into()),
+                    Arg::Int(due_at),
+                ],
+            )
+            .await;
     }
-    let mut writer = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(&w.config.database.path)
-        .busy_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .expect("writer connection");
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut writer)
-        .await
-        .expect("BEGIN EXCLUSIVE");
+    let lock = WriteLock::take(&w).await;
     let locked_at = Instant::now();
 
     // A loop whose heartbeat is older than max(WATCHDOG_USEC, 5 s) is stuck: the pings stop.
@@ -166,23 +167,22 @@ async fn watchdog_pings_stop_while_a_claim_is_stuck_and_resume_after() {
         l.starts_with("STATUS=stuck") && l.contains("loop has not ticked")
     });
 
-    sqlx::query("COMMIT")
-        .execute(&mut writer)
-        .await
-        .expect("COMMIT");
+    lock.release().await;
     manager.pump();
     let released = manager.seen.len();
     manager.wait_for(released, Duration::from_secs(3), "pings to resume", |l| {
         l == "WATCHDOG=1"
     });
-    let ids: Vec<i64> =
-        sqlx::query_as::<_, (i64,)>("SELECT id FROM rebill_orders WHERE orderno LIKE 'STUCK-%'")
-            .fetch_all(w.sql())
-            .await
-            .expect("ids")
-            .into_iter()
-            .map(|(id,)| id)
-            .collect();
+    let ids: Vec<i64> = w
+        .writer
+        .rows::<(i64,)>(
+            "SELECT id FROM rebill_orders WHERE orderno LIKE 'STUCK-%'",
+            &[],
+        )
+        .await
+        .into_iter()
+        .map(|(id,)| id)
+        .collect();
     assert_eq!(ids.len(), 3);
     wait_done(&w, &ids, Duration::from_secs(20)).await;
     manager.wait_for(

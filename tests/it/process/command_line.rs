@@ -2,6 +2,13 @@
 
 use super::*;
 
+on_both_backends!(
+    status_and_list_show_the_rows_by_state,
+    retry_and_cancel_change_only_rows_they_may,
+    pause_and_resume_a_seller,
+    enqueue_is_idempotent_and_refusals_are_usage_errors,
+);
+
 /// A world with its config written; the config's path as a string, for `--config`.
 fn world_config(world: &World) -> String {
     world.write_config().to_string_lossy().into_owned()
@@ -22,17 +29,20 @@ async fn operator_rows(world: &World, cfg: &str) -> OperatorRows {
     let failed = world.insert_rebill("LIST-FAIL-1", TAX).await;
     let failed2 = world.insert_rebill("LIST-FAIL-2", TAX).await;
     let pending = world.insert_rebill("LIST-PEND-1", TAX).await;
-    sqlx::query("UPDATE rebill_orders SET status = 'done', outcome = 'accepted', attempts = 1, finished_at = updated_at WHERE id = ?1")
-        .bind(done)
-        .execute(world.sql())
-        .await
-        .expect("mark done");
-    sqlx::query("UPDATE rebill_orders SET status = 'failed', attempts = 50, finished_at = updated_at WHERE id IN (?1, ?2)")
-        .bind(failed)
-        .bind(failed2)
-        .execute(world.sql())
-        .await
-        .expect("mark failed");
+    world
+        .writer
+        .execute(
+            "UPDATE rebill_orders SET status = 'done', outcome = 'accepted', attempts = 1, finished_at = updated_at WHERE id = $1",
+            &[Arg::Int(done)],
+        )
+        .await;
+    world
+        .writer
+        .execute(
+            "UPDATE rebill_orders SET status = 'failed', attempts = 50, finished_at = updated_at WHERE id IN ($1, $2)",
+            &[Arg::Int(failed), Arg::Int(failed2)],
+        )
+        .await;
     OperatorRows {
         done,
         failed,
@@ -256,9 +266,10 @@ async fn migrate_creates_the_database_and_its_directory_0600() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_and_list_show_the_rows_by_state() {
-    let world = World::new().await;
+async fn status_and_list_show_the_rows_by_state(backend: Backend) {
+    let Some(world) = World::on(backend).await else {
+        return;
+    };
     let dir = world.dir();
     let cfg = world_config(&world);
     operator_rows(&world, &cfg).await;
@@ -316,9 +327,10 @@ async fn status_and_list_show_the_rows_by_state() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_and_cancel_change_only_rows_they_may() {
-    let world = World::new().await;
+async fn retry_and_cancel_change_only_rows_they_may(backend: Backend) {
+    let Some(world) = World::on(backend).await else {
+        return;
+    };
     let dir = world.dir();
     let cfg = world_config(&world);
     let OperatorRows {
@@ -374,9 +386,10 @@ async fn retry_and_cancel_change_only_rows_they_may() {
     assert_eq!(world.status_of("rebill_orders", done_id).await, "done");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_and_resume_a_seller() {
-    let world = World::new().await;
+async fn pause_and_resume_a_seller(backend: Backend) {
+    let Some(world) = World::on(backend).await else {
+        return;
+    };
     let dir = world.dir();
     let cfg = world_config(&world);
     cli_code(dir, &["migrate", "--config", &cfg], 0, "migrate");
@@ -424,9 +437,10 @@ async fn pause_and_resume_a_seller() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enqueue_is_idempotent_and_refusals_are_usage_errors() {
-    let world = World::new().await;
+async fn enqueue_is_idempotent_and_refusals_are_usage_errors(backend: Backend) {
+    let Some(world) = World::on(backend).await else {
+        return;
+    };
     let dir = world.dir();
     let cfg = world_config(&world);
 

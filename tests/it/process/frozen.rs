@@ -2,47 +2,68 @@
 
 use super::*;
 
-/// Stops `daemon` (SIGSTOP) at a moment it holds no SQLite write lock: a process frozen
-/// inside a write transaction blocks every writer until it resumes (or the systemd
-/// watchdog kills it), which is SQLite's locking, not what this test is about.
-async fn freeze_outside_a_write(daemon: &Daemon, db: &Path) {
+on_both_backends!(a_frozen_daemon_that_wakes_up_sends_no_row_it_lost);
+
+/// Whether the frozen daemon holds no write lock: SQLite's write lock is free, or no
+/// connection on the PostgreSQL database is inside a transaction (whose row locks the
+/// other daemon's rescue would skip).
+async fn holds_no_lock(world: &World) -> bool {
     use sqlx::{ConnectOptions, Connection};
+    if world.database.as_sqlite().is_none() {
+        return world
+            .count(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND backend_type = 'client backend' AND pid <> pg_backend_pid() \
+                 AND xact_start IS NOT NULL",
+            )
+            .await
+            == 0;
+    }
+    let mut probe = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&world.config.database.path)
+        .busy_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .expect("probe connection");
+    let free = sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut probe)
+        .await
+        .is_ok();
+    if free {
+        sqlx::query("ROLLBACK")
+            .execute(&mut probe)
+            .await
+            .expect("rollback");
+    }
+    probe.close().await.expect("close probe");
+    free
+}
+
+/// Stops `daemon` (SIGSTOP) at a moment it holds no write lock: a process frozen inside a
+/// write transaction blocks the rows (PostgreSQL) or the whole file (SQLite) until it
+/// resumes or the systemd watchdog kills it, which is the database's locking, not what this
+/// test is about.
+async fn freeze_outside_a_write(daemon: &Daemon, world: &World) {
     for _ in 0..50 {
         daemon.signal(Signal::SIGSTOP);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let mut probe = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(db)
-            .busy_timeout(Duration::from_millis(300))
-            .connect()
-            .await
-            .expect("probe connection");
-        let free = sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut probe)
-            .await
-            .is_ok();
-        if free {
-            sqlx::query("ROLLBACK")
-                .execute(&mut probe)
-                .await
-                .expect("rollback");
-        }
-        probe.close().await.expect("close probe");
-        if free {
+        if holds_no_lock(world).await {
             return;
         }
         daemon.signal(Signal::SIGCONT);
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    panic!("the daemon always held the write lock when frozen");
+    panic!("the daemon always held a write lock when frozen");
 }
 
 /// A daemon frozen (SIGSTOP) past its lease while rows it claimed wait for the rate limit,
 /// then thawed (SIGCONT) after another daemon took those rows over, sends none of them:
 /// it checks its lease right before sending.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_daemon_that_wakes_up_sends_no_row_it_lost() {
+async fn a_frozen_daemon_that_wakes_up_sends_no_row_it_lost(backend: Backend) {
     const ROWS: usize = 6;
-    let world = World::new().await;
+    let Some(world) = World::on(backend).await else {
+        return;
+    };
     let ordernos: Vec<String> = (0..ROWS).map(|i| format!("FROZEN-{i}")).collect();
     insert_many(&world, &ordernos, TAX).await;
     let lease = ("lease = \"3000ms\"", "lease = \"1s\"");
@@ -66,7 +87,7 @@ async fn a_frozen_daemon_that_wakes_up_sends_no_row_it_lost() {
         rebill_count(&world, "done").await >= 1
     })
     .await;
-    freeze_outside_a_write(&frozen, &world.config.database.path).await;
+    freeze_outside_a_write(&frozen, &world).await;
     let sent_before = world.sim.rebill_requests().len();
     // Past the lease, another daemon rescues the rows and sends them.
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -9,7 +9,9 @@ use std::process::{Child, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{config_toml, scrubbed_binary, wait_until, Arg, Backend, Daemon, World, TAX};
+use crate::common::{
+    config_toml, database_line, scrubbed_binary, wait_until, Arg, Backend, Daemon, World, TAX,
+};
 use invoice_worker::sim::{RebillBehavior, SimOptions, TitleBehavior};
 use nix::sys::signal::Signal;
 

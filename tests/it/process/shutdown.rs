@@ -6,6 +6,8 @@ use super::*;
 on_both_backends!(
     sigterm_lets_calls_in_flight_finish_within_grace,
     sigterm_past_grace_returns_rows_to_pending_with_attempt_refunded,
+    sigint_stops_an_idle_daemon_whose_queues_lack_credentials,
+    sigterm_starts_no_new_calls_for_rows_waiting_on_the_rate_limit,
 );
 
 async fn sigterm_lets_calls_in_flight_finish_within_grace(backend: Backend) {
@@ -139,9 +141,10 @@ async fn sigterm_past_grace_returns_rows_to_pending_with_attempt_refunded(backen
     eprintln!("SIGTERM past grace: exit 0 after {took:?}; 3 rows back to pending, attempts 0");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigint_stops_an_idle_daemon_whose_queues_lack_credentials() {
-    let world = World::new().await;
+async fn sigint_stops_an_idle_daemon_whose_queues_lack_credentials(backend: Backend) {
+    let Some(world) = World::on(backend).await else {
+        return;
+    };
     let dir = world.dir();
     // No credentials at all (and none from the environment, which `Daemon` scrubs): both
     // queues are disabled with a log line; the daemon still runs.
@@ -149,8 +152,8 @@ async fn sigint_stops_an_idle_daemon_whose_queues_lack_credentials() {
     std::fs::write(
         &config,
         format!(
-            "[database]\npath = \"{}\"\n[worker]\npoll_interval = \"20ms\"\n[housekeeping]\nenabled = false\n",
-            world.config.database.path.display()
+            "[database]\n{}\n[worker]\npoll_interval = \"20ms\"\n[housekeeping]\nenabled = false\n",
+            database_line(&world.config)
         ),
     )
     .expect("write config");
@@ -187,10 +190,11 @@ async fn sigint_stops_an_idle_daemon_whose_queues_lack_credentials() {
     assert!(world.sim.rebill_requests().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_starts_no_new_calls_for_rows_waiting_on_the_rate_limit() {
+async fn sigterm_starts_no_new_calls_for_rows_waiting_on_the_rate_limit(backend: Backend) {
     const ROWS: usize = 8;
-    let world = World::new().await;
+    let Some(world) = World::on(backend).await else {
+        return;
+    };
     // One request per second: the 8 claimed rows queue up behind the limiter.
     let config = write_toml(
         &world,
