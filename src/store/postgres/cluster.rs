@@ -208,6 +208,31 @@ impl ScratchCluster {
         self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"])
     }
 
+    /// Turns TLS on with this certificate chain and key (PEM) and restarts the server:
+    /// for the tests of `sslmode`. Clients may then connect with or without TLS.
+    pub fn enable_tls(&self, cert_chain_pem: &str, key_pem: &str) -> Result<(), ClusterError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let cert = self.data.join("server.crt");
+        let key = self.data.join("server.key");
+        std::fs::write(&cert, cert_chain_pem)?;
+        std::fs::write(&key, key_pem)?;
+        // The server refuses a key file others can read.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+        if self.as_postgres {
+            chown_to_postgres(&cert)?;
+            chown_to_postgres(&key)?;
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data.join("postgresql.conf"))?;
+        writeln!(
+            conf,
+            "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+        )?;
+        self.restart()
+    }
+
     /// Starts a stopped server again on the same port.
     pub fn start_again(&self) -> Result<(), ClusterError> {
         self.pg_ctl_start()

@@ -249,3 +249,123 @@ async fn the_sandbox_runs_on_postgresql_and_refuses_a_used_database() {
         text(&again.stderr)
     );
 }
+
+/// A CA and a server certificate it signed for `localhost` and 127.0.0.1: (CA PEM, server
+/// chain PEM, server key PEM).
+fn test_certificates() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "invoice-worker test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let server_key = KeyPair::generate().expect("server key");
+    let mut server_params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("server params");
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let server = server_params
+        .signed_by(&server_key, &ca, &ca_key)
+        .expect("server certificate");
+    (ca.pem(), server.pem(), server_key.serialize_pem())
+}
+
+/// TLS through `sslmode` in the URL, with rustls: `verify-full` against the operator's CA
+/// works, and every connection the daemon opens is encrypted; a server whose certificate
+/// no trusted root signed, or a server without TLS where TLS is required, is refused at
+/// start with `[database] url` named and no password shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_through_sslmode_is_verified_and_used_by_every_connection() {
+    let Some(shared) = shared_cluster() else {
+        return;
+    };
+    let own = tokio::task::spawn_blocking(ScratchCluster::start)
+        .await
+        .expect("start task")
+        .expect("a throwaway server of this test's own");
+    let (ca_pem, chain_pem, key_pem) = test_certificates();
+    own.enable_tls(&chain_pem, &key_pem).expect("TLS on");
+    let url = own.create_database().await.expect("database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &ca_pem).expect("CA file");
+    let verified = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        url.replace("@127.0.0.1:", "@localhost:"),
+        ca.display()
+    );
+    let queues_off = "[rebill]\nenabled = false\n[title]\nenabled = false\n";
+    let good = write_cfg(
+        dir,
+        "tls.toml",
+        &format!("[database]\nurl = \"{verified}\"\n{queues_off}"),
+    );
+    expect_code(
+        &cli(dir, &["migrate", "--config", &good]),
+        0,
+        "migrate over verified TLS",
+    );
+    let mut daemon = Daemon::start(Path::new(&good), dir.join("tls.log"));
+    daemon.wait_running().await;
+    let mut watcher = {
+        use sqlx::Connection as _;
+        sqlx::PgConnection::connect(&url)
+            .await
+            .expect("a connection to look with")
+    };
+    let (plain, encrypted): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*) FILTER (WHERE NOT s.ssl), COUNT(*) FILTER (WHERE s.ssl) \
+         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.datname = current_database() AND a.backend_type = 'client backend' \
+         AND a.pid <> pg_backend_pid()",
+    )
+    .fetch_one(&mut watcher)
+    .await
+    .expect("pg_stat_ssl");
+    let log = daemon.stop(Duration::from_secs(10), "daemon over TLS");
+    assert!(
+        encrypted >= 1 && plain == 0,
+        "the daemon's connections: {encrypted} over TLS, {plain} in the clear; log:\n{log}"
+    );
+
+    // A server certificate no trusted root signed (the system's roots, not the test CA).
+    let untrusted = write_cfg(
+        dir,
+        "untrusted.toml",
+        &format!(
+            "[database]\nurl = \"{}\"\n{queues_off}",
+            url.replace("@127.0.0.1:", "@localhost:") + "?sslmode=verify-full"
+        ),
+    );
+    // A server without TLS where TLS is required.
+    let no_tls_url = shared.create_database().await.expect("database") + "?sslmode=require";
+    let required = write_cfg(
+        dir,
+        "required.toml",
+        &format!("[database]\nurl = \"{no_tls_url}\"\n{queues_off}"),
+    );
+    for (cfg, what, reason) in [
+        (
+            &untrusted,
+            "an untrusted server certificate",
+            "invalid peer certificate",
+        ),
+        (
+            &required,
+            "TLS required of a server without it",
+            "server does not support TLS",
+        ),
+    ] {
+        let out = cli(dir, &["migrate", "--config", cfg]);
+        let err = text(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{what}: accepted\n{err}");
+        assert!(err.contains("[database] url"), "{what}: {err}");
+        assert!(err.contains(reason), "{what}: {err}");
+        assert!(!err.contains(SUPERUSER_PASSWORD), "{what}: {err}");
+    }
+}
