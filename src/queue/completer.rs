@@ -16,6 +16,10 @@ use crate::store::{Database, QueueName, StoreError};
 /// Most completions written in one transaction.
 const MAX_BATCH: usize = 512;
 
+/// A batch smaller than this waits the store's
+/// [`completion_linger`](Database::completion_linger) for more results before it is written.
+const LINGER_BELOW: usize = 32;
+
 /// A finished attempt's result on its way to the database, with what must last until it
 /// is written: the row's hold (so that its lease is still renewed) and, for a result that
 /// starts a pause, the closed [`PauseGate`](super::pause_gate::PauseGate). Both are let go
@@ -52,7 +56,8 @@ pub async fn run(
     health: WriteHealth,
 ) {
     let mut finished = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut finished, MAX_BATCH).await > 0 {
+    let linger = store.completion_linger();
+    while next_batch(&mut rx, &mut finished, linger).await > 0 {
         // Dropped at the end of this round, once the batch is written.
         let (batch, _kept): (Vec<Completion>, Vec<_>) = finished
             .drain(..)
@@ -97,6 +102,29 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Waits for the next results and returns how many there are (0 once every sender is
+/// gone). A batch smaller than [`LINGER_BELOW`] waits `linger` for more, so that a busy
+/// queue writes fewer, larger batches.
+async fn next_batch(
+    rx: &mut mpsc::Receiver<Finished>,
+    finished: &mut Vec<Finished>,
+    linger: Duration,
+) -> usize {
+    if rx.recv_many(finished, MAX_BATCH).await == 0 {
+        return 0;
+    }
+    if finished.len() < LINGER_BELOW && !linger.is_zero() {
+        tokio::time::sleep(linger).await;
+        while finished.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(f) => finished.push(f),
+                Err(_) => break,
+            }
+        }
+    }
+    finished.len()
 }
 
 async fn one_by_one(store: &Database, queue: QueueName, batch: &[Completion]) {
@@ -193,5 +221,52 @@ mod tests {
             .unwrap_or("")
             .contains("could not be recorded"));
         assert_eq!((rows[1].0.as_str(), rows[1].1.as_str()), ("good", "done"));
+    }
+
+    /// Sends one result at once and one `after` later; returns the first batch's size.
+    async fn first_batch(linger: Duration, after: Duration) -> usize {
+        let (tx, mut rx) = mpsc::channel(8);
+        tx.send(accepted(1, "tok", 0).into()).await.unwrap();
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            tx.send(accepted(2, "tok", 0).into()).await.unwrap();
+        });
+        let mut finished = Vec::new();
+        let n = next_batch(&mut rx, &mut finished, linger).await;
+        assert_eq!(n, finished.len());
+        later.await.unwrap();
+        n
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_small_batch_waits_the_linger_for_the_next_results() {
+        let linger = Duration::from_millis(2);
+        assert_eq!(first_batch(linger, Duration::from_millis(1)).await, 2);
+        // One that comes after the linger goes in the next batch.
+        assert_eq!(first_batch(linger, Duration::from_millis(5)).await, 1);
+        // No linger (SQLite): written at once.
+        assert_eq!(
+            first_batch(Duration::ZERO, Duration::from_millis(1)).await,
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_does_not_wait() {
+        let (tx, mut rx) = mpsc::channel(LINGER_BELOW + 1);
+        for id in 0..LINGER_BELOW as i64 {
+            tx.send(accepted(id, "tok", 0).into()).await.unwrap();
+        }
+        let mut finished = Vec::new();
+        let started = tokio::time::Instant::now();
+        let n = next_batch(&mut rx, &mut finished, Duration::from_secs(60)).await;
+        assert_eq!(n, LINGER_BELOW);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        drop(tx);
+        finished.clear();
+        assert_eq!(
+            next_batch(&mut rx, &mut finished, Duration::from_secs(60)).await,
+            0
+        );
     }
 }

@@ -105,6 +105,17 @@ impl Database {
         })
     }
 
+    /// How long a small batch of results may wait for more before it is written. Every
+    /// write to PostgreSQL is a round trip to a server that other daemons share, so a busy
+    /// queue's writes are worth gathering (two daemons went from 0.94× to 1.13× one in the
+    /// bench); a SQLite write is local and is not held back.
+    pub fn completion_linger(&self) -> Duration {
+        match self {
+            Database::Sqlite(_) => Duration::ZERO,
+            Database::Postgres(_) => Duration::from_millis(2),
+        }
+    }
+
     /// Which backend this is (`sqlite`, `postgres`), for logs and metrics.
     pub fn backend(&self) -> &'static str {
         match self {
