@@ -293,22 +293,22 @@ pub enum Writer {
     Postgres(PgPool),
 }
 
-/// `query` with `args` bound in order, for either backend.
-fn bound<'q, DB: sqlx::Database>(
-    mut query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
-    args: &[Arg],
-) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+/// `args` in order as either backend's query arguments.
+fn arguments<'q, DB: sqlx::Database>(args: &[Arg]) -> <DB as sqlx::Database>::Arguments<'q>
 where
     String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
 {
+    use sqlx::Arguments as _;
+    let mut bound = <DB as sqlx::Database>::Arguments::<'q>::default();
     for arg in args {
-        query = match arg.clone() {
-            Arg::Text(text) => query.bind(text),
-            Arg::Int(n) => query.bind(n),
-        };
+        match arg.clone() {
+            Arg::Text(text) => bound.add(text),
+            Arg::Int(n) => bound.add(n),
+        }
+        .expect("a text or integer argument encodes");
     }
-    query
+    bound
 }
 
 impl Writer {
@@ -322,11 +322,11 @@ impl Writer {
     /// Runs one statement; rows affected, or the database's error.
     pub async fn try_execute(&self, sql: &str, args: &[Arg]) -> Result<u64, sqlx::Error> {
         match self {
-            Writer::Sqlite(pool) => bound(sqlx::query(sql), args)
+            Writer::Sqlite(pool) => sqlx::query_with(sql, arguments::<sqlx::Sqlite>(args))
                 .execute(pool)
                 .await
                 .map(|r| r.rows_affected()),
-            Writer::Postgres(pool) => bound(sqlx::query(sql), args)
+            Writer::Postgres(pool) => sqlx::query_with(sql, arguments::<sqlx::Postgres>(args))
                 .execute(pool)
                 .await
                 .map(|r| r.rows_affected()),
@@ -349,24 +349,14 @@ impl Writer {
     {
         match self {
             Writer::Sqlite(pool) => {
-                let mut query = sqlx::query_as::<_, T>(sql);
-                for arg in args {
-                    query = match arg.clone() {
-                        Arg::Text(text) => query.bind(text),
-                        Arg::Int(n) => query.bind(n),
-                    };
-                }
-                query.fetch_all(pool).await
+                sqlx::query_as_with::<_, T, _>(sql, arguments::<sqlx::Sqlite>(args))
+                    .fetch_all(pool)
+                    .await
             }
             Writer::Postgres(pool) => {
-                let mut query = sqlx::query_as::<_, T>(sql);
-                for arg in args {
-                    query = match arg.clone() {
-                        Arg::Text(text) => query.bind(text),
-                        Arg::Int(n) => query.bind(n),
-                    };
-                }
-                query.fetch_all(pool).await
+                sqlx::query_as_with::<_, T, _>(sql, arguments::<sqlx::Postgres>(args))
+                    .fetch_all(pool)
+                    .await
             }
         }
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
