@@ -462,6 +462,56 @@ async fn a_paused_seller_is_skipped_and_probed_once<S: QueueStore + Raw>(s: S) {
     );
 }
 
+/// The plan the worker uses, at `now`.
+fn real_plan(now: i64) -> impl FnOnce(&[super::pauses::PauseView]) -> ClaimPlan + Send {
+    move |views| crate::queue::pauses::claim_plan(views, now)
+}
+
+/// More ended seller pauses than one claim looks at: each seller sends one probe at most,
+/// never its other rows, and the sellers not paused flow.
+async fn an_ended_pause_lets_one_row_through_however_many_ended<S: QueueStore + Raw>(s: S) {
+    const PAUSED: usize = 20;
+    for k in 0..PAUSED {
+        let seller = format!("9131011756805{k:04}X");
+        insert(&s, &format!("E-{k}-a"), &seller).await;
+        insert(&s, &format!("E-{k}-b"), &seller).await;
+        s.exec(&format!(
+            "INSERT INTO pauses (queue, scope, until_at, reason, created_at) \
+             VALUES ('rebill', '{seller}', 0, 'quota', 0)"
+        ))
+        .await
+        .unwrap();
+    }
+    let free = insert(&s, "E-free", OTHER).await;
+    let now = now_ms();
+    let first = claim_with(&s, now, 64, LEASE, "t1", real_plan(now)).await;
+    let per_seller = "SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM rebill_orders \
+                      WHERE status = 'running' GROUP BY tax_num) x";
+    assert_eq!(s.number(per_seller).await, Some(1), "one row per seller");
+    assert!(first.rows.iter().any(|r| r.meta.id == free));
+    assert!(
+        first.rows.len() < PAUSED + 1,
+        "a claim looks at fewer ended pauses than there are: {}",
+        first.rows.len()
+    );
+    // Later claims probe the pauses the first did not see, still one row each.
+    let now = now_ms();
+    claim_with(&s, now, 64, LEASE, "t2", real_plan(now)).await;
+    assert_eq!(
+        s.number(per_seller).await,
+        Some(1),
+        "still one row per seller"
+    );
+    let running = "SELECT COUNT(*) FROM rebill_orders WHERE status = 'running'";
+    assert_eq!(
+        s.number(running).await,
+        Some(PAUSED as i64 + 1),
+        "every seller probed"
+    );
+    let probing = "SELECT COUNT(*) FROM pauses WHERE probe_row_id IS NOT NULL";
+    assert_eq!(s.number(probing).await, Some(PAUSED as i64));
+}
+
 async fn title_rows_claim_and_keep_their_serial<S: QueueStore + Raw>(s: S) {
     let mut t = NewTitle::default();
     t.fields.order_no = "T-1".into();
@@ -1068,6 +1118,7 @@ on_both_backends!(
     renewed_leases_outlive_their_first_end,
     a_release_gives_the_attempt_back,
     a_paused_seller_is_skipped_and_probed_once,
+    an_ended_pause_lets_one_row_through_however_many_ended,
     title_rows_claim_and_keep_their_serial,
     the_tables_refuse_what_the_worker_could_not_send,
     a_deleted_row_takes_its_history_along,
@@ -1247,6 +1298,37 @@ mod postgres_only {
             "claimed {claimed}, distinct {}",
             all.len()
         );
+        s.close().await;
+    }
+
+    /// While another daemon's claim holds an ended pause (it is claiming the probe, not yet
+    /// committed), a claim skips the pause and must leave its seller's rows alone too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pause_locked_by_another_claim_keeps_its_seller_out() {
+        let Some(cluster) = cluster::shared() else {
+            return;
+        };
+        let s = cluster.scratch_store().await.unwrap();
+        insert(&s, "L-1", SELLER).await;
+        insert(&s, "L-2", SELLER).await;
+        let free = insert(&s, "L-3", OTHER).await;
+        s.exec(&format!("INSERT INTO pauses (queue, scope, until_at, reason, created_at) VALUES ('rebill', '{SELLER}', 0, 'quota', 0)"))
+            .await
+            .unwrap();
+        let mut other = s.pool().begin().await.unwrap();
+        sqlx::query("SELECT scope FROM pauses FOR UPDATE")
+            .execute(&mut *other)
+            .await
+            .unwrap();
+        let now = now_ms();
+        let batch = claim_with(&s, now, 8, LEASE, "t", real_plan(now)).await;
+        let got: Vec<i64> = batch.rows.iter().map(|r| r.meta.id).collect();
+        assert_eq!(got, [free], "only the seller that is not paused");
+        other.rollback().await.unwrap();
+        // Once the lock is gone, the next claim sends the probe: one row.
+        let now = now_ms();
+        let probe = claim_with(&s, now, 8, LEASE, "t2", real_plan(now)).await;
+        assert_eq!(probe.rows.len(), 1, "{:?}", probe.rows);
         s.close().await;
     }
 

@@ -100,8 +100,11 @@ impl QueueSql {
             claim: claim_update(
                 queue,
                 &format!(
-                    "AND {seller} NOT IN (SELECT p.scope FROM pauses p WHERE p.queue = $6 AND p.scope <> '*' \
-                     AND (p.until_at > $4 OR {probing_p}))"
+                    // Every seller with a pause row is left out, ended ones too: an ended
+                    // pause lets one probe through (claimed apart, under the pause's lock),
+                    // never the seller's other rows, whether or not this claim saw the
+                    // pause or could lock it.
+                    "AND {seller} NOT IN (SELECT p.scope FROM pauses p WHERE p.queue = $6 AND p.scope <> '*')"
                 ),
             ),
             claim_seller: claim_update(queue, &format!("AND {seller} = $6")),
