@@ -17,6 +17,8 @@ pub struct Clock(Source);
 enum Source {
     /// The system's wall clock: what the database's other writers see too.
     System,
+    /// The system's wall clock off by a fixed number of milliseconds.
+    Skewed(i64),
     /// A time set and advanced by hand.
     Manual(Arc<AtomicI64>),
     /// A wall-clock time taken once, then moved on by tokio's timer clock, which tests can
@@ -31,6 +33,12 @@ impl Clock {
     /// The system's wall clock, for the daemon and the command line.
     pub fn system() -> Clock {
         Clock(Source::System)
+    }
+
+    /// The system's wall clock off by `offset_ms` (ahead when positive): a host whose clock
+    /// is wrong, for showing that the database's clock decides where hosts disagree.
+    pub fn skewed(offset_ms: i64) -> Clock {
+        Clock(Source::Skewed(offset_ms))
     }
 
     /// A clock standing at `at_ms` until [`Clock::advance`] or [`Clock::set`] moves it.
@@ -51,6 +59,7 @@ impl Clock {
     pub fn now_ms(&self) -> i64 {
         match &self.0 {
             Source::System => system_now_ms(),
+            Source::Skewed(offset) => system_now_ms().saturating_add(*offset),
             Source::Manual(at) => at.load(Ordering::Relaxed),
             Source::Tokio { start_ms, start } => {
                 start_ms + start.elapsed().as_millis().min(i64::MAX as u128) as i64
@@ -100,6 +109,14 @@ pub fn system_now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_skewed_clock_keeps_its_offset_from_the_system() {
+        let before = system_now_ms();
+        let behind = Clock::skewed(-3_600_000).now_ms();
+        let after = system_now_ms();
+        assert!((before - 3_600_000..=after - 3_600_000).contains(&behind));
+    }
 
     #[test]
     fn a_manual_clock_moves_only_when_told() {

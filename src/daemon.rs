@@ -168,10 +168,20 @@ pub async fn run_with_store(
     store: Database,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let instance = instance_name();
     // Leases, due times and backoff are judged by the wall clock, as the other writers'
-    // rows are stamped.
-    let clock = Clock::system();
+    // rows are stamped (on PostgreSQL the store moves them to the database's clock).
+    run_on_clock(config, store, shutdown, Clock::system()).await
+}
+
+/// Like [`run_with_store`], with the host's time read from `clock` (a skewed one shows
+/// that a host's wrong clock changes nothing on PostgreSQL).
+pub async fn run_on_clock(
+    config: &Config,
+    store: Database,
+    shutdown: CancellationToken,
+    clock: Clock,
+) -> anyhow::Result<()> {
+    let instance = instance_name();
     let alert_targets = config.alert_targets()?;
     let store = store
         .with_alerts(!alert_targets.is_empty())

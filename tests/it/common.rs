@@ -178,11 +178,25 @@ impl World {
         self.start_holding(metrics)
     }
 
+    /// Starts the daemon in this process on a host whose clock reads `clock`.
+    pub async fn start_on_clock(&self, clock: invoice_worker::clock::Clock) -> RunningDaemon {
+        let metrics = MetricsTurn::Shared(IN_PROCESS_METRICS.read().await);
+        self.start_holding_on(metrics, clock)
+    }
+
     fn start_holding(&self, metrics: MetricsTurn) -> RunningDaemon {
+        self.start_holding_on(metrics, invoice_worker::clock::Clock::system())
+    }
+
+    fn start_holding_on(
+        &self,
+        metrics: MetricsTurn,
+        clock: invoice_worker::clock::Clock,
+    ) -> RunningDaemon {
         let token = CancellationToken::new();
         let (config, store, stop) = (self.config.clone(), self.database.clone(), token.clone());
         let handle = tokio::spawn(async move {
-            invoice_worker::daemon::run_with_store(&config, store, stop).await
+            invoice_worker::daemon::run_on_clock(&config, store, stop, clock).await
         });
         RunningDaemon {
             token,

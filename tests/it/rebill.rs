@@ -703,3 +703,105 @@ async fn a_paused_sellers_rows_do_not_delay_another_sellers_retry(backend: Backe
         "a 100 ms retry took {took:?} while another seller was paused"
     );
 }
+
+/// Hosts disagree about the time; on PostgreSQL the database's clock decides. A daemon an
+/// hour behind and one an hour ahead each drain the queue as one on time would: rows
+/// inserted now are due at once, a Retry-After of one second waits one second (not none,
+/// not an hour), every time written is the database's, and another host's lease is not cut
+/// short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_clock_an_hour_off_changes_nothing_on_postgresql() {
+    let Some(w) = World::on(Backend::Postgres).await else {
+        return;
+    };
+    const HOUR: i64 = 3_600_000;
+    for (offset, name) in [(-HOUR, "behind"), (HOUR, "ahead")] {
+        // Another host's row under a 60 s lease, claimed before the others are inserted.
+        let held = w.insert_rebill(&format!("HELD-{name}"), TAX).await;
+        let token = format!("held-{name}");
+        let claimed = w
+            .claim_rebill_as(now_ms(), Duration::from_secs(60), &token, "other-host")
+            .await;
+        assert_eq!(claimed.rows.len(), 1);
+        let busy = format!("BUSY-{name}");
+        w.sim.script_rebill(
+            &busy,
+            vec![
+                RebillBehavior::TooMany {
+                    retry_after_secs: 1,
+                },
+                RebillBehavior::Accepted,
+            ],
+        );
+        let started = now_ms();
+        let mut ids = vec![w.insert_rebill(&busy, TAX).await];
+        for k in 0..10 {
+            ids.push(w.insert_rebill(&format!("SKEW-{name}-{k}"), TAX).await);
+        }
+        let daemon = w
+            .start_on_clock(invoice_worker::clock::Clock::skewed(offset))
+            .await;
+        wait_final(&w, &ids).await;
+        // The rescuer runs every second here: a host an hour ahead that judged leases by
+        // its own clock would have taken the held row by now.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        daemon.stop().await;
+        let ended = now_ms();
+
+        let sends: Vec<_> = w
+            .sim
+            .rebill_requests()
+            .into_iter()
+            .filter(|r| r.orderno == busy)
+            .collect();
+        assert_eq!(sends.len(), 2, "{name}: the busy row was sent twice");
+        let gap = sends[1].received_at - sends[0].received_at;
+        assert!(
+            gap >= Duration::from_millis(950),
+            "{name}: resent after {gap:?}, before Retry-After"
+        );
+        for id in &ids {
+            let r = row(&w, *id).await;
+            assert_eq!(r.status, "done", "{name}: row {id}");
+            let finished = r.finished_at.expect("finished_at");
+            assert!(
+                (started - 5_000..=ended + 5_000).contains(&finished),
+                "{name}: finished_at {finished} is not the database's time ({started}..{ended})"
+            );
+        }
+        let history: Vec<(i64,)> = w
+            .writer
+            .rows(
+                "SELECT started_at FROM attempt_history WHERE queue = 'rebill' AND row_id = $1 ORDER BY attempt",
+                &[Arg::Int(ids[0])],
+            )
+            .await;
+        let times: Vec<i64> = history.into_iter().map(|(t,)| t).collect();
+        assert_eq!(times.len(), 2, "{name}: both attempts in the history");
+        assert!(
+            times
+                .iter()
+                .all(|t| (started - 5_000..=ended + 5_000).contains(t)),
+            "{name}: attempts recorded at {times:?}, not the database's time ({started}..{ended})"
+        );
+        assert!(
+            times[1] - times[0] >= 950,
+            "{name}: the recorded attempts are {} ms apart",
+            times[1] - times[0]
+        );
+        let r = row(&w, held).await;
+        assert_eq!(
+            (r.status.as_str(), r.attempts),
+            ("running", 1),
+            "{name}: the other host's row is still its own"
+        );
+        let holder: Vec<(Option<String>,)> = w
+            .writer
+            .rows(
+                "SELECT claim_token FROM rebill_orders WHERE id = $1",
+                &[Arg::Int(held)],
+            )
+            .await;
+        assert_eq!(holder[0].0.as_deref(), Some(token.as_str()));
+    }
+}
