@@ -3,7 +3,7 @@
 //! sandbox on a database of the operator's choosing.
 
 use super::*;
-use crate::common::free_port;
+use crate::common::{free_port, WriteLock};
 use invoice_worker::store::postgres::cluster::{self, ScratchCluster, SUPERUSER_PASSWORD};
 
 /// The shared throwaway server, or `None` (a loud skip outside CI) without one.
@@ -14,6 +14,14 @@ fn shared_cluster() -> Option<&'static ScratchCluster> {
 async fn healthz(client: &reqwest::Client, base: &str) -> Option<u16> {
     let response = client.get(format!("{base}/healthz")).send().await.ok()?;
     Some(response.status().as_u16())
+}
+
+/// Waits (up to `limit`) until `/healthz` answers `code`.
+async fn wait_health(client: &reqwest::Client, base: &str, code: u16, limit: Duration, what: &str) {
+    wait_until(limit, what, || async {
+        healthz(client, base).await == Some(code)
+    })
+    .await;
 }
 
 /// The server stopped mid-drain: the daemon says so, `/healthz` answers 503 meanwhile, no
@@ -71,10 +79,12 @@ async fn a_stopped_server_is_reported_and_recovered_from_without_loss() {
         .expect("stop task")
         .expect("pg_ctl stop");
     let stopped = Instant::now();
-    wait_until(
+    wait_health(
+        &client,
+        &base,
+        503,
         Duration::from_secs(30),
         "/healthz to answer 503 while the server is down",
-        || async { healthz(&client, &base).await == Some(503) },
     )
     .await;
     let noticed = stopped.elapsed();
@@ -87,43 +97,180 @@ async fn a_stopped_server_is_reported_and_recovered_from_without_loss() {
         .expect("start task")
         .expect("pg_ctl start");
     let back = Instant::now();
-    wait_done(
+    let log = drain_and_stop(&world, &mut daemon, (&client, &base), ROWS).await;
+    let recovered = back.elapsed();
+    // Said where it happened: the notification connection, and the claims or the results
+    // that could not be written meanwhile. One daemon held every row it had claimed
+    // through the outage: the calls in flight when the server went were answered and their
+    // results written once it was back (the daemon renews its own rows before its rescuer
+    // looks), so no row went out twice.
+    let resent = assert_survived(
         &world,
+        &log,
         ROWS,
-        60,
-        "every row done after the server came back",
+        &[
+            (
+                &["lost the LISTEN connection"],
+                "the lost notification connection",
+            ),
+            (
+                &["claim failed", "cannot write results"],
+                "the failed claims or writes",
+            ),
+        ],
     )
     .await;
-    let recovered = back.elapsed();
+    eprintln!(
+        "PostgreSQL stopped mid-drain: /healthz 503 after {noticed:?}; all {ROWS} rows done and healthy {recovered:?} after it came back; {resent} sent twice"
+    );
+}
+
+/// Connections reset under the daemon mid-drain (every one of its server processes
+/// terminated, several times), then statements cancelled by `statement_timeout` for longer
+/// than the health check allows (another session holds the rebill table): each is logged,
+/// `/healthz` answers 503 while nothing can be claimed or written, the daemon recovers by
+/// itself, no panic, every row done and none sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_resets_and_statement_timeouts_are_logged_and_recovered_from() {
+    const ROWS: usize = 300;
+    let Some(world) = World::on(Backend::Postgres).await else {
+        return;
+    };
+    let port = free_port();
+    let url_line = database_line(&world.config);
+    let config = write_toml(
+        &world,
+        "pg-faults.toml",
+        &[
+            (
+                url_line.as_str(),
+                &format!("{url_line}\nstatement_timeout = \"300ms\""),
+            ),
+            ("rate_per_second = 1000", "rate_per_second = 40"),
+        ],
+        &format!("\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let ordernos: Vec<String> = (0..ROWS).map(|i| format!("PGFAULT-{i:03}")).collect();
+    let mut daemon = start_daemon(&world, &config, "pg-faults.log");
+    daemon.wait_running().await;
+    insert_many(&world, &ordernos, TAX).await;
+    wait_until(Duration::from_secs(30), "a first part drained", || async {
+        rebill_count(&world, "done").await >= 20
+    })
+    .await;
+
+    // Resets: every session of the daemon's (its pool and its LISTEN connection)
+    // terminated, five times.
+    let mut terminated = 0;
+    for _ in 0..5 {
+        let killed: Vec<(i64,)> = world
+            .writer
+            .rows(
+                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND application_name = 'invoice-worker') x",
+                &[],
+            )
+            .await;
+        terminated += killed[0].0;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let done_before = rebill_count(&world, "done").await;
     wait_until(
         Duration::from_secs(20),
-        "/healthz to answer 200 again",
-        || async { healthz(&client, &base).await == Some(200) },
+        "drained on after the resets",
+        || async { rebill_count(&world, "done").await >= done_before + 20 },
     )
     .await;
-    let log = daemon.stop(Duration::from_secs(10), "daemon");
-    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
-    assert!(
-        log.to_ascii_lowercase().contains("database"),
-        "the outage was not logged:\n{log}"
+    assert_eq!(
+        healthz(&client, &base).await,
+        Some(200),
+        "healthy after the resets"
     );
+
+    // Statement timeouts: the table held for longer than the health check's 10 s.
+    let lock = WriteLock::take(&world).await;
+    wait_health(
+        &client,
+        &base,
+        503,
+        Duration::from_secs(20),
+        "/healthz to answer 503 while every claim and write times out",
+    )
+    .await;
+    lock.release().await;
+    let log = drain_and_stop(&world, &mut daemon, (&client, &base), ROWS).await;
+    assert!(
+        terminated >= 5,
+        "only {terminated} sessions were terminated"
+    );
+    let resent = assert_survived(
+        &world,
+        &log,
+        ROWS,
+        &[
+            (
+                &["lost the LISTEN connection"],
+                "the reset notification connection",
+            ),
+            (&["statement timeout"], "the statement timeouts"),
+        ],
+    )
+    .await;
+    eprintln!(
+        "PostgreSQL faults mid-drain: {terminated} sessions terminated, statements timed out past the health limit; all {ROWS} rows done, {resent} sent twice"
+    );
+}
+
+/// After a fault: waits until all `rows` are done and `/healthz` answers 200 again, then
+/// stops the daemon; its log.
+async fn drain_and_stop(
+    world: &World,
+    daemon: &mut Daemon,
+    (client, base): (&reqwest::Client, &str),
+    rows: usize,
+) -> String {
+    wait_done(world, rows, 60, "every row done after the fault").await;
+    wait_health(
+        client,
+        base,
+        200,
+        Duration::from_secs(20),
+        "/healthz to answer 200 again",
+    )
+    .await;
+    daemon.stop(Duration::from_secs(10), "daemon")
+}
+
+/// What a daemon that lived through a fault must show: no panic, each of `logged` (any of
+/// its alternatives) in its log, no password there, all `rows` accepted, none sent twice.
+/// How many were sent twice (0), for the test's report.
+async fn assert_survived(
+    world: &World,
+    log: &str,
+    rows: usize,
+    logged: &[(&[&str], &str)],
+) -> usize {
+    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
+    for (alternatives, what) in logged {
+        assert!(
+            alternatives.iter().any(|a| log.contains(a)),
+            "{what} was not logged:\n{log}"
+        );
+    }
     assert!(
         !log.contains(SUPERUSER_PASSWORD),
         "the password reached the log"
     );
-    assert_all_accepted(&world, ROWS, &["Accepted"]).await;
-    // One daemon held every row it had claimed through the outage: the calls in flight
-    // when the server went were answered and their results written once it was back (the
-    // daemon renews its own rows before its rescuer looks), so no row went out twice.
-    let twice: Vec<_> = verified_counts(&world)
+    assert_all_accepted(world, rows, &["Accepted"]).await;
+    let twice: Vec<_> = verified_counts(world)
         .into_iter()
         .filter(|(_, n)| *n > 1)
         .collect();
-    let resent = twice.len();
     assert!(twice.is_empty(), "rows sent more than once: {twice:?}");
-    eprintln!(
-        "PostgreSQL stopped mid-drain: /healthz 503 after {noticed:?}; all {ROWS} rows done {recovered:?} after it came back; {resent} sent twice"
-    );
+    twice.len()
 }
 
 /// A wrong password: `run` exits 2 at once, naming `[database] url`, and neither the
