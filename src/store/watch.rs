@@ -256,9 +256,12 @@ impl Expectation {
         }
     }
 
-    /// Another write arrived: expect its commit for the whole window again.
+    /// Another write arrived: its commit is the one expected now, from the first quick
+    /// look on and for the whole window. (Keeping the earlier write's long gaps made a
+    /// commit that became visible just after the look at its write wait for a look up to
+    /// half a second later: 130–200 ms pickups while idle.)
     fn written(&mut self, now: tokio::time::Instant) {
-        self.until = now + EXPECT_FOR;
+        *self = Expectation::new(now);
     }
 
     /// A look found nothing at `now`: schedules the next one; false when it is time to stop
@@ -424,6 +427,29 @@ mod tests {
         expectation.written(late);
         assert!(expectation.looked(start + EXPECT_FOR + Duration::from_millis(1)));
         assert!(!expectation.looked(late + EXPECT_FOR));
+    }
+
+    #[test]
+    fn another_write_starts_the_quick_looks_again() {
+        let start = tokio::time::Instant::now();
+        let mut expectation = Expectation::new(start);
+        let mut now = start;
+        // Long after the first write, the looks are far apart.
+        while now < start + Duration::from_millis(400) {
+            assert!(expectation.looked(now));
+            now = expectation.next_look;
+        }
+        assert!(
+            expectation.gap >= Duration::from_millis(100),
+            "{:?}",
+            expectation.gap
+        );
+        // A new write: it is looked at once, and a look that misses its commit is followed
+        // by another within milliseconds, not after the old gap.
+        expectation.written(now);
+        assert_eq!(expectation.next_look, now);
+        assert!(expectation.looked(now));
+        assert!(expectation.next_look - now <= Duration::from_millis(1));
     }
 
     #[tokio::test]
