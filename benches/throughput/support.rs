@@ -289,7 +289,7 @@ pub fn binary_path() -> Option<PathBuf> {
 fn config_toml(c: &Config, opts: &SimOptions) -> String {
     format!(
         r#"[database]
-path = "{db}"
+{db}
 
 [worker]
 poll_interval = "{poll}ms"
@@ -308,7 +308,10 @@ sqm = "TEST-SQM"
 [log]
 level = "info"
 "#,
-        db = c.database.path.display(),
+        db = match &c.database.url {
+            Some(url) => format!("url = \"{url}\""),
+            None => format!("path = \"{}\"", c.database.path.display()),
+        },
         poll = c.worker.poll_interval.as_millis(),
         endpoint = c.rebill.endpoint,
         appid = opts.rebill_appid,
