@@ -182,14 +182,37 @@ fn report_lost(queue: QueueName, batch: &[Completion], applied: &[bool]) {
 mod tests {
     use super::*;
     use crate::store::now_ms;
-    use crate::store::test_support::{accepted, claim_rebill, insert_due, temp_store};
+    use crate::store::test_support::{accepted, temp_store};
 
-    #[tokio::test]
-    async fn a_refused_result_is_recorded_as_failed_and_the_rest_still_land() {
-        let (_d, store) = temp_store().await;
-        insert_due(&store, &["bad", "good"]).await;
+    /// A batch holding a result the table refuses (on PostgreSQL that aborts the whole
+    /// statement): the refused row is recorded as `failed` with the reason, the others land.
+    async fn a_refused_result_is_recorded_as_failed_and_the_rest_still_land(store: Database) {
+        use crate::store::admin::NewRebill;
+        use crate::store::claim::ClaimParams;
+        use crate::store::pauses::ClaimPlan;
+        use crate::store::rows::RebillRow;
+        for orderno in ["bad", "good"] {
+            let job = NewRebill {
+                orderno: orderno.into(),
+                tax_num: "91310117568051222X".into(),
+                max_attempts: None,
+                not_before: Some(0),
+            };
+            store.enqueue_rebill(&job, now_ms()).await.unwrap();
+        }
         let now = now_ms();
-        let claimed = claim_rebill(&store, now, 2, Duration::from_secs(30), "tok").await;
+        let params = ClaimParams {
+            now,
+            limit: 2,
+            lease: Duration::from_secs(30),
+            claim_token: "tok",
+            claimed_by: "test",
+        };
+        let claimed = store
+            .claim::<RebillRow>(&params, |_| ClaimPlan::unpaused())
+            .await
+            .unwrap();
+        assert_eq!(claimed.rows.len(), 2);
         let (tx, rx) = mpsc::channel(8);
         for c in &claimed.rows {
             let mut result = accepted(c.meta.id, "tok", now);
@@ -201,18 +224,17 @@ mod tests {
         }
         drop(tx);
         run(
-            store.clone().into(),
+            store.clone(),
             QueueName::Rebill,
             rx,
             WriteHealth::new(crate::clock::Clock::system()),
         )
         .await;
-        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
-            "SELECT orderno, status, last_message FROM rebill_orders ORDER BY orderno",
-        )
-        .fetch_all(store.pool())
-        .await
-        .unwrap();
+        let sql = "SELECT orderno, status, last_message FROM rebill_orders ORDER BY orderno";
+        let rows: Vec<(String, String, Option<String>)> = match &store {
+            Database::Sqlite(s) => sqlx::query_as(sql).fetch_all(s.pool()).await.unwrap(),
+            Database::Postgres(s) => sqlx::query_as(sql).fetch_all(s.pool()).await.unwrap(),
+        };
         assert_eq!(rows[0].0, "bad");
         assert_eq!(rows[0].1, "failed");
         assert!(rows[0]
@@ -221,6 +243,22 @@ mod tests {
             .unwrap_or("")
             .contains("could not be recorded"));
         assert_eq!((rows[1].0.as_str(), rows[1].1.as_str()), ("good", "done"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_result_falls_back_on_sqlite() {
+        let (_d, store) = temp_store().await;
+        a_refused_result_is_recorded_as_failed_and_the_rest_still_land(store.into()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_result_falls_back_on_postgresql() {
+        let Some(cluster) = crate::store::postgres::cluster::shared() else {
+            return;
+        };
+        let store = cluster.scratch_store().await.expect("scratch database");
+        a_refused_result_is_recorded_as_failed_and_the_rest_still_land(store.clone().into()).await;
+        store.close().await;
     }
 
     /// Sends one result at once and one `after` later; returns the first batch's size.

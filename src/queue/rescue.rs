@@ -154,25 +154,52 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn rows_this_daemon_still_holds_are_renewed_not_rescued() {
-        let (_db, store) = temp_store().await;
+    /// A literal statement on either backend (test setup).
+    async fn exec(store: &Database, sql: &str) {
+        match store {
+            Database::Sqlite(s) => sqlx::query(sql).execute(s.pool()).await.map(|_| ()),
+            Database::Postgres(s) => sqlx::query(sql).execute(s.pool()).await.map(|_| ()),
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Rows of a literal query on either backend.
+    async fn rows<T>(store: &Database, sql: &str) -> Vec<T>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + Send
+            + Unpin,
+    {
+        match store {
+            Database::Sqlite(s) => sqlx::query_as(sql).fetch_all(s.pool()).await,
+            Database::Postgres(s) => sqlx::query_as(sql).fetch_all(s.pool()).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// A daemon's rescuer first renews the leases of rows it still holds (their results
+    /// are on their way to the database), then rescues only the rows of dead holders.
+    async fn rows_this_daemon_still_holds_are_renewed_not_rescued(store: Database) {
         let now = crate::store::now_ms();
         for orderno in ["MINE", "DEAD-PEERS"] {
-            sqlx::query(
-                "INSERT INTO rebill_orders (orderno, tax_num, status, attempts, claim_token, lease_expires_at) \
-                 VALUES (?1, 'T', 'running', 1, ?1, ?2)",
+            exec(
+                &store,
+                &format!(
+                    "INSERT INTO rebill_orders (orderno, tax_num, status, attempts, claim_token, lease_expires_at) \
+                     VALUES ('{orderno}', 'T', 'running', 1, '{orderno}', {})",
+                    now - 1
+                ),
             )
-            .bind(orderno)
-            .bind(now - 1)
-            .execute(store.pool())
-            .await
-            .unwrap();
+            .await;
         }
-        let mine: i64 = sqlx::query_scalar("SELECT id FROM rebill_orders WHERE orderno = 'MINE'")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
+        let (mine,): (i64,) = rows(
+            &store,
+            "SELECT id FROM rebill_orders WHERE orderno = 'MINE'",
+        )
+        .await
+        .pop()
+        .expect("MINE");
         let held = HeldRows::default();
         held.hold(mine, "MINE");
         let settings = RescueSettings {
@@ -184,13 +211,12 @@ mod tests {
                 clock: Clock::system(),
             }),
         };
-        rescue_once(&store.clone().into(), QueueName::Rebill, &settings, now).await;
-        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        rescue_once(&store, QueueName::Rebill, &settings, now).await;
+        let rows: Vec<(String, String, i64)> = rows(
+            &store,
             "SELECT orderno, status, COALESCE(lease_expires_at, 0) FROM rebill_orders ORDER BY orderno",
         )
-        .fetch_all(store.pool())
-        .await
-        .unwrap();
+        .await;
         assert_eq!(
             (rows[0].0.as_str(), rows[0].1.as_str()),
             ("DEAD-PEERS", "pending")
@@ -201,5 +227,21 @@ mod tests {
         );
         assert!(rows[1].2 >= now + 29_000, "renewed: {rows:?}");
         assert!(!held.is_lost(mine));
+    }
+
+    #[tokio::test]
+    async fn own_rows_are_renewed_not_rescued_on_sqlite() {
+        let (_db, store) = temp_store().await;
+        rows_this_daemon_still_holds_are_renewed_not_rescued(store.into()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn own_rows_are_renewed_not_rescued_on_postgresql() {
+        let Some(cluster) = crate::store::postgres::cluster::shared() else {
+            return;
+        };
+        let store = cluster.scratch_store().await.expect("scratch database");
+        rows_this_daemon_still_holds_are_renewed_not_rescued(store.clone().into()).await;
+        store.close().await;
     }
 }

@@ -2,11 +2,14 @@
 
 use super::*;
 
+on_both_backends!(invisible_characters_reach_the_log_escaped);
+
 /// An order number holding U+202E (right-to-left override) is rejected naming the code
 /// point, and the daemon's log shows it escaped: the character never reaches the log raw.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invisible_characters_reach_the_log_escaped() {
-    let world = World::new().await;
+async fn invisible_characters_reach_the_log_escaped(backend: Backend) {
+    let Some(world) = World::on(backend).await else {
+        return;
+    };
     let id = world.insert_rebill("A2024\u{202E}001", TAX).await;
     let config = write_toml(&world, "rlo.toml", &[], "");
     let mut daemon = start_daemon(&world, &config, "rlo.log");
