@@ -43,8 +43,8 @@ pub struct Config {
     pub alert: Vec<AlertTargetConfig>,
 }
 
-/// `[database]`: where the queue lives.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[database]`: where the queue lives. Its `Debug` shows the URL without its password.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// SQLite file, created if missing (mode 0600, or 0660 with `group_writable`).
@@ -80,6 +80,26 @@ pub struct DatabaseConfig {
     /// `url` together can be refused.
     #[serde(skip)]
     pub path_given: bool,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("path", &self.path)
+            .field("busy_timeout", &self.busy_timeout)
+            .field("wal_limit", &self.wal_limit)
+            .field("group_writable", &self.group_writable)
+            .field(
+                "url",
+                &self.url.as_deref().map(crate::store::postgres::scrub_url),
+            )
+            .field("password_file", &self.password_file)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("path_given", &self.path_given)
+            .finish()
+    }
 }
 
 fn serialize_scrubbed_url<S: serde::Serializer>(
@@ -533,6 +553,20 @@ mod tests {
         assert_eq!(c.title.busi_type, "SQM_KPJL");
         assert_eq!(c.title.token_ttl, Duration::from_secs(7200));
         assert!(c.http.listen.is_none());
+    }
+
+    #[test]
+    fn the_whole_config_debug_printed_shows_no_database_password() {
+        let c = Config::from_toml(
+            "[database]\nurl = \"postgres://worker:s3cret-pw@db.example:5432/invoices\"\n",
+        )
+        .expect("valid");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert!(
+            shown.contains("db.example"),
+            "the rest of the URL is shown: {shown}"
+        );
     }
 
     #[test]
