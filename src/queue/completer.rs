@@ -182,7 +182,11 @@ fn report_lost(queue: QueueName, batch: &[Completion], applied: &[bool]) {
 mod tests {
     use super::*;
     use crate::store::now_ms;
-    use crate::store::test_support::{accepted, temp_store};
+    use crate::store::test_support::accepted;
+
+    crate::store::on_both_databases!(
+        a_refused_result_is_recorded_as_failed_and_the_rest_still_land
+    );
 
     /// A batch holding a result the table refuses (on PostgreSQL that aborts the whole
     /// statement): the refused row is recorded as `failed` with the reason, the others land.
@@ -243,22 +247,6 @@ mod tests {
             .unwrap_or("")
             .contains("could not be recorded"));
         assert_eq!((rows[1].0.as_str(), rows[1].1.as_str()), ("good", "done"));
-    }
-
-    #[tokio::test]
-    async fn a_refused_result_falls_back_on_sqlite() {
-        let (_d, store) = temp_store().await;
-        a_refused_result_is_recorded_as_failed_and_the_rest_still_land(store.into()).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_refused_result_falls_back_on_postgresql() {
-        let Some(cluster) = crate::store::postgres::cluster::shared() else {
-            return;
-        };
-        let store = cluster.scratch_store().await.expect("scratch database");
-        a_refused_result_is_recorded_as_failed_and_the_rest_still_land(store.clone().into()).await;
-        store.close().await;
     }
 
     /// Sends one result at once and one `after` later; returns the first batch's size.

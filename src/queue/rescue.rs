@@ -178,6 +178,8 @@ mod tests {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    crate::store::on_both_databases!(rows_this_daemon_still_holds_are_renewed_not_rescued);
+
     /// A daemon's rescuer first renews the leases of rows it still holds (their results
     /// are on their way to the database), then rescues only the rows of dead holders.
     async fn rows_this_daemon_still_holds_are_renewed_not_rescued(store: Database) {
@@ -227,21 +229,5 @@ mod tests {
         );
         assert!(rows[1].2 >= now + 29_000, "renewed: {rows:?}");
         assert!(!held.is_lost(mine));
-    }
-
-    #[tokio::test]
-    async fn own_rows_are_renewed_not_rescued_on_sqlite() {
-        let (_db, store) = temp_store().await;
-        rows_this_daemon_still_holds_are_renewed_not_rescued(store.into()).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn own_rows_are_renewed_not_rescued_on_postgresql() {
-        let Some(cluster) = crate::store::postgres::cluster::shared() else {
-            return;
-        };
-        let store = cluster.scratch_store().await.expect("scratch database");
-        rows_this_daemon_still_holds_are_renewed_not_rescued(store.clone().into()).await;
-        store.close().await;
     }
 }

@@ -576,6 +576,34 @@ fn create_file(path: &Path, mode: FileMode) -> Result<(), StoreError> {
     }
 }
 
+/// Unit tests of the queue machinery on both backends: for each `scenario(Database)` a
+/// test on a fresh SQLite file and one on a fresh database of the throwaway PostgreSQL server
+/// (skipped loudly without one, a failure under `CI=true`).
+#[cfg(test)]
+macro_rules! on_both_databases {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn sqlite() {
+                let (_db, store) = crate::store::test_support::temp_store().await;
+                super::$scenario(store.into()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some(cluster) = crate::store::postgres::cluster::shared() else {
+                    return;
+                };
+                let store = cluster.scratch_store().await.expect("scratch database");
+                super::$scenario(store.clone().into()).await;
+                store.close().await;
+            }
+        }
+    )*};
+}
+#[cfg(test)]
+pub(crate) use on_both_databases;
+
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::*;
